@@ -1,0 +1,184 @@
+"""Latent codecs (the "vae" entry of a config), registered in ``opensora_duca.registry.VAES``.
+
+Every codec is an ``nn.Module`` (so ``.to(device, dtype)`` works as usual) with
+
+- ``out_channels``: latent channels C;
+- ``get_latent_size((T, H, W)) -> (t, h, w)``;
+- ``encode(x)``: video [B, 3, T, H, W] in [-1, 1] -> latent [B, C, t, h, w];
+- ``decode(z, num_frames=None)``: latent -> video [B, 3, T, H, W]; ``num_frames`` crops the
+  decoded frames (needed where the latent frame count does not determine T). Outputs are NOT
+  clamped: callers clamp to [-1, 1] when they convert to pixels.
+- ``dtype`` / ``device``: where the codec computes (parameter-free codecs keep a zero-size
+  buffer so that ``.to()`` moves them like any module).
+
+Registered: ``identity`` (latent = pixels), ``DemoCodec`` (exact weight-free space-to-depth,
+the demo model's codec), ``OpenSoraVAE_V1_2`` (adapter to upstream Open-Sora's VAE; needs the
+``opensora`` package).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..registry import VAES
+
+
+class LatentCodec(nn.Module):
+    """Base class: a parameter-free codec that tracks ``dtype``/``device`` via a tiny buffer."""
+
+    out_channels: int = 3
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    def get_latent_size(self, input_size: Sequence[int | None]) -> list[int | None]:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_video(self, x: torch.Tensor, channels: int, what: str) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}.{what}: input shape {shape} is not "
+                             f"accepted; accepted: a tensor [B, {channels}, T, H, W]")
+
+
+def _check_int(key: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}={value!r} is not accepted; accepted: an int >= {minimum}")
+    return value
+
+
+@VAES.register_module("identity")
+class IdentityCodec(LatentCodec):
+    """Latent = pixels (``in_channels`` channels, default 3); encode/decode only cast dtype."""
+
+    def __init__(self, in_channels: int = 3, **_ignored: Any):
+        super().__init__()
+        self.in_channels = self.out_channels = _check_int("in_channels", in_channels)
+
+    def get_latent_size(self, input_size):
+        return list(input_size)
+
+    def encode(self, x):
+        self._check_video(x, self.in_channels, "encode")
+        return x.to(self.dtype)
+
+    def decode(self, z, num_frames=None):
+        self._check_video(z, self.out_channels, "decode")
+        return z[:, :, :num_frames] if num_frames is not None else z
+
+
+@VAES.register_module("DemoCodec")
+class DemoCodec(LatentCodec):
+    """Exact, weight-free space-to-depth codec of the demo model.
+
+    ``encode``: [B, 3, T, H, W] -> [B, 3*f*f, T, H/f, W/f] with ``factor`` f = 2, so
+    [3, 8, 32, 32] -> [12, 8, 16, 16]. Latent channel ``c*f*f + i*f + j`` holds pixel channel
+    ``c`` at offset (row i, column j) inside each f x f cell. The latent is
+    ``(pixels - shift) * scale`` with the documented defaults ``shift = 0.0`` and
+    ``scale = 1.0`` (the demo data lie in [-1, 1] already; the demo checkpoint is trained with
+    these defaults). ``decode(encode(x)) == x`` up to float rounding (exactly, with the
+    defaults). H and W must be multiples of ``factor``.
+    """
+
+    def __init__(self, factor: int = 2, in_channels: int = 3, scale: float = 1.0,
+                 shift: float = 0.0, **_ignored: Any):
+        super().__init__()
+        self.factor = _check_int("factor", factor)
+        self.in_channels = _check_int("in_channels", in_channels)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale == 0:
+            raise ValueError(f"scale={scale!r} is not accepted; accepted: a non-zero number")
+        if not isinstance(shift, (int, float)) or isinstance(shift, bool):
+            raise ValueError(f"shift={shift!r} is not accepted; accepted: a number")
+        self.scale, self.shift = float(scale), float(shift)
+        self.out_channels = self.in_channels * self.factor ** 2
+
+    def get_latent_size(self, input_size):
+        t, h, w = input_size
+        f = self.factor
+        for key, v in (("H", h), ("W", w)):
+            if v is not None and v % f:
+                raise ValueError(f"DemoCodec: {key}={v} is not accepted; accepted: a multiple "
+                                 f"of factor={f}")
+        return [t, None if h is None else h // f, None if w is None else w // f]
+
+    def encode(self, x):
+        self._check_video(x, self.in_channels, "encode")
+        b, c, t, h, w = x.shape
+        self.get_latent_size((t, h, w))
+        f = self.factor
+        x = x.to(self.dtype).reshape(b, c, t, h // f, f, w // f, f)
+        z = x.permute(0, 1, 4, 6, 2, 3, 5).reshape(b, c * f * f, t, h // f, w // f)
+        if self.shift != 0.0:
+            z = z - self.shift
+        return z * self.scale if self.scale != 1.0 else z
+
+    def decode(self, z, num_frames=None):
+        self._check_video(z, self.out_channels, "decode")
+        if self.scale != 1.0:
+            z = z / self.scale
+        if self.shift != 0.0:
+            z = z + self.shift
+        b, _, t, h, w = z.shape
+        f, c = self.factor, self.in_channels
+        x = z.reshape(b, c, f, f, t, h, w).permute(0, 1, 4, 5, 2, 6, 3)
+        x = x.reshape(b, c, t, h * f, w * f)
+        return x[:, :, :num_frames] if num_frames is not None else x
+
+
+@VAES.register_module("OpenSoraVAE_V1_2")
+class OpenSoraVAEAdapter(LatentCodec):
+    """Upstream Open-Sora 1.2's VAE behind this interface.
+
+    Builds ``dict(type="OpenSoraVAE_V1_2", **kwargs)`` through upstream's own registry
+    (``opensora.registry.MODELS``), so every upstream keyword (``from_pretrained``,
+    ``micro_frame_size``, ``micro_batch_size``, ...) is passed through unchanged. Raises
+    ImportError when the ``opensora`` package is not importable.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        try:
+            from opensora.registry import MODELS as OPENSORA_MODELS  # type: ignore
+        except ImportError as err:
+            raise ImportError(
+                "vae type 'OpenSoraVAE_V1_2' needs upstream Open-Sora: the 'opensora' package "
+                "must be installed (pip install the hpcaitech/Open-Sora v1.2 repository) to "
+                f"build it; import failed with: {err}. For the demo model use "
+                "vae=dict(type='DemoCodec').") from err
+        cfg = dict(type="OpenSoraVAE_V1_2", **kwargs)
+        self.module = OPENSORA_MODELS.build(cfg)
+        self.out_channels = int(self.module.out_channels)
+
+    @property
+    def dtype(self):
+        return getattr(self.module, "dtype", None) or next(self.module.parameters()).dtype
+
+    @property
+    def device(self):
+        return getattr(self.module, "device", None) or next(self.module.parameters()).device
+
+    def get_latent_size(self, input_size):
+        return list(self.module.get_latent_size(list(input_size)))
+
+    def encode(self, x):
+        return self.module.encode(x)
+
+    def decode(self, z, num_frames=None):
+        return self.module.decode(z, num_frames=num_frames)

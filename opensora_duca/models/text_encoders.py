@@ -1,0 +1,230 @@
+"""Text encoders (the "text_encoder" entry of a config), registered in ``TEXT_ENCODERS``.
+
+Both follow Open-Sora's interface:
+
+- ``encode(prompts: list[str]) -> dict(y=[n, 1, L, C], mask=[n, L])`` (mask: long, 1 = valid
+  token, padded to ``model_max_length`` = L);
+- ``null(n) -> [n, 1, L, C]``: the model's learned null caption. The pipeline sets
+  ``text_encoder.y_embedder = model.y_embedder`` (as Open-Sora's scripts do), and ``null``
+  repeats ``y_embedder.y_embedding`` ([L, C]);
+- ``output_dim`` (C) and ``model_max_length`` (L).
+
+Registered: ``t5`` (a T5 encoder loaded with ``transformers`` from a local folder) and
+``DemoTextEncoder`` (a tiny word-level encoder trained together with the demo model).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..registry import TEXT_ENCODERS
+
+
+def _check_prompts(prompts: Any) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts={prompts!r} is not accepted; accepted: a list of strings")
+    return list(prompts)
+
+
+def _dtype(key: str, value: Any) -> torch.dtype:
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in names:
+        raise ValueError(f"{key}={value!r} is not accepted; accepted: a torch.dtype or one of "
+                         f"{sorted(names)}")
+    return names[value]
+
+
+class _NullMixin:
+    """``null(n)`` from the model's ``y_embedder`` (set by the pipeline)."""
+
+    y_embedder: Any = None
+
+    def null(self, n: int) -> torch.Tensor:
+        if self.y_embedder is None or not hasattr(self.y_embedder, "y_embedding"):
+            raise RuntimeError(
+                f"{type(self).__name__}.null needs the model's caption embedder: set "
+                "text_encoder.y_embedder = model.y_embedder first (the pipeline does this)")
+        emb = self.y_embedder.y_embedding
+        return emb[None, None].repeat(int(n), 1, 1, 1)
+
+
+@TEXT_ENCODERS.register_module("t5")
+class T5Encoder(_NullMixin):
+    """T5 encoder + tokenizer loaded with ``transformers`` from a LOCAL folder.
+
+    Args:
+        from_pretrained: folder holding the tokenizer and the encoder weights (e.g. a download
+            of ``DeepFloyd/t5-v1_1-xxl``); nothing is downloaded here.
+        model_max_length: L (default 300, Open-Sora 1.2's value).
+        dtype: compute dtype ("fp32", "fp16", "bf16" or a torch.dtype; default fp32).
+        device: where the encoder runs (default "cpu").
+        local_files_only: passed to ``from_pretrained`` (default True).
+    """
+
+    def __init__(self, from_pretrained: str | None = None, model_max_length: int = 300,
+                 dtype: Any = torch.float32, device: Any = "cpu", local_files_only: bool = True,
+                 **_ignored: Any):
+        if not isinstance(from_pretrained, (str, os.PathLike)) or not os.path.isdir(
+                from_pretrained):
+            raise FileNotFoundError(
+                f"text_encoder t5: from_pretrained={from_pretrained!r} is not an existing "
+                "folder; accepted: a local folder with a T5 encoder and its tokenizer (e.g. "
+                "DeepFloyd/t5-v1_1-xxl). It must be downloaded first; nothing is downloaded here")
+        try:
+            from transformers import AutoTokenizer, T5EncoderModel  # type: ignore
+        except ImportError as err:
+            raise ImportError(
+                "text_encoder t5 needs the 'transformers' package (and 'sentencepiece' for the "
+                f"T5 tokenizer): it must be installed first (pip install transformers "
+                f"sentencepiece); import failed with: {err}") from err
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or \
+                model_max_length < 1:
+            raise ValueError(f"model_max_length={model_max_length!r} is not accepted; "
+                             "accepted: an int >= 1")
+        self.model_max_length = model_max_length
+        self.dtype = _dtype("dtype", dtype)
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(from_pretrained,
+                                                       local_files_only=local_files_only)
+        self.model = T5EncoderModel.from_pretrained(
+            from_pretrained, torch_dtype=self.dtype, local_files_only=local_files_only)
+        self.model = self.model.to(self.device).eval().requires_grad_(False)
+        self.output_dim = int(self.model.config.d_model)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        prompts = _check_prompts(prompts)
+        tok = self.tokenizer(prompts, max_length=self.model_max_length, padding="max_length",
+                             truncation=True, return_attention_mask=True,
+                             add_special_tokens=True, return_tensors="pt")
+        ids = tok["input_ids"].to(self.device)
+        mask = tok["attention_mask"].to(self.device)
+        y = self.model(input_ids=ids, attention_mask=mask)["last_hidden_state"].detach()
+        return dict(y=y[:, None], mask=mask)
+
+    def to(self, *args, **kwargs):
+        self.model = self.model.to(*args, **kwargs)
+        self.device = next(self.model.parameters()).device
+        return self
+
+
+@TEXT_ENCODERS.register_module("DemoTextEncoder")
+class DemoTextEncoder(_NullMixin, nn.Module):
+    """Word-level caption encoder of the demo model, trained together with it.
+
+    Tokens: captions are lower-cased, punctuation is dropped, and each word is looked up in
+    ``vocabulary`` (default: the SyntheticShapes vocabulary; token id = 1 + word index, 0 is
+    padding). An unknown word raises ValueError naming the word and listing the vocabulary (no
+    UNK token: the demo model only knows these words). Captions longer than
+    ``model_max_length`` raise too.
+
+    Embedding: ``y[i, 0, k] = tok_emb[id_k] + pos_emb[k]`` followed by a residual
+    GELU-MLP (``y + mlp(LayerNorm(y))``); padded positions are zero and masked out.
+
+    Weights: ``from_pretrained`` is a safetensors file. Keys prefixed ``text_encoder.`` are
+    used when present (the shipped demo checkpoint stores model keys unprefixed and the text
+    encoder's keys as ``text_encoder.*`` in ONE file); otherwise the file is read as this
+    module's own state dict.
+    """
+
+    def __init__(self, output_dim: int = 64, model_max_length: int = 12,
+                 vocabulary: Sequence[str] | None = None, hidden_dim: int | None = None,
+                 from_pretrained: str | None = None, **_ignored: Any):
+        super().__init__()
+        if vocabulary is None:
+            from ..data.synthetic import VOCABULARY as vocabulary
+        vocabulary = list(vocabulary)
+        if not vocabulary or not all(isinstance(w, str) and w for w in vocabulary) or \
+                len(set(vocabulary)) != len(vocabulary):
+            raise ValueError(f"vocabulary={vocabulary!r} is not accepted; accepted: a list of "
+                             "distinct non-empty words")
+        for key, value in dict(output_dim=output_dim, model_max_length=model_max_length).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}={value!r} is not accepted; accepted: an int >= 1")
+        self.vocabulary = tuple(vocabulary)
+        self.word_to_id = {w: i + 1 for i, w in enumerate(self.vocabulary)}
+        self.output_dim, self.model_max_length = output_dim, model_max_length
+        hidden = hidden_dim or 2 * output_dim
+        self.tok_emb = nn.Embedding(len(self.vocabulary) + 1, output_dim, padding_idx=0)
+        self.pos_emb = nn.Parameter(torch.zeros(model_max_length, output_dim))
+        self.norm = nn.LayerNorm(output_dim)
+        self.mlp = nn.Sequential(nn.Linear(output_dim, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, output_dim))
+        nn.init.normal_(self.tok_emb.weight, std=1.0)
+        with torch.no_grad():
+            self.tok_emb.weight[0].zero_()
+        nn.init.normal_(self.pos_emb, std=0.1)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+        if from_pretrained is not None:
+            self.load_file(from_pretrained)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "y_embedder":  # a reference to the model's module, not a child of ours
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def load_file(self, path: str) -> None:
+        if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+            raise FileNotFoundError(f"text_encoder DemoTextEncoder: from_pretrained={path!r} "
+                                    "is not an existing file; accepted: a .safetensors file")
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+        prefixed = {k[len("text_encoder."):]: v for k, v in sd.items()
+                    if k.startswith("text_encoder.")}
+        sd = prefixed or sd
+        own = self.state_dict()
+        missing = sorted(set(own) - set(sd))
+        if missing:
+            raise KeyError(f"{path}: DemoTextEncoder weights missing {missing}")
+        self.load_state_dict({k: sd[k] for k in own})
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts -> (ids [n, L] long, mask [n, L] long)."""
+        from ..data.synthetic import normalize_caption
+        prompts = _check_prompts(prompts)
+        ids = torch.zeros(len(prompts), self.model_max_length, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            words = normalize_caption(p).split()
+            unknown = [w for w in words if w not in self.word_to_id]
+            if unknown:
+                raise ValueError(f"prompt {p!r}: words {unknown} are not in the demo text "
+                                 f"encoder's vocabulary; accepted words: {list(self.vocabulary)}")
+            if not words or len(words) > self.model_max_length:
+                raise ValueError(f"prompt {p!r} has {len(words)} words; accepted: 1.."
+                                 f"{self.model_max_length} (model_max_length)")
+            ids[i, :len(words)] = torch.tensor([self.word_to_id[w] for w in words])
+        return ids, (ids > 0).long()
+
+    @property
+    def device(self) -> torch.device:
+        return self.pos_emb.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pos_emb.dtype
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Differentiable embedding of token ids -> y [n, 1, L, C]."""
+        y = self.tok_emb(ids) + self.pos_emb[: ids.shape[1]]
+        y = y + self.mlp(self.norm(y))
+        return (y * mask[..., None].to(y.dtype))[:, None]
+
+    def forward(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        ids, mask = self.tokenize(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return dict(y=self.embed(ids, mask), mask=mask)
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Like Open-Sora's: no gradients (training calls the module itself)."""
+        with torch.no_grad():
+            return self(prompts)
