@@ -1,0 +1,198 @@
+"""Video file I/O through PyAV (H.264 / yuv420p mp4), with atomic writes.
+
+Accepted inputs for :func:`save_video` / :func:`to_uint8_frames`:
+
+* a floating-point ``torch.Tensor`` or ``numpy.ndarray`` of shape ``[C, T, H, W]`` with values in
+  ``[-1, 1]`` (the layout an Open-Sora VAE decoder returns for one sample), ``C`` in ``{1, 3}``;
+* a ``uint8`` ``torch.Tensor`` or ``numpy.ndarray`` of shape ``[T, H, W, 3]`` (or ``[T, H, W, 1]``).
+
+A file is written to ``.{name}.partial`` in the destination folder and renamed with
+:func:`os.replace` only once the encoder has been flushed and the container closed, so a reader never
+sees a half-written ``{name}``; if anything fails the temporary file is removed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import numpy as np
+
+try:  # torch is a hard dependency of the package, but keep this module importable without it
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+
+ArrayLike = Union["torch.Tensor", np.ndarray]
+
+PARTIAL_SUFFIX = ".partial"
+
+_ACCEPTED = (
+    "accepted inputs: a float torch.Tensor/numpy array [C, T, H, W] with values in [-1, 1] and C in {1, 3}, "
+    "or a uint8 torch.Tensor/numpy array [T, H, W, 3] (or [T, H, W, 1])"
+)
+
+
+def partial_path(path: str) -> str:
+    """Temporary path used while ``path`` is being written (same folder, hidden, ``.partial``)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, "." + name + PARTIAL_SUFFIX)
+
+
+def is_partial_name(name: str) -> bool:
+    """True for temporary files written by :func:`save_video` (never treat them as videos)."""
+    base = os.path.basename(name)
+    return base.endswith(PARTIAL_SUFFIX)
+
+
+def _describe(video) -> str:
+    shape = tuple(video.shape) if hasattr(video, "shape") else None
+    dtype = getattr(video, "dtype", type(video).__name__)
+    return f"type={type(video).__name__}, shape={shape}, dtype={dtype}"
+
+
+def to_uint8_frames(video: ArrayLike) -> np.ndarray:
+    """Convert a video to a contiguous ``uint8`` numpy array ``[T, H, W, 3]``.
+
+    Float inputs ``[C, T, H, W]`` in ``[-1, 1]`` are clamped and mapped with
+    ``round((x + 1) / 2 * 255)``; uint8 inputs ``[T, H, W, 3|1]`` are passed through.
+    Raises ``ValueError`` naming the bad shape/dtype otherwise.
+    """
+    if torch is not None and isinstance(video, torch.Tensor):
+        if video.dtype == torch.uint8:
+            arr = video.detach().cpu().numpy()
+        elif video.is_floating_point():
+            arr = video.detach().to("cpu", torch.float32).numpy()
+        else:
+            raise ValueError(f"unsupported video tensor dtype ({_describe(video)}); {_ACCEPTED}")
+    elif isinstance(video, np.ndarray):
+        arr = video
+    else:
+        raise ValueError(f"unsupported video object ({_describe(video)}); {_ACCEPTED}")
+
+    if arr.dtype == np.uint8:
+        if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+            raise ValueError(f"uint8 video must have shape [T, H, W, 3] ({_describe(video)}); {_ACCEPTED}")
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        out = arr
+    elif np.issubdtype(arr.dtype, np.floating):
+        if arr.ndim != 4 or arr.shape[0] not in (1, 3):
+            raise ValueError(
+                f"float video must have shape [C, T, H, W] with C in {{1, 3}} ({_describe(video)}); {_ACCEPTED}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"float video contains NaN or Inf values ({_describe(video)})")
+        x = np.clip(arr.astype(np.float32), -1.0, 1.0)
+        x = np.rint((x + 1.0) * 127.5).astype(np.uint8)  # [C, T, H, W]
+        if x.shape[0] == 1:
+            x = np.repeat(x, 3, axis=0)
+        out = np.transpose(x, (1, 2, 3, 0))
+    else:
+        raise ValueError(f"unsupported video dtype ({_describe(video)}); {_ACCEPTED}")
+
+    t, h, w = out.shape[:3]
+    if t < 1 or h < 1 or w < 1:
+        raise ValueError(f"video has an empty dimension ({_describe(video)})")
+    return np.ascontiguousarray(out)
+
+
+def _pad_even(frames: np.ndarray) -> np.ndarray:
+    """Pad H and W up to even sizes by repeating the last row/column (yuv420p needs even sizes)."""
+    _, h, w, _ = frames.shape
+    ph, pw = h % 2, w % 2
+    if ph or pw:
+        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+    return frames
+
+
+def save_video(video: ArrayLike, path: str, fps: float = 8, crf: int | None = None) -> str:
+    """Write ``video`` as an H.264 (libx264, yuv420p) mp4 at ``path``, atomically.
+
+    ``crf`` is passed to libx264 when given (libx264's default, 23, otherwise).
+    Odd heights/widths are padded to even by edge replication. Returns ``path``.
+    """
+    import av  # local import: only needed when writing
+
+    frames = _pad_even(to_uint8_frames(video))
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = partial_path(path)
+    _, h, w, _ = frames.shape
+    try:
+        container = av.open(tmp, mode="w", format="mp4")
+        try:
+            from fractions import Fraction
+
+            rate = Fraction(fps).limit_denominator(1001)
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width = w
+            stream.height = h
+            stream.pix_fmt = "yuv420p"
+            if crf is not None:
+                stream.options = {"crf": str(int(crf))}
+            for frame in frames:
+                av_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                for packet in stream.encode(av_frame):
+                    container.mux(packet)
+            for packet in stream.encode():  # flush
+                container.mux(packet)
+        finally:
+            container.close()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def read_video(path: str) -> np.ndarray:
+    """Decode all frames of the first video stream of ``path`` to ``uint8 [T, H, W, 3]`` (RGB)."""
+    import av
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video file not found: {path}")
+    frames = []
+    with av.open(path, mode="r") as container:
+        if not container.streams.video:
+            raise ValueError(f"no video stream in {path}")
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            frames.append(frame.to_ndarray(format="rgb24"))
+    if not frames:
+        raise ValueError(f"no decodable frames in {path}")
+    return np.stack(frames, axis=0)
+
+
+def is_complete_video(path: str) -> bool:
+    """True if ``path`` exists, is a non-empty regular file, is not a ``.partial`` temporary file, and
+    at least one video frame can be decoded from it."""
+    try:
+        if is_partial_name(path) or not os.path.isfile(path) or os.path.getsize(path) == 0:
+            return False
+        import av
+
+        with av.open(path, mode="r") as container:
+            if not container.streams.video:
+                return False
+            for _ in container.decode(container.streams.video[0]):
+                return True
+        return False
+    except Exception:
+        return False
+
+
+__all__ = [
+    "save_video",
+    "read_video",
+    "is_complete_video",
+    "to_uint8_frames",
+    "partial_path",
+    "is_partial_name",
+    "PARTIAL_SUFFIX",
+]
