@@ -354,7 +354,27 @@ def compare_dirs(a_dir: str, b_dir: str, use_lpips: bool = False, device: str = 
     return result
 
 
+def write_json_atomic(obj, path: str) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder + ``os.replace``."""
+    import json
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, "." + os.path.basename(path) + ".partial")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 __all__ = [
+    "write_json_atomic",
     "psnr",
     "ssim",
     "mse",

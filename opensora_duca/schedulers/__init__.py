@@ -1,0 +1,2 @@
+"""Samplers registered in SCHEDULERS."""
+from .rflow import RFlow  # noqa: F401

@@ -1,0 +1,70 @@
+"""Load Open-Sora-style checkpoints from a local path: a ``.safetensors`` file, a ``.pt`` /
+``.pth`` / ``.bin`` state dict (optionally wrapped in ``state_dict``/``model``/``module`` and
+with ``module.`` prefixes), or an HF-style folder holding ``model.safetensors`` or
+``pytorch_model.bin``. Nothing is downloaded."""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+
+_FOLDER_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
+                 "model.pt", "ema.pt")
+
+
+def resolve_checkpoint_path(path: str) -> str:
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        for name in _FOLDER_FILES:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise FileNotFoundError(f"checkpoint folder {path!r} holds none of {list(_FOLDER_FILES)}")
+    if os.path.isfile(path):
+        return path
+    hint = ""
+    if not path.startswith(("/", ".", "~")) and path.count("/") == 1:
+        hint = (f" {path!r} looks like a hub id: nothing is downloaded at run time, so download "
+                f"it first (e.g. huggingface-cli download {path} --local-dir DIR) and pass DIR")
+    raise FileNotFoundError(f"checkpoint path {path!r} does not exist.{hint}")
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    path = resolve_checkpoint_path(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model", "module", "ema"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+                break
+    if not isinstance(sd, dict):
+        raise ValueError(f"checkpoint {path!r} does not hold a state dict (got {type(sd).__name__})")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if any(k.startswith("model.") for k in sd):  # a bundle (e.g. the demo: model + text encoder)
+        sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    return sd
+
+
+def load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Load strictly: missing or unexpected keys and shape mismatches raise with the names."""
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    bad = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or bad:
+        def _fmt(keys):
+            return ", ".join(keys[:20]) + (f" ... ({len(keys)} in all)" if len(keys) > 20 else "")
+        lines = [f"checkpoint {path!r} does not match {type(model).__name__}:"]
+        if missing:
+            lines.append(f"  missing keys: {_fmt(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys: {_fmt(unexpected)}")
+        if bad:
+            lines.append("  shape mismatches: " + _fmt(
+                [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad]))
+        raise RuntimeError("\n".join(lines))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)

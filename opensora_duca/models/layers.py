@@ -1,0 +1,271 @@
+"""STDiT3 building blocks, with the parameter names of Open-Sora 1.2 (see reference/stdit3.md)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import parallel as sp
+from .attention import attention, check_backend
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift (Open-Sora's t2i_modulate)."""
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding, cosine half first, then sine."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32,
+                                                            device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2 (timm's Mlp naming)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+                                 nn.SiLU(), nn.Linear(hidden_size, hidden_size, bias=True))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    def forward(self, t: torch.Tensor, dtype=None) -> torch.Tensor:
+        f = timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(f.to(dtype or self.mlp[0].weight.dtype))
+
+
+class SizeEmbedder(TimestepEmbedder):
+    """Embeds a scalar such as fps; accepts [B], [1] or [B, 1] and repeats to the batch."""
+
+    def forward(self, s: torch.Tensor, bs: int) -> torch.Tensor:  # type: ignore[override]
+        s = s.reshape(-1)
+        if s.shape[0] != bs:
+            if bs % s.shape[0]:
+                raise ValueError(f"fps has {s.shape[0]} values; it must have 1 or batch size {bs}")
+            s = s.repeat(bs // s.shape[0])
+        return super().forward(s)
+
+
+class CaptionEmbedder(nn.Module):
+    """y_proj (fc1 -> GELU(tanh) -> fc2) and the learned null caption ``y_embedding``."""
+
+    def __init__(self, in_channels: int, hidden_size: int, uncond_prob: float, token_num: int):
+        super().__init__()
+        self.y_proj = Mlp(in_channels, hidden_size, hidden_size)
+        self.register_buffer("y_embedding", torch.randn(token_num, in_channels) / in_channels ** 0.5)
+        self.uncond_prob = uncond_prob
+
+    def forward(self, caption: torch.Tensor, train: bool, force_drop_ids=None) -> torch.Tensor:
+        if (train and self.uncond_prob > 0) or force_drop_ids is not None:
+            if force_drop_ids is None:
+                drop = torch.rand(caption.shape[0], device=caption.device) < self.uncond_prob
+            else:
+                drop = torch.as_tensor(force_drop_ids, device=caption.device) == 1
+            caption = torch.where(drop[:, None, None, None], self.y_embedding.to(caption.dtype),
+                                  caption)
+        return self.y_proj(caption)
+
+
+class PatchEmbed3D(nn.Module):
+    """Conv3d patchify (kernel = stride = patch), right-padding T/H/W to multiples of the patch."""
+
+    def __init__(self, patch_size, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=self.patch_size,
+                              stride=self.patch_size)
+
+    def forward(self, x):
+        pt, ph, pw = self.patch_size
+        _, _, t, h, w = x.shape
+        x = F.pad(x, (0, (-w) % pw, 0, (-h) % ph, 0, (-t) % pt))
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class PositionEmbedding2D(nn.Module):
+    """Parameter-free 2-D sin-cos embedding with resolution scaling.
+
+    As upstream, the first C/2 channels encode the column (w) coordinate and the last C/2 the
+    row (h) coordinate (upstream names these halves the other way round; the numbers are these).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        half = dim // 2
+        self.register_buffer("inv_freq",
+                             1.0 / 10000 ** (torch.arange(0, half, 2).float() / half),
+                             persistent=False)
+
+    def _sincos(self, pos: torch.Tensor) -> torch.Tensor:
+        out = pos[:, None] * self.inv_freq[None]
+        return torch.cat([out.sin(), out.cos()], dim=-1)
+
+    def forward(self, h: int, w: int, scale: float, base_size: Optional[int], dtype, device):
+        gh = torch.arange(h, dtype=torch.float32, device=device) / scale
+        gw = torch.arange(w, dtype=torch.float32, device=device) / scale
+        if base_size is not None:
+            gh = gh * (base_size / h)
+            gw = gw * (base_size / w)
+        col = gw[None, :].expand(h, w).reshape(-1)
+        row = gh[:, None].expand(h, w).reshape(-1)
+        return torch.cat([self._sincos(col), self._sincos(row)], dim=-1)[None].to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Interleaved-pair rotary embedding over the sequence axis (rotary_embedding_torch layout)."""
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.freqs = nn.Parameter(1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim),
+                                  requires_grad=False)
+
+    def rotate_queries_or_keys(self, x: torch.Tensor, seq_dim: int = -2) -> torch.Tensor:
+        n = x.shape[seq_dim]
+        pos = torch.arange(n, device=x.device, dtype=torch.float32)
+        ang = (pos[:, None] * self.freqs.float()[None]).repeat_interleave(2, dim=-1)  # [n, d]
+        cos, sin = ang.cos(), ang.sin()
+        xf = x.float()
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        rot = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        return (xf * cos + rot * sin).to(x.dtype)
+
+
+class LlamaRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xf.to(dtype)
+
+
+class SeqParallelState:
+    """Per-forward facts shared by a model's spatial attention layers under sequence parallelism:
+    the group and how many keys of the gathered sequence are real (the rest is row padding)."""
+
+    def __init__(self):
+        self.group = None
+        self.valid_len: Optional[int] = None
+
+
+class Attention(nn.Module):
+    """Self-attention with qk RMSNorm, optional rotary (temporal) and Ulysses sequence
+    parallelism (spatial). Called as ``attn(x)`` with ``x [B', N, C]``.
+
+    With ``keep_attn_map`` set to True (math backend only) the last map is kept in
+    ``last_attn_map`` for attention-map token scores.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, rope=None,
+                 backend: str = "sdpa", sp_state: Optional[SeqParallelState] = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = LlamaRMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = LlamaRMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.rope = rope
+        self.backend = check_backend(backend)
+        self.sp_state = sp_state
+        self.keep_attn_map = False
+        self.last_attn_map: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
+        group = self.sp_state.group if self.sp_state is not None else None
+        p = sp.group_size(group)
+        if p > 1:  # gather the sequence, scatter the heads
+            qkv = sp.all_to_all(qkv, group, scatter_dim=3, gather_dim=1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [b, h', N, d]
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        if p > 1 and self.sp_state.valid_len is not None and self.sp_state.valid_len < k.shape[2]:
+            k = k[:, :, : self.sp_state.valid_len]
+            v = v[:, :, : self.sp_state.valid_len]
+        if self.keep_attn_map:
+            out, self.last_attn_map = attention(q, k, v, self.backend, scale=self.scale,
+                                                return_map=True)
+        else:
+            out = attention(q, k, v, self.backend, scale=self.scale)
+        out = out.transpose(1, 2)  # [b, N, h', d]
+        if p > 1:
+            out = sp.all_to_all(out, group, scatter_dim=1, gather_dim=2)
+        return self.proj(out.reshape(b, n, c))
+
+
+class MultiHeadCrossAttention(nn.Module):
+    """Queries from the video tokens, keys/values from the caption; called ``(x, y, mask)`` with
+    ``x [B, N, C]``, ``y [B, L, C]``, ``mask`` bool ``[B, L]`` or None. Per query token, so it
+    needs no communication under sequence parallelism."""
+
+    def __init__(self, d_model: int, num_heads: int, backend: str = "sdpa"):
+        super().__init__()
+        if d_model % num_heads:
+            raise ValueError(f"hidden_size {d_model} is not divisible by num_heads {num_heads}")
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
+        self.q_linear = nn.Linear(d_model, d_model)
+        self.kv_linear = nn.Linear(d_model, d_model * 2)
+        self.proj = nn.Linear(d_model, d_model)
+        self.backend = "math" if backend == "math" else "sdpa"  # masked keys: sdpa or math
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        b, n, c = x.shape
+        q = self.q_linear(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv_linear(cond).view(b, -1, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = attention(q, k, v, self.backend, key_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class T2IFinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, num_patch: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, num_patch * out_channels, bias=True)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size ** 0.5)
+
+    def forward(self, x, t, x_mask=None, t0=None, T=None, S=None):
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
+        if x_mask is not None:
+            shift0, scale0 = (self.scale_shift_table[None] + t0[:, None]).chunk(2, dim=1)
+            shift = select_by_frame(x_mask, shift, shift0)
+            scale = select_by_frame(x_mask, scale, scale0)
+            x = modulate(self.norm_final(x).unflatten(1, (T, S)), shift, scale).flatten(1, 2)
+        else:
+            x = modulate(self.norm_final(x), shift, scale)
+        return self.linear(x)
+
+
+def select_by_frame(x_mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-frame choice between two [B, 1, C] modulation vectors -> [B, T, 1, C]:
+    ``a`` where x_mask [B, T] is True, ``b`` where it is False."""
+    return torch.where(x_mask[:, :, None, None], a[:, None], b[:, None])

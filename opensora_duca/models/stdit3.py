@@ -1,0 +1,298 @@
+"""STDiT3: Open-Sora 1.2's spatial-temporal video DiT, checkpoint compatible.
+
+Equations and parameter names follow ../shared/reference/stdit3.md. Differences from upstream
+that do not change results: captions are padded per sample with a key mask instead of packed
+into one block-diagonal sequence; cross-attention runs on local tokens under sequence
+parallelism (no all-to-all), which also makes B >= 2 classifier-free-guidance batches correct;
+H is padded to a multiple of the group size and padded rows are kept out of the keys.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .. import parallel as sp
+from ..registry import MODELS
+from .attention import check_backend
+from .checkpoint import load_checkpoint
+from .layers import (Attention, CaptionEmbedder, Mlp, MultiHeadCrossAttention, PatchEmbed3D,
+                     PositionEmbedding2D, RotaryEmbedding, SeqParallelState, SizeEmbedder,
+                     T2IFinalLayer, TimestepEmbedder, modulate, select_by_frame)
+
+
+def block_modulation(table: torch.Tensor, t: torch.Tensor, x_mask=None, t0=None):
+    """The six modulation vectors of a block, each broadcastable over x viewed [B, T, S, C]:
+    [B, 1, 1, C], or [B, T, 1, C] when ``x_mask`` selects the t0 version on some frames."""
+    b = t.shape[0]
+    mods = (table[None] + t.reshape(b, 6, -1)).chunk(6, dim=1)  # 6 x [B, 1, C]
+    if x_mask is None:
+        return [m[:, None] for m in mods]
+    mods0 = (table[None] + t0.reshape(b, 6, -1)).chunk(6, dim=1)
+    return [select_by_frame(x_mask, m, m0) for m, m0 in zip(mods, mods0)]
+
+
+def run_self_attn(block, h: torch.Tensor) -> torch.Tensor:
+    """Apply ``block.attn`` to modulated tokens h [B, T, S, C] over S (spatial) or T (temporal)."""
+    b, t, s, c = h.shape
+    if block.temporal:
+        out = block.attn(h.transpose(1, 2).reshape(b * s, t, c))
+        return out.view(b, s, t, c).transpose(1, 2)
+    return block.attn(h.reshape(b * t, s, c)).view(b, t, s, c)
+
+
+class STDiT3Block(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 drop_path: float = 0.0, rope=None, qk_norm: bool = True, temporal: bool = False,
+                 backend: str = "sdpa", sp_state: Optional[SeqParallelState] = None):
+        super().__init__()
+        if drop_path:
+            raise ValueError(f"drop_path={drop_path}: only 0.0 is supported (inference/demo use)")
+        self.temporal = temporal
+        self.hidden_size = hidden_size
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm,
+                              rope=rope if temporal else None, backend=backend,
+                              sp_state=None if temporal else sp_state)
+        self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads, backend=backend)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.drop_path = nn.Identity()
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size ** 0.5)
+
+    def forward(self, x, y, t, mask=None, x_mask=None, t0=None, T=None, S=None):
+        b, n, c = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = block_modulation(self.scale_shift_table, t, x_mask, t0)
+        xv = x.view(b, T, S, c)
+        h = run_self_attn(self, modulate(self.norm1(xv), sh1, sc1))
+        xv = xv + self.drop_path(g1 * h)
+        xv = xv + self.cross_attn(xv.reshape(b, n, c), y, mask).view(b, T, S, c)
+        h = self.mlp(modulate(self.norm2(xv), sh2, sc2))
+        xv = xv + self.drop_path(g2 * h)
+        return xv.reshape(b, n, c)
+
+
+class STDiT3(nn.Module):
+    """Open-Sora 1.2 STDiT3. ``forward(x, timestep, y, mask=None, x_mask=None, fps=None,
+    height=None, width=None)`` -> float32 ``[B, out_channels, T, H, W]``.
+
+    ``attn_backend`` (auto | flash | xformers | sdpa | math) wins over ``enable_flash_attn``;
+    without it, ``enable_flash_attn=True`` means "auto" (flash-attn where installed) and False
+    means "sdpa". With ``fps``/``height``/``width`` omitted, fps=24 and the position-embedding
+    scale is 1 (height*width taken as input_sq_size^2).
+    """
+
+    def __init__(self, input_size=(None, None, None), input_sq_size: int = 512,
+                 in_channels: int = 4, patch_size: Sequence[int] = (1, 2, 2),
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16,
+                 mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1, pred_sigma: bool = True,
+                 drop_path: float = 0.0, caption_channels: int = 4096, model_max_length: int = 300,
+                 qk_norm: bool = True, enable_flash_attn: bool = False,
+                 enable_layernorm_kernel: bool = False, enable_sequence_parallelism: bool = False,
+                 attn_backend: Optional[str] = None, only_train_temporal: bool = False,
+                 freeze_y_embedder: bool = False, skip_y_embedder: bool = False):
+        super().__init__()
+        for key, val in dict(in_channels=in_channels, hidden_size=hidden_size, depth=depth,
+                             num_heads=num_heads, caption_channels=caption_channels,
+                             model_max_length=model_max_length).items():
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"STDiT3 {key}={val!r}: must be a positive integer")
+        if hidden_size % num_heads:
+            raise ValueError(f"STDiT3 hidden_size={hidden_size} is not divisible by "
+                             f"num_heads={num_heads}")
+        self.pred_sigma = pred_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if pred_sigma else in_channels
+        self.caption_channels = caption_channels
+        self.model_max_length = model_max_length
+        self.hidden_size, self.num_heads, self.depth = hidden_size, num_heads, depth
+        self.patch_size = tuple(patch_size)
+        self.input_sq_size = input_sq_size
+        self.enable_sequence_parallelism = enable_sequence_parallelism
+        self.attn_backend = check_backend(attn_backend or ("auto" if enable_flash_attn else "sdpa"))
+        self.sp_state = SeqParallelState()
+
+        self.pos_embed = PositionEmbedding2D(hidden_size)
+        self.rope = RotaryEmbedding(dim=hidden_size // num_heads)
+        self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.fps_embedder = SizeEmbedder(hidden_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob,
+                                          model_max_length)
+        kw = dict(mlp_ratio=mlp_ratio, qk_norm=qk_norm, backend=self.attn_backend)
+        self.spatial_blocks = nn.ModuleList(
+            [STDiT3Block(hidden_size, num_heads, sp_state=self.sp_state, **kw) for _ in range(depth)])
+        self.temporal_blocks = nn.ModuleList(
+            [STDiT3Block(hidden_size, num_heads, temporal=True,
+                         rope=self.rope.rotate_queries_or_keys, **kw) for _ in range(depth)])
+        self.final_layer = T2IFinalLayer(hidden_size, math.prod(self.patch_size), self.out_channels)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ init
+    def initialize_weights(self):
+        """Open-Sora's initialisation (matters only when training from scratch)."""
+        def _basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(_basic)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for emb in (self.t_embedder, self.fps_embedder):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        nn.init.zeros_(self.fps_embedder.mlp[2].weight)
+        for blk in self.temporal_blocks:
+            nn.init.zeros_(blk.attn.proj.weight)
+            nn.init.zeros_(blk.cross_attn.proj.weight)
+            nn.init.zeros_(blk.mlp.fc2.weight)
+
+    # --------------------------------------------------------------- helpers
+    def get_dynamic_size(self, x: torch.Tensor):
+        _, _, t, h, w = x.shape
+        pt, ph, pw = self.patch_size
+        return -(-t // pt), -(-h // ph), -(-w // pw)
+
+    def encode_text(self, y: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        """y [B, 1, L, Cy] -> ([B, L, C], bool key mask [B, L] or None)."""
+        y = self.y_embedder(y, self.training).squeeze(1)
+        if mask is not None:
+            if mask.shape[0] != y.shape[0]:
+                mask = mask.repeat(y.shape[0] // mask.shape[0], 1)
+            mask = mask.reshape(y.shape[0], -1) != 0
+        return y, mask
+
+    def _check_inputs(self, x, timestep, y, mask, x_mask):
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x: expected latents [B, {self.in_channels}, T, H, W] "
+                             f"(in_channels={self.in_channels}), got shape {tuple(x.shape)}")
+        b = x.shape[0]
+        if timestep.reshape(-1).shape[0] != b:
+            raise ValueError(f"timestep: expected {b} values, got shape {tuple(timestep.shape)}")
+        if y.ndim != 4 or y.shape[0] != b or y.shape[1] != 1 or y.shape[3] != self.caption_channels:
+            raise ValueError(f"y: expected caption embedding [{b}, 1, L, {self.caption_channels}],"
+                             f" got shape {tuple(y.shape)}")
+        if mask is not None:
+            m = mask.reshape(mask.shape[0], -1)
+            if m.shape[1] != y.shape[2] or b % m.shape[0]:
+                raise ValueError(f"mask: expected [B or B/k, L={y.shape[2]}] for y "
+                                 f"{tuple(y.shape)}, got shape {tuple(mask.shape)}")
+        if x_mask is not None:
+            t = self.get_dynamic_size(x)[0]
+            if tuple(x_mask.shape) != (b, t):
+                raise ValueError(f"x_mask: expected [B={b}, T={t}] bool, got shape "
+                                 f"{tuple(x_mask.shape)}")
+
+    def sequence_parallel_group(self):
+        if not self.enable_sequence_parallelism:
+            return None
+        group = sp.get_sequence_parallel_group()
+        p = sp.group_size(group)
+        if p > 1 and self.num_heads % p:
+            raise ValueError(f"num_heads={self.num_heads} is not divisible by the sequence-"
+                             f"parallel group size {p}; choose a group size that divides it")
+        return group if p > 1 else None
+
+    # --------------------------------------------------------------- forward
+    def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None,
+                **kwargs):
+        if kwargs:
+            raise TypeError(f"STDiT3.forward got unexpected arguments {sorted(kwargs)}")
+        self._check_inputs(x, timestep, y, mask, x_mask)
+        dtype = self.x_embedder.proj.weight.dtype
+        b = x.shape[0]
+        x, y = x.to(dtype), y.to(dtype)
+        timestep = timestep.reshape(-1).to(dtype)
+        _, _, tx, hx, wx = x.shape
+        T, H, W = self.get_dynamic_size(x)
+        S = H * W
+        base_size = round(S ** 0.5)
+        if height is not None and width is not None:
+            h0 = float(torch.as_tensor(height).reshape(-1)[0])
+            w0 = float(torch.as_tensor(width).reshape(-1)[0])
+            scale = (h0 * w0) ** 0.5 / self.input_sq_size
+        else:
+            scale = 1.0
+        pos_emb = self.pos_embed(H, W, scale, base_size, x.dtype, x.device)
+
+        fps = torch.full((1,), 24.0, device=x.device) if fps is None else torch.as_tensor(
+            fps, device=x.device)
+        t = self.t_embedder(timestep, dtype=x.dtype)
+        fps_emb = self.fps_embedder(fps.to(x.dtype), b)
+        t = t + fps_emb
+        t_mlp = self.t_block(t)
+        t0 = t0_mlp = None
+        if x_mask is not None:
+            t0 = self.t_embedder(torch.zeros_like(timestep), dtype=x.dtype) + fps_emb
+            t0_mlp = self.t_block(t0)
+            x_mask = x_mask.to(torch.bool)
+
+        y, y_mask = self.encode_text(y, mask)
+        x = self.x_embedder(x).view(b, T, S, -1) + pos_emb[:, None]
+
+        group = self.sequence_parallel_group()
+        self.sp_state.group = group
+        self.sp_state.valid_len = S
+        x = sp.split_rows(x, group, H, W)
+        s_local = x.shape[2]
+        x = x.reshape(b, T * s_local, -1)
+        for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
+            x = spatial(x, y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
+            x = temporal(x, y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
+        x = sp.gather_rows(x.view(b, T, s_local, -1), group, H, W).reshape(b, T * S, -1)
+
+        x = self.final_layer(x, t, x_mask, t0, T, S)
+        return self.unpatchify(x, T, H, W, tx, hx, wx).float()
+
+    def unpatchify(self, x, T, H, W, tx, hx, wx):
+        pt, ph, pw = self.patch_size
+        b = x.shape[0]
+        x = x.view(b, T, H, W, pt, ph, pw, self.out_channels)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, self.out_channels, T * pt, H * ph, W * pw)
+        return x[:, :, :tx, :hx, :wx]
+
+
+# --------------------------------------------------------------------- presets
+_UPSTREAM_BUILD_KEYS = ("input_size",)
+
+
+def _build(preset: dict, from_pretrained: Optional[str] = None, **kwargs) -> STDiT3:
+    cfg = dict(preset)
+    cfg.update(kwargs)
+    model = STDiT3(**cfg)
+    if from_pretrained is not None:
+        load_checkpoint(model, from_pretrained)
+    return model
+
+
+PRESETS = {
+    "STDiT3-XL/2": dict(depth=28, hidden_size=1152, patch_size=(1, 2, 2), num_heads=16),
+    "STDiT3-3B/2": dict(depth=28, hidden_size=1872, patch_size=(1, 2, 2), num_heads=26),
+    # CPU-sized model of the same class, for benchmarks and tests
+    "STDiT3-S/2": dict(depth=4, hidden_size=256, patch_size=(1, 2, 2), num_heads=8,
+                       caption_channels=64, model_max_length=16),
+    # the shipped demo model (trained by tools/train.py on synthetic shapes)
+    "STDiT3-demo": dict(depth=4, hidden_size=128, patch_size=(1, 2, 2), num_heads=4,
+                        in_channels=12, caption_channels=64, model_max_length=12,
+                        input_sq_size=32, class_dropout_prob=0.0),
+}
+
+
+def _register(name: str, preset: dict):
+    def builder(from_pretrained: Optional[str] = None, **kwargs) -> STDiT3:
+        return _build(preset, from_pretrained=from_pretrained, **kwargs)
+    builder.__name__ = name.replace("/", "_").replace("-", "_")
+    builder.__doc__ = f"Build {name} ({preset}); keyword arguments override the preset."
+    MODELS.register_module(name=name, module=builder)
+
+
+for _name, _preset in PRESETS.items():
+    _register(_name, _preset)
