@@ -90,9 +90,13 @@ class RFlow:
             if cond_mask is not None:
                 # frames whose mask value m satisfies t <= m*1000 follow the current timestep
                 follow = cond_mask * self.num_timesteps >= t
-                noise_added = noise_added | follow
-                z = torch.where(noise_added[:, None, :, None, None], z, x_cond)
-                additional_args["x_mask"] = torch.cat([noise_added, noise_added], 0)
+                start = follow & ~noise_added  # reference frames that start following now
+                if bool(start.any()):
+                    noisy = self.add_noise(x_cond, torch.randn_like(x_cond), t.expand(z.shape[0]))
+                    z = torch.where(start[:, None, :, None, None], noisy, z)
+                noise_added = follow
+                z = torch.where(follow[:, None, :, None, None], z, x_cond)
+                additional_args["x_mask"] = torch.cat([follow, follow], 0)
             z_in = torch.cat([z, z], 0)
             t_in = t.expand(z_in.shape[0]).to(z.dtype)
             out = model(z_in, t_in, y_in, mask=m_in, **additional_args)
