@@ -1,0 +1,416 @@
+"""Prompts -> latents -> frames: the one generation path every tool uses.
+
+::
+
+    cfg = mmengine.Config.fromfile("configs/tiny/inference.py")
+    pipe = build_from_config(cfg, device="cpu", dtype="fp32")
+    out = pipe.generate(["a red circle moving left"], seed=42)
+    out["video"]      # float32 [B, 3, T, H, W] in [-1, 1], on the CPU
+    out["latents"]    # float32 [B, C, t, h, w], on the CPU
+    out["timings"]    # dict(text_s, sample_s, decode_s, total_s)
+
+Config keys read (Open-Sora 1.2 names): ``model``, ``vae``, ``text_encoder``, ``scheduler``
+(each ``dict(type=...)``), ``resolution`` + ``aspect_ratio`` or ``image_size = (H, W)``,
+``num_frames`` (an int or an Open-Sora name such as ``"2s"``), ``fps``, ``dtype``, ``seed``,
+``aes`` / ``flow`` (scores appended to prompts, as Open-Sora 1.2 does) and the optional
+top-level ``cache = dict(type=...)`` (attached with :func:`opensora_duca.cache.apply_cache`).
+
+Seeding: the initial noise of prompt ``j`` of a :meth:`Pipeline.generate` call is drawn on the
+CPU from a ``torch.Generator`` seeded with ``seeds[j]`` (default ``seed + j``) and then moved
+to the device, so it is the same on every rank and does not depend on the batch size.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from .registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
+
+# ----------------------------------------------------------------- video size helpers
+#: pixel area of each resolution name (its 9:16 base size, H x W, as Open-Sora's tables)
+RESOLUTION_AREAS = {
+    "144p": 144 * 256,
+    "240p": 240 * 426,
+    "360p": 360 * 640,
+    "480p": 480 * 854,
+    "720p": 720 * 1280,
+    "1080p": 1080 * 1920,
+}
+#: Open-Sora's named frame counts
+NUM_FRAMES_NAMES = {"1x": 51, "2x": 102, "4x": 204, "8x": 408, "16x": 816,
+                    "2s": 51, "4s": 102, "8s": 204, "16s": 408, "32s": 816}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_aspect_ratio(aspect_ratio: Any) -> float:
+    """``"9:16"`` (height:width, as Open-Sora) or a number -> height / width."""
+    if isinstance(aspect_ratio, (int, float)) and not isinstance(aspect_ratio, bool):
+        if aspect_ratio > 0:
+            return float(aspect_ratio)
+    elif isinstance(aspect_ratio, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*:\s*(\d+(?:\.\d+)?)\s*", aspect_ratio)
+        if m and float(m.group(1)) > 0 and float(m.group(2)) > 0:
+            return float(m.group(1)) / float(m.group(2))
+        try:
+            if float(aspect_ratio) > 0:
+                return float(aspect_ratio)
+        except ValueError:
+            pass
+    raise ValueError(f"aspect_ratio={aspect_ratio!r} is not accepted; accepted: 'H:W' such as "
+                     f"'9:16' or '1:1', or a positive number (height / width)")
+
+
+def get_image_size(resolution: str, aspect_ratio: Any = "9:16") -> tuple[int, int]:
+    """(H, W) in pixels for an Open-Sora resolution name and aspect ratio (height:width).
+
+    H = round(sqrt(A r)), W = round(sqrt(A / r)) with A the area of the name's 9:16 size; this
+    gives Open-Sora's sizes for 9:16, 16:9 and 1:1 (e.g. 480p 9:16 -> (480, 854), 240p 1:1 ->
+    (320, 320)) and may differ from its tables by a pixel or two for other ratios.
+    """
+    if resolution not in RESOLUTION_AREAS:
+        raise ValueError(f"resolution={resolution!r} is not accepted; accepted: "
+                         f"{list(RESOLUTION_AREAS)} (or set image_size=(H, W))")
+    r = parse_aspect_ratio(aspect_ratio)
+    area = RESOLUTION_AREAS[resolution]
+    return int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
+
+
+def get_num_frames(num_frames: Any) -> int:
+    """An int >= 1, or an Open-Sora name ("2s", "4x", ...) -> frame count."""
+    if isinstance(num_frames, str):
+        if num_frames in NUM_FRAMES_NAMES:
+            return NUM_FRAMES_NAMES[num_frames]
+        if num_frames.isdigit():
+            num_frames = int(num_frames)
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames={num_frames!r} is not accepted; accepted: an int >= 1 or "
+                         f"one of {sorted(NUM_FRAMES_NAMES)}")
+    return num_frames
+
+
+def resolve_image_size(image_size: Any = None, resolution: Any = None,
+                       aspect_ratio: Any = None) -> tuple[int, int]:
+    """``image_size`` wins; otherwise ``resolution`` + ``aspect_ratio`` (default "9:16")."""
+    if image_size is not None:
+        ok = isinstance(image_size, (list, tuple)) and len(image_size) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in image_size)
+        if not ok:
+            raise ValueError(f"image_size={image_size!r} is not accepted; accepted: (H, W), two "
+                             f"positive ints")
+        return int(image_size[0]), int(image_size[1])
+    if resolution is None:
+        raise ValueError("the video size is not set: give image_size=(H, W) or resolution "
+                         f"(one of {list(RESOLUTION_AREAS)}) with aspect_ratio")
+    return get_image_size(resolution, "9:16" if aspect_ratio is None else aspect_ratio)
+
+
+def resolve_dtype(dtype: Any) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not accepted; accepted: {sorted(DTYPES)} or a "
+                         f"torch.dtype")
+    return DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------- prompts
+def load_prompts(path: str, start_idx: Optional[int] = None,
+                 end_idx: Optional[int] = None) -> list[str]:
+    """Prompts of a text file, one per line (surrounding spaces stripped, blank lines dropped),
+    optionally the slice ``[start_idx:end_idx]``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt_path={path!r} is not an existing file; accepted: a text "
+                                f"file with one prompt per line")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"prompt_path={path!r} holds no prompts (only blank lines)")
+    return prompts[start_idx:end_idx]
+
+
+def append_scores(prompts: Sequence[str], aes: Optional[float] = None,
+                  flow: Optional[float] = None) -> list[str]:
+    """Append Open-Sora 1.2's score phrases (" aesthetic score: 6.5.", " motion score: ...")."""
+    out = []
+    for p in prompts:
+        if aes is not None and "aesthetic score:" not in p:
+            p = f"{p} aesthetic score: {aes:.1f}."
+        if flow is not None and "motion score:" not in p:
+            p = f"{p} motion score: {flow:.1f}."
+        out.append(p)
+    return out
+
+
+def prompt_to_filename(prompt: str, max_len: int = 100) -> str:
+    """A file-name-safe version of a prompt (letters, digits, '-', '_'; spaces -> '_')."""
+    name = re.sub(r"[^A-Za-z0-9_\- ]+", "", prompt).strip().replace(" ", "_")
+    return name[:max_len] or "prompt"
+
+
+# ------------------------------------------------------------------------------ cache
+def _cache_api():
+    try:
+        from .cache import apply_cache, remove_cache  # noqa: F401
+    except ImportError as err:
+        raise RuntimeError(
+            "config key 'cache' is set, but the cache plugin (opensora_duca.cache.apply_cache) "
+            f"is not available in this install ({err}); remove the 'cache' entry to run "
+            "without caching") from err
+    return apply_cache, remove_cache
+
+
+def _find_manager(model) -> Any:
+    """The cache manager a ``type="DuCa"`` model wrapper attached, if any."""
+    try:
+        from . import cache as cache_pkg
+    except ImportError:
+        return None
+    getter = getattr(cache_pkg, "get_manager", None)
+    if getter is not None:
+        try:
+            return getter(model)
+        except Exception:
+            return None
+    return None
+
+
+# --------------------------------------------------------------------------- pipeline
+class Pipeline:
+    """Text encoder + latent codec + STDiT3 + sampler (+ optional cache manager).
+
+    Build it with :func:`build_from_config`. ``defaults`` holds the config's num_frames,
+    image_size, fps, seed and batch_size, used when :meth:`generate` is not given them.
+    """
+
+    def __init__(self, model, text_encoder, vae, scheduler, device, dtype,
+                 cache_manager=None, defaults: Optional[dict] = None, aes=None, flow=None):
+        self.model, self.text_encoder, self.vae, self.scheduler = model, text_encoder, vae, scheduler
+        self.device, self.dtype = torch.device(device), dtype
+        self.cache_manager = cache_manager
+        self.defaults = dict(defaults or {})
+        self.aes, self.flow = aes, flow
+
+    def latent_size(self, num_frames: int, height: int, width: int) -> list[int]:
+        return list(self.vae.get_latent_size((num_frames, height, width)))
+
+    @torch.no_grad()
+    def initial_noise(self, seeds: Sequence[int], latent_size: Sequence[int]) -> torch.Tensor:
+        """[len(seeds), C, t, h, w] standard normal noise, one CPU generator per sample,
+        identical on every rank, moved to the pipeline's device and dtype."""
+        zs = []
+        for s in seeds:
+            g = torch.Generator(device="cpu").manual_seed(int(s))
+            zs.append(torch.randn(self.vae.out_channels, *latent_size, generator=g,
+                                  dtype=torch.float32))
+        return torch.stack(zs).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str] | str, num_frames: Any = None,
+                 height: Optional[int] = None, width: Optional[int] = None,
+                 seed: Optional[int] = None, fps: Optional[float] = None,
+                 seeds: Optional[Sequence[int]] = None, batch_size: Optional[int] = None,
+                 num_sampling_steps: Optional[int] = None, cfg_scale: Optional[float] = None,
+                 progress: bool = False) -> dict:
+        """Generate one video per prompt.
+
+        Args:
+            prompts: a string or a list of strings.
+            num_frames, height, width, fps, seed, batch_size: default to the config's values.
+            seeds: one noise seed per prompt (default ``seed + j`` for prompt ``j``).
+            num_sampling_steps, cfg_scale: override the scheduler's values for this call.
+            progress: show the sampler's tqdm bar.
+
+        Returns ``dict(video=[B, 3, T, H, W] float32 in [-1, 1], latents=[B, C, t, h, w]
+        float32, prompts=[the prompts as encoded], seeds=[...], timings=dict(...))`` with
+        tensors on the CPU.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(
+                isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts={prompts!r} is not accepted; accepted: a non-empty list of "
+                             f"strings")
+        d = self.defaults
+        num_frames = get_num_frames(d.get("num_frames") if num_frames is None else num_frames)
+        if height is None or width is None:
+            h0, w0 = d.get("image_size", (None, None))
+            height, width = height or h0, width or w0
+        height, width = resolve_image_size((height, width))
+        fps = d.get("fps", 24) if fps is None else fps
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
+            raise ValueError(f"fps={fps!r} is not accepted; accepted: a positive number")
+        if seeds is None:
+            seed = d.get("seed", 0) if seed is None else seed
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(f"seed={seed!r} is not accepted; accepted: an int")
+            seeds = [seed + j for j in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"seeds has {len(seeds)} values for {len(prompts)} prompts; "
+                             f"accepted: one seed per prompt")
+        batch_size = batch_size or d.get("batch_size") or len(prompts)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is not accepted; accepted: an int >= 1")
+
+        sched = self.scheduler
+        saved = (sched.num_sampling_steps, sched.cfg_scale)
+        if num_sampling_steps is not None:
+            if isinstance(num_sampling_steps, bool) or not isinstance(num_sampling_steps, int) \
+                    or num_sampling_steps < 1:
+                raise ValueError(f"num_sampling_steps={num_sampling_steps!r} is not accepted; "
+                                 f"accepted: an int >= 1")
+            sched.num_sampling_steps = num_sampling_steps
+        if cfg_scale is not None:
+            sched.cfg_scale = float(cfg_scale)
+        timings = dict(text_s=0.0, sample_s=0.0, decode_s=0.0)
+        t_all = time.perf_counter()
+        videos, latents, encoded = [], [], []
+        try:
+            latent_size = self.latent_size(num_frames, height, width)
+            for b0 in range(0, len(prompts), batch_size):
+                batch = append_scores(prompts[b0:b0 + batch_size], self.aes, self.flow)
+                encoded += batch
+                z, v = self._generate_batch(batch, seeds[b0:b0 + batch_size], latent_size,
+                                            num_frames, height, width, fps, progress, timings)
+                latents.append(z)
+                videos.append(v)
+        finally:
+            sched.num_sampling_steps, sched.cfg_scale = saved
+        timings["total_s"] = time.perf_counter() - t_all
+        return dict(video=torch.cat(videos), latents=torch.cat(latents), prompts=encoded,
+                    seeds=list(seeds), timings=timings, num_frames=num_frames,
+                    image_size=(height, width), latent_size=latent_size, fps=fps)
+
+    def _generate_batch(self, prompts, seeds, latent_size, num_frames, height, width, fps,
+                        progress, timings):
+        n = len(prompts)
+        t0 = time.perf_counter()
+        enc = self.text_encoder.encode(list(prompts))
+        y, mask = enc["y"].to(self.device), enc.get("mask")
+        mask = None if mask is None else mask.to(self.device)
+        y_null = self.text_encoder.null(n).to(self.device, y.dtype)
+        timings["text_s"] += time.perf_counter() - t0
+
+        z = self.initial_noise(seeds, latent_size)
+        additional_args = dict(
+            height=torch.tensor([height] * n, device=self.device, dtype=self.dtype),
+            width=torch.tensor([width] * n, device=self.device, dtype=self.dtype),
+            fps=torch.tensor([fps] * n, device=self.device, dtype=self.dtype))
+        t0 = time.perf_counter()
+        kwargs = dict(mask=mask, additional_args=additional_args, height=height, width=width,
+                      num_frames=num_frames, progress=progress)
+        if self.cache_manager is not None:
+            with self.cache_manager.session(num_steps=self.scheduler.num_sampling_steps):
+                z = self.scheduler.sample(self.model, z, y, y_null, **kwargs)
+        else:
+            z = self.scheduler.sample(self.model, z, y, y_null, **kwargs)
+        _sync(self.device)
+        timings["sample_s"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        video = self.vae.decode(z.to(self.vae.dtype), num_frames=num_frames)
+        _sync(self.device)
+        timings["decode_s"] += time.perf_counter() - t0
+        return z.float().cpu(), video.float().clamp(-1, 1).cpu()
+
+    def report(self) -> Optional[str]:
+        """The cache manager's run report, or None without a cache."""
+        return None if self.cache_manager is None else self.cache_manager.report()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------ build
+def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    if hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _as_dict(value: Any) -> Any:
+    if value is not None and hasattr(value, "to_dict"):
+        return value.to_dict()
+    return dict(value) if isinstance(value, dict) else value
+
+
+def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
+                      enable_sequence_parallelism: bool = False,
+                      ckpt_path: Optional[str] = None,
+                      init_seed: Optional[int] = None) -> Pipeline:
+    """Build a :class:`Pipeline` from an mmengine Config (or a plain dict) with Open-Sora keys.
+
+    ``device`` defaults to CUDA when available, else CPU; ``dtype`` (fp32|fp16|bf16 or a
+    torch.dtype) defaults to the config's ``dtype`` (fp32 when unset). ``ckpt_path`` replaces
+    ``model.from_pretrained``. The model is built as Open-Sora's script builds it, with
+    ``input_size`` (latent), ``in_channels=vae.out_channels``,
+    ``caption_channels=text_encoder.output_dim``,
+    ``model_max_length=text_encoder.model_max_length`` and ``enable_sequence_parallelism``.
+    The global torch RNG is seeded with ``init_seed`` (default: the config's ``seed``) before
+    anything is built, so random initial weights are the same on every rank and every run.
+    """
+    for key in ("model", "vae", "text_encoder", "scheduler"):
+        val = _cfg_get(cfg, key)
+        if val is None:
+            raise KeyError(f"config key {key!r} is missing; accepted: dict(type=...) naming a "
+                           f"registered {key}")
+        if not isinstance(_as_dict(val), dict):
+            raise ValueError(f"config key {key!r}={val!r} is not accepted; accepted: "
+                             f"dict(type=...)")
+    device = torch.device(device if device is not None else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(_cfg_get(cfg, "dtype", "fp32") if dtype is None else dtype)
+    num_frames = get_num_frames(_cfg_get(cfg, "num_frames", 1))
+    image_size = resolve_image_size(_cfg_get(cfg, "image_size"), _cfg_get(cfg, "resolution"),
+                                    _cfg_get(cfg, "aspect_ratio"))
+
+    # random-weight parts (demo configs, tests) must be the same on every rank and every run
+    torch.manual_seed(int(_cfg_get(cfg, "seed", 0) if init_seed is None else init_seed))
+    text_encoder = build_module(_as_dict(_cfg_get(cfg, "text_encoder")), TEXT_ENCODERS,
+                                device=device)
+    if isinstance(text_encoder, torch.nn.Module):
+        text_encoder = text_encoder.to(device).eval()
+    vae = build_module(_as_dict(_cfg_get(cfg, "vae")), VAES).to(device, dtype).eval()
+    latent_size = vae.get_latent_size((num_frames, *image_size))
+
+    model_cfg = _as_dict(_cfg_get(cfg, "model"))
+    if ckpt_path is not None:
+        model_cfg["from_pretrained"] = ckpt_path
+    model = build_module(model_cfg, MODELS, input_size=latent_size,
+                         in_channels=vae.out_channels,
+                         caption_channels=text_encoder.output_dim,
+                         model_max_length=text_encoder.model_max_length,
+                         enable_sequence_parallelism=enable_sequence_parallelism)
+    model = model.to(device, dtype).eval()
+    text_encoder.y_embedder = model.y_embedder  # for text_encoder.null(n), as Open-Sora does
+    scheduler = build_module(_as_dict(_cfg_get(cfg, "scheduler")), SCHEDULERS)
+
+    manager = None
+    cache_cfg = _as_dict(_cfg_get(cfg, "cache"))
+    if cache_cfg is not None:
+        if not isinstance(cache_cfg, dict) or "type" not in cache_cfg:
+            raise ValueError(f"config key 'cache'={cache_cfg!r} is not accepted; accepted: "
+                             f"dict(type=<a registered cache policy>, ...) or None")
+        apply_cache, _ = _cache_api()
+        manager = apply_cache(model, cache_cfg)
+    else:
+        manager = _find_manager(model)
+
+    defaults = dict(num_frames=num_frames, image_size=image_size,
+                    fps=_cfg_get(cfg, "fps", 24), seed=_cfg_get(cfg, "seed", 0),
+                    batch_size=_cfg_get(cfg, "batch_size", 1))
+    return Pipeline(model, text_encoder, vae, scheduler, device, dtype, cache_manager=manager,
+                    defaults=defaults, aes=_cfg_get(cfg, "aes"), flow=_cfg_get(cfg, "flow"))
+
+
+__all__ = ["Pipeline", "build_from_config", "load_prompts", "append_scores", "get_image_size",
+           "get_num_frames", "resolve_image_size", "resolve_dtype", "parse_aspect_ratio",
+           "prompt_to_filename", "RESOLUTION_AREAS", "NUM_FRAMES_NAMES"]

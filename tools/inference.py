@@ -1,0 +1,251 @@
+"""Text-to-video inference with Open-Sora-1.2-style configs (optionally with feature caching).
+
+Usage::
+
+    python tools/inference.py CONFIG [--prompt P [P ...]] [--prompt-path FILE]
+        [--num-frames N] [--resolution 480p] [--aspect-ratio 9:16] [--image-size H W]
+        [--num-sampling-steps N] [--cfg-scale S] [--seed S] [--batch-size B]
+        [--dtype fp32|fp16|bf16] [--save-dir DIR] [--ckpt-path PATH]
+        [--cfg-options key=value ...]
+    torchrun --nproc_per_node P tools/inference.py CONFIG ...   # sequence parallelism
+
+Flags override the config's keys of the same name; ``--cfg-options`` overrides any (nested)
+key, e.g. ``--cfg-options model.depth=2 cache.type=DuCa`` (values are parsed like mmengine's
+``DictAction``: numbers, True/False/None, lists ``[1,2]`` and tuples ``(1,2)``).
+
+Prompts: ``--prompt`` wins over ``--prompt-path`` (one prompt per line; blank lines are
+dropped), then the config's ``prompt`` list, then its ``prompt_path``.
+
+Output: rank 0 writes ``{save_dir}/{sample_name}_{i:04d}.mp4`` (``sample_name`` defaults to
+``sample``; ``i`` is the prompt's index in the prompt list) or, with ``--prompt-as-path``,
+``{save_dir}/{prompt with unsafe characters dropped, spaces as _}.mp4``. Files are written to
+a temporary name and renamed when complete; a complete existing file is skipped, so rerunning
+the same command resumes an interrupted run. ``--save-latents`` also writes
+``{name}.latents.pt`` (the float32 sampled latents). The noise of prompt ``i`` is seeded
+with ``seed + i``, so a prompt's video does not depend on batching or on what was skipped.
+
+Under torchrun every rank runs the same prompts with the same seed; the model shards tokens
+over the ranks (``enable_sequence_parallelism=True``); only rank 0 writes files and prints.
+The process group uses NCCL on CUDA and gloo on the CPU, launched through colossalai when it
+is installed (as Open-Sora's script does), else through plain torch.distributed.
+"""
+from __future__ import annotations
+
+import time
+
+_T_PROCESS = time.perf_counter()  # wall time counts from here (imports included)
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="mmengine config file (Open-Sora key names)")
+    p.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
+    p.add_argument("--prompt-path", default=None, help="text file, one prompt per line")
+    p.add_argument("--start-index", type=int, default=None, help="first prompt index to run")
+    p.add_argument("--end-index", type=int, default=None, help="prompt index to stop before")
+    p.add_argument("--num-frames", default=None, help="frame count or a name such as 2s")
+    p.add_argument("--resolution", default=None, help="e.g. 240p, 480p, 720p")
+    p.add_argument("--aspect-ratio", default=None, help="height:width, e.g. 9:16")
+    p.add_argument("--image-size", nargs=2, type=int, default=None, metavar=("H", "W"))
+    p.add_argument("--fps", type=float, default=None, help="fps conditioning of the model")
+    p.add_argument("--save-fps", type=float, default=None, help="fps of the written files")
+    p.add_argument("--num-sampling-steps", type=int, default=None)
+    p.add_argument("--cfg-scale", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--save-dir", default=None)
+    p.add_argument("--sample-name", default=None, help="file name prefix (default: sample)")
+    p.add_argument("--prompt-as-path", action="store_true", help="name files after prompts")
+    p.add_argument("--save-latents", action="store_true", help="also write {name}.latents.pt")
+    p.add_argument("--ckpt-path", default=None, help="model weights (replaces from_pretrained)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None,
+                   help="override config keys: key=value (nested keys with dots)")
+    return p.parse_args(argv)
+
+
+def merge_args(cfg: Config, args) -> Config:
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.prompt is not None:
+        cfg.prompt = list(args.prompt)
+    elif args.prompt_path is not None:
+        cfg.prompt = None
+        cfg.prompt_path = args.prompt_path
+    if args.image_size is not None:
+        cfg.image_size = tuple(args.image_size)
+    elif args.resolution is not None or args.aspect_ratio is not None:
+        cfg.image_size = None  # the named size wins over the config's image_size
+    for key in ("resolution", "aspect_ratio", "num_frames", "fps", "save_fps", "seed",
+                "batch_size", "dtype", "save_dir", "sample_name"):
+        val = getattr(args, key)
+        if val is not None:
+            cfg[key] = val
+    if args.num_sampling_steps is not None:
+        cfg.scheduler["num_sampling_steps"] = args.num_sampling_steps
+    if args.cfg_scale is not None:
+        cfg.scheduler["cfg_scale"] = args.cfg_scale
+    if args.ckpt_path is not None:
+        cfg.model["from_pretrained"] = args.ckpt_path
+    return cfg
+
+
+def init_distributed(device_arg):
+    """(rank, world_size, device); initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        try:
+            import colossalai  # noqa: F401
+        except ImportError:
+            colossalai = None
+        backend = "nccl" if use_cuda else "gloo"
+        if colossalai is not None:
+            try:
+                colossalai.launch_from_torch(backend=backend)
+            except TypeError:  # colossalai 0.3.x takes a config dict first
+                colossalai.launch_from_torch({}, backend=backend)
+        else:
+            dist.init_process_group(backend=backend)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
+
+
+def resolve_prompts(cfg, args) -> list[str]:
+    from opensora_duca.pipeline import load_prompts
+    prompts = cfg.get("prompt")
+    if prompts is None and cfg.get("prompt_path"):
+        prompts = load_prompts(cfg.prompt_path)
+    if prompts is None:
+        raise SystemExit("no prompts: give --prompt, --prompt-path, or set prompt / prompt_path "
+                         "in the config")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    return list(prompts)
+
+
+def output_name(cfg, args, index: int, prompt: str) -> str:
+    from opensora_duca.pipeline import prompt_to_filename
+    if args.prompt_as_path:
+        return prompt_to_filename(prompt)
+    return f"{cfg.get('sample_name') or 'sample'}_{index:04d}"
+
+
+def _save_latents(latents: torch.Tensor, path: str) -> None:
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".partial")
+    torch.save(latents.clone(), tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = _T_PROCESS
+    cfg = merge_args(Config.fromfile(args.config), args)
+    rank, world, device = init_distributed(args.device)
+    is_main = rank == 0
+    try:
+        return run(cfg, args, rank, world, device, is_main, t_start)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg, args, rank, world, device, is_main, t_start) -> int:
+    from tqdm import tqdm
+
+    from opensora_duca.pipeline import build_from_config
+    from opensora_duca.utils.video import is_complete_video, save_video
+
+    prompts = resolve_prompts(cfg, args)
+    start = args.start_index or 0
+    end = len(prompts) if args.end_index is None else args.end_index
+    indices = list(range(start, min(end, len(prompts))))
+    save_dir = cfg.get("save_dir") or "./samples/samples/"
+    names = {i: output_name(cfg, args, i, prompts[i]) for i in indices}
+
+    # decide once (rank 0) what is already done, so every rank runs the same batches
+    todo = [i for i in indices if not is_complete_video(os.path.join(save_dir, names[i] + ".mp4"))
+            or (args.save_latents and not os.path.isfile(
+                os.path.join(save_dir, names[i] + ".latents.pt")))]
+    if world > 1:
+        box = [todo]
+        dist.broadcast_object_list(box, src=0)
+        todo = box[0]
+    skipped = [i for i in indices if i not in todo]
+
+    t_build = time.perf_counter()
+    pipe = build_from_config(cfg, device=device, enable_sequence_parallelism=world > 1)
+    t_build = time.perf_counter() - t_build
+    seed = int(cfg.get("seed", 0))
+    batch_size = int(cfg.get("batch_size") or 1)
+    save_fps = cfg.get("save_fps") or cfg.get("fps", 24)
+    if is_main:
+        os.makedirs(save_dir, exist_ok=True)
+        for i in skipped:
+            print(f"[skip] {os.path.join(save_dir, names[i])}.mp4 exists", flush=True)
+
+    sample_s = 0.0
+    written = []
+    last = None
+    batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+    bar = tqdm(batches, desc="batches", disable=not is_main or args.no_progress or not batches)
+    for batch in bar:
+        out = pipe.generate([prompts[i] for i in batch], seeds=[seed + i for i in batch],
+                            batch_size=len(batch), progress=is_main and not args.no_progress)
+        sample_s += out["timings"]["total_s"]
+        last = out
+        if is_main:
+            for j, i in enumerate(batch):
+                path = os.path.join(save_dir, names[i] + ".mp4")
+                if args.save_latents:
+                    _save_latents(out["latents"][j], os.path.join(save_dir,
+                                                                  names[i] + ".latents.pt"))
+                save_video(out["video"][j], path, fps=save_fps)
+                written.append(path)
+                tqdm.write(f"[saved] {path}")
+
+    if is_main:
+        sched = pipe.scheduler
+        h, w = pipe.defaults["image_size"] if last is None else last["image_size"]
+        nf = pipe.defaults["num_frames"] if last is None else last["num_frames"]
+        lines = [
+            "=== inference summary ===",
+            f"config: {args.config}",
+            f"videos: {len(written)} written, {len(skipped)} skipped (existing) -> {save_dir}",
+            f"video: {nf} frames, {h}x{w} (HxW), latent {pipe.latent_size(nf, h, w)}, "
+            f"save fps {save_fps}",
+            f"sampler: {type(sched).__name__} {sched.num_sampling_steps} steps, "
+            f"cfg {sched.cfg_scale}, seed {seed}, batch size {batch_size}",
+            f"ranks: {world} (sequence parallel: {'on' if world > 1 else 'off'}), device "
+            f"{device}, dtype {str(pipe.dtype).replace('torch.', '')}",
+            f"wall time: {time.perf_counter() - t_start:.2f} s (build {t_build:.2f} s, "
+            f"generate {sample_s:.2f} s)",
+        ]
+        report = pipe.report()
+        if report:
+            lines += ["--- cache ---", report.rstrip()]
+        print("\n".join(lines), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
