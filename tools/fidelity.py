@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("b_dir", help="videos to compare (e.g. cached)")
     ap.add_argument("--json", dest="json_out", help="write the full result to this JSON file")
     ap.add_argument("--lpips", action="store_true", help="also compute LPIPS (alex) if available offline")
-    ap.add_argument("--device", default="cpu", help="device for LPIPS")
+    ap.add_argument("--device", default="cpu", help="device for SSIM and LPIPS arithmetic (cpu, cuda)")
     args = ap.parse_args(argv)
 
     for d in (args.a_dir, args.b_dir):

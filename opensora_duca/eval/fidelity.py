@@ -23,7 +23,6 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 PSNR_MAX = 100.0
 MSE_EPS = 1e-10
@@ -115,22 +114,35 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch
 
 
 def _filter_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian filter, valid region only; x: [M, 1, H, W]."""
-    k = g.numel()
-    x = F.conv2d(x, g.view(1, 1, k, 1))
-    return F.conv2d(x, g.view(1, 1, 1, k))
+    """Separable Gaussian filter over the last two axes, valid region only (no padding).
+
+    Written as 2 x 11 shifted in-place multiply-adds: on CPU this is several times faster than
+    ``conv2d`` in float64 and gives the same numbers."""
+    w = g.tolist()
+    k = len(w)
+    h_out = x.shape[-2] - k + 1
+    y = x[..., 0:h_out, :] * w[0]
+    for i in range(1, k):
+        y.add_(x[..., i : i + h_out, :], alpha=w[i])
+    w_out = x.shape[-1] - k + 1
+    z = y[..., 0:w_out] * w[0]
+    for i in range(1, k):
+        z.add_(y[..., i : i + w_out], alpha=w[i])
+    return z
 
 
-def ssim_per_frame(a: torch.Tensor, b: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """SSIM of each frame of float64 ``[N, C, H, W]`` tensors in [0, 1] -> ``[N]`` (channel mean)."""
+def ssim_per_frame(a: torch.Tensor, b: torch.Tensor, chunk: int = 8, device=None) -> torch.Tensor:
+    """SSIM of each frame of float64 ``[N, C, H, W]`` tensors in [0, 1] -> ``[N]`` (channel mean).
+
+    ``device`` (e.g. ``"cuda"``) moves each chunk there for the arithmetic (still float64)."""
     n, c, h, w = a.shape
     if h < SSIM_WINDOW or w < SSIM_WINDOW:
         raise ValueError(f"SSIM needs frames of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {h}x{w}")
     g = gaussian_window()
     out = []
     for s in range(0, n, chunk):
-        x = a[s : s + chunk].reshape(-1, 1, h, w)
-        y = b[s : s + chunk].reshape(-1, 1, h, w)
+        x = a[s : s + chunk].reshape(-1, h, w).to(device=device, dtype=torch.float64)
+        y = b[s : s + chunk].reshape(-1, h, w).to(device=device, dtype=torch.float64)
         mu_x = _filter_valid(x, g)
         mu_y = _filter_valid(y, g)
         sxx = _filter_valid(x * x, g) - mu_x * mu_x
@@ -139,7 +151,7 @@ def ssim_per_frame(a: torch.Tensor, b: torch.Tensor, chunk: int = 8) -> torch.Te
         num = (2 * mu_x * mu_y + SSIM_C1) * (2 * sxy + SSIM_C2)
         den = (mu_x * mu_x + mu_y * mu_y + SSIM_C1) * (sxx + syy + SSIM_C2)
         per_channel = (num / den).flatten(1).mean(dim=1)  # [chunk*C]
-        out.append(per_channel.view(-1, c).mean(dim=1))
+        out.append(per_channel.view(-1, c).mean(dim=1).cpu())
     return torch.cat(out)
 
 
@@ -176,11 +188,11 @@ def psnr(a, b, data_range: float = 1.0, layout: Optional[str] = None) -> float:
     return _aggregate_batch(vals)
 
 
-def ssim(a, b, data_range: float = 1.0, layout: Optional[str] = None) -> float:
+def ssim(a, b, data_range: float = 1.0, layout: Optional[str] = None, device=None) -> float:
     """SSIM between two videos / batches of videos (frames per channel, valid region)."""
     ta, tb = _pair(a, b, layout, data_range)
     bsz, t = ta.shape[:2]
-    vals = ssim_per_frame(ta.flatten(0, 1), tb.flatten(0, 1)).view(bsz, t)
+    vals = ssim_per_frame(ta.flatten(0, 1), tb.flatten(0, 1), device=device).view(bsz, t)
     return _aggregate_batch(vals)
 
 
@@ -273,7 +285,7 @@ def _scan(folder: str) -> Tuple[Dict[str, str], List[str], List[str]]:
 
 
 def compare_dirs(a_dir: str, b_dir: str, use_lpips: bool = False, device: str = "cpu") -> dict:
-    """Compare videos of ``b_dir`` against the references in ``a_dir``, matched by file name.
+    """Compare videos (``device`` is used for SSIM and LPIPS) of ``b_dir`` against the references in ``a_dir``, matched by file name.
 
     Returns a dict with ``matched``, ``only_in_a``, ``only_in_b``, ``unreadable`` (``{"name",
     "dir", "error"}``), ``mismatched`` (pairs with different frame shapes/counts: compared over the
@@ -339,7 +351,7 @@ def compare_dirs(a_dir: str, b_dir: str, use_lpips: bool = False, device: str = 
             fa, fb = fa[:t], fb[:t]
         ta, tb = uint8_video_to_frames(fa), uint8_video_to_frames(fb)
         p = psnr_per_frame(ta, tb).tolist()
-        s = ssim_per_frame(ta, tb).tolist()
+        s = ssim_per_frame(ta, tb, device=None if device == "cpu" else device).tolist()
         entry = {"psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "lpips": None, "num_frames": len(p)}
         series["psnr"].append(p)
         series["ssim"].append(s)
