@@ -1,0 +1,94 @@
+"""Analytic FLOPs of the STDiT3 trunk, per module, and of a cached run relative to uncached.
+
+Convention: 2 FLOPs per multiply-add of every matrix product in the transformer blocks — the
+linear layers (qkv, proj, q/kv of cross-attention, fc1, fc2) and the two attention products
+(q k^T and attn v) — for the whole classifier-free-guidance batch. LayerNorm, modulation,
+softmax, element-wise ops, the embedders and the final layer are left out (< 1% at
+STDiT3-XL/2 sizes). A module run on a subset of k tokens costs its per-token part for k tokens
+(cross-attention's key/value projection of the caption is paid whenever it runs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .plan import CROSS_ATTN, FULL, MLP, PARTIAL, SPATIAL_ATTN, TEMPORAL_ATTN
+
+
+@dataclass(frozen=True)
+class TrunkShape:
+    batch: int        # B (the CFG batch counts twice)
+    frames: int       # T (latent frames after patching)
+    spatial: int      # S = H * W tokens per frame
+    hidden: int       # C
+    depth: int        # number of spatial (= temporal) blocks
+    caption_len: int  # L caption tokens per sample
+    mlp_hidden: int   # fc1 width
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.spatial
+
+
+def module_flops(shape: TrunkShape, kind: str, tokens: int | None = None) -> float:
+    """FLOPs of one module of one block on ``tokens`` query tokens per sample (default: all)."""
+    n = shape.tokens if tokens is None else tokens
+    b, c, L = shape.batch, shape.hidden, shape.caption_len
+    if kind == SPATIAL_ATTN:
+        return b * (2 * n * c * 3 * c + 4 * n * shape.spatial * c + 2 * n * c * c)
+    if kind == TEMPORAL_ATTN:
+        return b * (2 * n * c * 3 * c + 4 * n * shape.frames * c + 2 * n * c * c)
+    if kind == CROSS_ATTN:
+        return b * (2 * n * c * c + 2 * L * c * 2 * c + 4 * n * L * c + 2 * n * c * c)
+    if kind == MLP:
+        return b * (2 * n * c * shape.mlp_hidden * 2)
+    raise ValueError(f"unknown module kind {kind!r}")
+
+
+def full_step_flops(shape: TrunkShape) -> float:
+    per_pair = (module_flops(shape, SPATIAL_ATTN) + module_flops(shape, TEMPORAL_ATTN)
+                + 2 * module_flops(shape, CROSS_ATTN) + 2 * module_flops(shape, MLP))
+    return shape.depth * per_pair
+
+
+def step_flops(shape: TrunkShape, plan, partial_tokens: dict | None = None) -> float:
+    """FLOPs of one step under ``plan``; ``partial_tokens[kind]`` = tokens per sample a PARTIAL
+    module recomputes (default: round(ratio * N))."""
+    if plan.skip_trunk:
+        return 0.0
+    total = 0.0
+    for kind, count in ((SPATIAL_ATTN, 1), (TEMPORAL_ATTN, 1), (CROSS_ATTN, 2), (MLP, 2)):
+        act = plan.actions[kind]
+        if act == FULL:
+            total += count * module_flops(shape, kind)
+        elif act == PARTIAL:
+            k = (partial_tokens or {}).get(kind)
+            if k is None:
+                k = round(plan.ratios[kind] * shape.tokens)
+            total += count * module_flops(shape, kind, k)
+    return shape.depth * total
+
+
+def run_flops_ratio(policy, num_steps: int, shape: TrunkShape, rows: int, width: int,
+                    timesteps=None) -> dict:
+    """Analytic uncached/actual FLOPs of a whole run of ``policy`` at ``shape`` (latent grid
+    ``rows`` x ``width`` per frame), without running a model. Partial modules count the
+    tokens the row-quota selection actually picks. ``timesteps`` default to rflow's uniform
+    (1 - i/n) * 1000 (only PAB looks at them)."""
+    from .selection import TokenGrid, selected_per_sample
+
+    grid = TokenGrid(frames=shape.frames, rows=rows, width=width, local_rows=rows, row_offset=0)
+    if timesteps is None:
+        timesteps = [(1 - i / num_steps) * 1000 for i in range(num_steps)]
+    if hasattr(policy, "reset"):
+        policy.reset()
+    policy.validate_run(num_steps)
+    actual, labels = 0.0, []
+    for s in range(num_steps):
+        plan = policy.plan(s, num_steps, float(timesteps[s]))
+        part = {k: selected_per_sample(plan.ratios[k], grid)
+                for k, a in plan.actions.items() if a == PARTIAL}
+        actual += step_flops(shape, plan, part)
+        labels.append(plan.label)
+    full = num_steps * full_step_flops(shape)
+    return {"flops_ratio": full / actual if actual else float("inf"),
+            "full_step_equivalents": actual / full_step_flops(shape), "labels": labels}

@@ -1,0 +1,113 @@
+"""Token scores and shard-invariant top-k selection.
+
+Tokens are laid out frame-major [B, T, rows, W] on each rank (rows = the latent rows this rank
+holds; sequence parallelism shards whole rows). To make the selection independent of the
+number of ranks, every *global* latent row r of every frame gets a fixed quota
+q(r) = floor((r + 1) K / H) - floor(r K / H) with K = round(ratio * H * W) tokens per frame, and
+a row's tokens compete only with each other. Scores are normalised per row (L2), so the
+staleness bonus weighs the same on any rank. Random scores are drawn for the global token grid
+and sliced. Padding rows (beyond H) get quota 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class TokenGrid:
+    """Where this rank's tokens sit in the global latent grid."""
+
+    frames: int      # T
+    rows: int        # H, real global rows
+    width: int       # W
+    local_rows: int  # rows held here (may include padding rows beyond H)
+    row_offset: int  # global index of the first local row
+
+    @property
+    def local_tokens(self) -> int:
+        return self.frames * self.local_rows * self.width
+
+
+def frame_quota(ratio: float, grid: TokenGrid) -> int:
+    return int(round(ratio * grid.rows * grid.width))
+
+
+def row_quotas(ratio: float, grid: TokenGrid, device=None) -> torch.Tensor:
+    """Quota of every local row (zeros for padding rows)."""
+    k, h = frame_quota(ratio, grid), grid.rows
+    r = torch.arange(grid.row_offset, grid.row_offset + grid.local_rows, device=device)
+    q = (r + 1) * k // h - r * k // h
+    return torch.where(r < h, q, torch.zeros_like(q))
+
+
+def selected_per_sample(ratio: float, grid: TokenGrid) -> int:
+    """Tokens per sample selected on this rank."""
+    return int(row_quotas(ratio, grid).sum()) * grid.frames
+
+
+def normalise_rows(score: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+    """L2-normalise [B, N] scores within each latent row."""
+    s = score.float().view(score.shape[0], grid.frames, grid.local_rows, grid.width)
+    s = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return s.reshape(score.shape[0], -1)
+
+
+def select_tokens(score: torch.Tensor, ratio: float, grid: TokenGrid,
+                  cfg_shared: bool = False) -> torch.Tensor:
+    """Indices [B, k] (local token positions) of the highest scores under the row quotas."""
+    b = score.shape[0]
+    q = row_quotas(ratio, grid, device=score.device)
+    kmax = int(q.max()) if q.numel() else 0
+    if kmax == 0:
+        return torch.zeros(b, 0, dtype=torch.long, device=score.device)
+    s = score.view(b, grid.frames, grid.local_rows, grid.width)
+    if cfg_shared:
+        if b % 2:
+            raise ValueError(f"cfg_shared_selection needs an even (CFG) batch, got batch {b}")
+        half = s[: b // 2] + s[b // 2:]
+        s = torch.cat([half, half], 0)
+    top = s.topk(kmax, dim=-1, sorted=True).indices  # [B, T, rows, kmax]
+    base = (torch.arange(grid.frames, device=score.device)[:, None] * grid.local_rows
+            + torch.arange(grid.local_rows, device=score.device)[None]) * grid.width
+    top = top + base[None, :, :, None]
+    keep = torch.arange(kmax, device=score.device)[None] < q[:, None]  # [rows, kmax]
+    return top[:, :, keep].reshape(b, -1)
+
+
+def random_scores(batch: int, grid: TokenGrid, seed: int, step: int, block: int,
+                  device) -> torch.Tensor:
+    """Uniform scores drawn for the global grid [B, T, H, W] and sliced to the local rows."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + step * 10_007 + block) % (2 ** 63))
+    full = torch.rand(batch, grid.frames, grid.rows, grid.width, generator=g)
+    lo, hi = grid.row_offset, grid.row_offset + grid.local_rows
+    local = full[:, :, lo:min(hi, grid.rows)]
+    if hi > grid.rows:  # padding rows
+        pad = torch.zeros(batch, grid.frames, hi - max(lo, grid.rows), grid.width)
+        local = torch.cat([local, pad], 2)
+    return local.reshape(batch, -1).to(device)
+
+
+def vnorm_from_qkv(qkv_out: torch.Tensor, batch: int, heads: int, temporal: bool,
+                   frames: int) -> torch.Tensor:
+    """r_i = sum_h (1 - ||v_i^h||_2) from the qkv projection output [B', n', 3C] of one block's
+    self-attention on local tokens -> [B, T*S_local] in token layout."""
+    bp, n, c3 = qkv_out.shape
+    c = c3 // 3
+    v = qkv_out[..., 2 * c:].float().view(bp, n, heads, c // heads)
+    r = (1.0 - v.norm(dim=-1)).sum(-1)  # [B', n']
+    if temporal:  # [(B S), T] -> [B, T, S]
+        return r.view(batch, -1, frames).transpose(1, 2).reshape(batch, -1)
+    return r.reshape(batch, -1)  # [(B T), S] -> [B, T*S]
+
+
+def attention_received(attn_map: torch.Tensor, batch: int, temporal: bool,
+                       frames: int) -> torch.Tensor:
+    """How much attention each token receives: column sums of [B', h, n, n] -> [B, N]."""
+    r = attn_map.float().sum(dim=(1, 2))  # [B', n]
+    if temporal:
+        return r.view(batch, -1, frames).transpose(1, 2).reshape(batch, -1)
+    return r.reshape(batch, -1)
