@@ -192,7 +192,8 @@ class CacheManager:
         self.plan = plan
         self._store_trunk = (self.policy.skips_trunk() and not plan.skip_trunk and
                              self.policy.plan(self.step + 1, self.num_steps, t).skip_trunk)
-        self._set_shapes(model, x)
+        y = args[2] if len(args) > 2 else kwargs.get("y")
+        self._set_shapes(model, x, y)
         self.bookkeeping_s += time.perf_counter() - t0
         self.step_labels.append(plan.label)
         self._account_flops(plan)
@@ -208,7 +209,7 @@ class CacheManager:
             self.bytes.current = 0
         return None
 
-    def _set_shapes(self, model, x):
+    def _set_shapes(self, model, x, y):
         pt, ph, pw = getattr(model, "patch_size", (1, 2, 2))
         _, _, tx, hx, wx = x.shape
         T, H, W = -(-tx // pt), -(-hx // ph), -(-wx // pw)
@@ -218,10 +219,10 @@ class CacheManager:
             group = getter() if callable(getter) else sp.get_sequence_parallel_group()
         self._grid_key = (T, H, W, sp.group_size(group), sp.group_rank(group))
         self._grid = None
-        blk = self.model.spatial_blocks[0]
+        blk = self.slots[0].block
         self._shape = fl.TrunkShape(batch=x.shape[0], frames=T, spatial=H * W,
                                     hidden=blk.scale_shift_table.shape[-1], depth=self.depth,
-                                    caption_len=self._shape.caption_len if self._shape else 0,
+                                    caption_len=int(y.shape[-2]) if y is not None else 0,
                                     mlp_hidden=blk.mlp.fc1.out_features)
 
     def grid_for(self, n_local: int) -> sel.TokenGrid:
@@ -250,11 +251,6 @@ class CacheManager:
     def needs_scores(self) -> bool:
         return getattr(self.policy, "scorer", None) in ("vnorm", "attention") and \
             (self.policy.reuses(MLP) or self.policy.reuses(CROSS_ATTN))
-
-    def begin_block(self, slot, x, y, b, T, S):
-        if self._shape is not None and self._shape.caption_len == 0 and y is not None:
-            L = y.shape[-2] * y.shape[0] // b
-            self._shape = fl.TrunkShape(**{**self._shape.__dict__, "caption_len": L})
 
     def after_block(self, slot: BlockSlot, out: torch.Tensor) -> None:
         if slot.is_last and self._store_trunk:
@@ -290,8 +286,6 @@ class CacheManager:
         shape = self._shape
         if shape is None:
             return
-        if shape.caption_len == 0:  # caption length known after the first block; estimate
-            shape = fl.TrunkShape(**{**shape.__dict__, "caption_len": 1})
         T, H, W = self._grid_key[:3]
         grid = sel.TokenGrid(frames=T, rows=H, width=W, local_rows=H, row_offset=0)
         part = {k: sel.selected_per_sample(plan.ratios[k], grid)

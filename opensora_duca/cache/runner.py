@@ -147,7 +147,6 @@ class BlockRunner:
         b, n, c = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
         xv = x.view(b, T, S, c)
-        m.begin_block(self.slot, x, y, b, T, S)
         st = self.slot.state
 
         if a_act == REUSE and c_act == REUSE and m_act in (REUSE, PARTIAL):
