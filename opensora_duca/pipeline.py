@@ -167,18 +167,13 @@ def _cache_api():
 
 
 def _find_manager(model) -> Any:
-    """The cache manager a ``type="DuCa"`` model wrapper attached, if any."""
+    """The cache manager already attached to ``model`` (e.g. by a ``type="DuCa"`` model
+    wrapper), or None."""
     try:
-        from . import cache as cache_pkg
+        from .cache import get_cache_manager
     except ImportError:
         return None
-    getter = getattr(cache_pkg, "get_manager", None)
-    if getter is not None:
-        try:
-            return getter(model)
-        except Exception:
-            return None
-    return None
+    return get_cache_manager(model)
 
 
 # --------------------------------------------------------------------------- pipeline
