@@ -1,7 +1,8 @@
 """Load Open-Sora-style checkpoints from a local path: a ``.safetensors`` file, a ``.pt`` /
 ``.pth`` / ``.bin`` state dict (optionally wrapped in ``state_dict``/``model``/``module`` and
 with ``module.`` prefixes), or an HF-style folder holding ``model.safetensors`` or
-``pytorch_model.bin``. Nothing is downloaded."""
+``pytorch_model.bin``. Nothing is downloaded. Keys under ``text_encoder.`` (a bundle such as the
+shipped demo checkpoint, which also holds its text encoder) are left to the text encoder."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from typing import Dict
 
 import torch
 
+BUNDLE_PREFIXES = ("text_encoder.",)
 _FOLDER_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
                  "model.pt", "ema.pt")
 
@@ -43,9 +45,11 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not isinstance(sd, dict):
         raise ValueError(f"checkpoint {path!r} does not hold a state dict (got {type(sd).__name__})")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    if any(k.startswith("model.") for k in sd):  # a bundle (e.g. the demo: model + text encoder)
+    if any(k.startswith("model.") for k in sd):  # a bundle with prefixed model keys
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-    return sd
+    # the shipped demo bundle keeps the demo text encoder's weights under "text_encoder."
+    # in the same file; they belong to DemoTextEncoder(from_pretrained=...), not to the model
+    return {k: v for k, v in sd.items() if not k.startswith(BUNDLE_PREFIXES)}
 
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
