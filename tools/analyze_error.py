@@ -300,7 +300,8 @@ def make_plots(report: dict, out_dir: str) -> List[str]:
             if name == "none":
                 continue
             errs = r["per_step"][key]
-            line, = ax.plot(range(n), [max(e, 1e-12) for e in errs], lw=1, label=name)
+            line, = ax.plot(range(n), [e if e > 0 else float("nan") for e in errs], lw=1,
+                            label=name)
             for lab in set(r["step_labels"]):
                 idx = [i for i, lb in enumerate(r["step_labels"]) if lb == lab and errs[i] > 0]
                 if idx:
@@ -322,7 +323,8 @@ def make_plots(report: dict, out_dir: str) -> List[str]:
     for name, r in pols.items():
         if name == "none":
             continue
-        ax.plot(range(1, n + 1), [max(e, 1e-12) for e in r["free_running"]["z_rel_l2"]],
+        ax.plot(range(1, n + 1), [e if e > 0 else float("nan")
+                                  for e in r["free_running"]["z_rel_l2"]],
                 label=f"{name} (final {r['free_running']['final_rel_l2']:.2e})")
     ax.set_yscale("log")
     ax.set_xlabel("step")
