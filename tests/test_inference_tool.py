@@ -99,3 +99,10 @@ def test_cli_overrides_and_bad_options(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "NoSuchModel" in res.stderr and "STDiT3-S/2" in res.stderr
+
+
+def test_cache_report_in_summary(tmp_path):
+    out = _run([sys.executable, TOOL, CONFIG, "--save-dir", str(tmp_path), "--no-progress",
+                "--prompt", "a red circle moving left", "--cfg-options", "cache.type=DuCa"])
+    assert "--- cache ---" in out and "cache policy   : DuCa" in out and "FLOPs ratio" in out
+    assert (tmp_path / "sample_0000.mp4").is_file()
