@@ -261,6 +261,19 @@ def _as_plain(v):
     return v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
 
 
+def demo_checkpoint() -> Optional[str]:
+    """The checkpoint path the demo config names (None without config or path)."""
+    if not os.path.isfile(DEMO_CONFIG):
+        return None
+    from mmengine.config import Config
+    return Config.fromfile(DEMO_CONFIG).model.get("from_pretrained")
+
+
+def demo_available() -> bool:
+    ckpt = demo_checkpoint()
+    return ckpt is not None and os.path.isfile(ckpt)
+
+
 def build_bench(args) -> Bench:
     """The bench of ``--preset`` / ``--config`` with the command line's overrides."""
     from opensora_duca.pipeline import resolve_dtype
@@ -277,6 +290,11 @@ def build_bench(args) -> Bench:
             raise FileNotFoundError(
                 f"--preset demo needs {os.path.relpath(DEMO_CONFIG, ROOT)}, which does not exist "
                 f"(yet): the demo model is not shipped in this checkout; use --preset cpu")
+        ckpt = args.ckpt_path or demo_checkpoint()
+        if ckpt is not None and not os.path.isfile(ckpt):
+            raise FileNotFoundError(
+                f"--preset demo: the demo checkpoint {ckpt!r} does not exist (yet): train it "
+                f"with tools/train.py configs/demo/train.py, or pass --ckpt-path")
         dtype = None if args.dtype is None else resolve_dtype(args.dtype)
         return build_config_bench(DEMO_CONFIG, device, dtype, steps=args.steps, batch=args.batch,
                                   seed=args.seed, ckpt_path=args.ckpt_path, name="demo")

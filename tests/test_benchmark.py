@@ -1,0 +1,99 @@
+"""tools/benchmark.py: every field for every policy on the (tiny) cpu preset, the reference
+row, DuCa's analytic saving, input validation, and the demo preset when its model is shipped."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import benchmark as bm  # noqa: E402
+
+FIELDS = ("policy", "median_s", "times_s", "speedup", "flops_ratio", "peak_cache_bytes",
+          "peak_mem_bytes", "bookkeeping_s", "bookkeeping_frac", "psnr", "ssim")
+POLICIES = ["none", "DuCa", "ToCa", "FORA", "PAB"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("bench")
+    js, png = str(d / "bench.json"), str(d / "bench.png")
+    assert bm.main(["--preset", "cpu", "--tiny", "--steps", "6", "--repeat", "2",
+                    "--policies", ",".join(POLICIES), "--json", js, "--plot", png,
+                    "--threads", "1", "--quiet", "--device", "cpu"]) == 0
+    with open(js) as f:
+        rep = json.load(f)
+    return rep, png
+
+
+def test_every_field_for_every_policy(report):
+    rep, png = report
+    for key in ("device", "preset", "torch", "results"):
+        assert key in rep
+    assert rep["preset"] == "cpu-tiny" and rep["device"].startswith("cpu")
+    assert [r["policy"] for r in rep["results"]] == POLICIES
+    for r in rep["results"]:
+        for f in FIELDS:
+            assert f in r, (r["policy"], f)
+        assert len(r["times_s"]) == 2 and r["median_s"] > 0
+        assert r["peak_cache_bytes"] >= 0 and r["bookkeeping_s"] >= 0
+        assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0
+        assert math.isfinite(r["psnr"])
+        assert r["ssim"] is None  # the tiny latent is 8x8, below SSIM's 11x11 window
+    assert os.path.getsize(png) > 0
+
+
+def test_reference_and_duca_rows(report):
+    rows = {r["policy"]: r for r in report[0]["results"]}
+    none = rows["none"]
+    assert none["speedup"] == 1.0 and none["psnr"] == 100.0 and none["flops_ratio"] == 1.0
+    assert none["peak_cache_bytes"] == 0
+    duca = rows["DuCa"]
+    assert duca["flops_ratio"] > 1.0 and duca["peak_cache_bytes"] > 0
+    assert duca["steps_by_kind"] == {"full": 3, "full (cross-attn reused)": 1,
+                                     "conservative": 1, "aggressive": 1}
+    assert duca["psnr"] < 100.0  # caching changes the result
+
+
+def test_markdown_table(report):
+    table = bm.markdown_table(report[0])
+    assert table.count("\n") == 1 + len(POLICIES)
+    assert "| DuCa |" in table
+
+
+def test_fidelity_ssim_on_large_latents():
+    z = torch.randn(1, 4, 2, 12, 12)
+    f = bm.fidelity(z, z)
+    assert f["psnr"] == 100.0 and abs(f["ssim"] - 1.0) < 1e-12 and f["rel_l2"] == 0.0
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="--policies.*Bogus.*registered"):
+        bm.parse_policies("none,Bogus")
+    assert bm.parse_policies("DuCa") == ["none", "DuCa"]  # the reference is always run
+    with pytest.raises(ValueError, match="--preset.*nope"):
+        bm.main(["--preset", "nope", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="allow-cpu"):
+        bm.main(["--preset", "opensora-480p-51f", "--device", "cpu"])
+    with pytest.raises(ValueError, match="--repeat"):
+        bm.main(["--preset", "cpu", "--tiny", "--steps", "3", "--repeat", "0",
+                 "--device", "cpu", "--quiet"])
+
+
+@pytest.mark.skipif(not bm.demo_available(), reason="demo config/checkpoint not shipped yet")
+def test_demo_preset_decodes_frames(tmp_path):
+    torch.set_num_threads(1)
+    js = str(tmp_path / "demo.json")
+    assert bm.main(["--preset", "demo", "--steps", "4", "--repeat", "1", "--policies",
+                    "none,DuCa", "--json", js, "--threads", "1", "--quiet",
+                    "--device", "cpu"]) == 0
+    rows = {r["policy"]: r for r in json.load(open(js))["results"]}
+    assert rows["none"]["psnr_frames"] == 100.0
+    assert "ssim_frames" in rows["DuCa"]

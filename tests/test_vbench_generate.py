@@ -1,0 +1,105 @@
+"""tools/vbench_generate.py on the tiny config: {prompt}-{i}.mp4 naming, resume (second run
+writes nothing, stale .partial files are removed and never left behind), prompt slices, a
+cache policy from --cfg-options, and a 2-rank --data-parallel torchrun run."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import vbench_generate as vg  # noqa: E402
+from opensora_duca.utils.video import is_complete_video, partial_path  # noqa: E402
+
+CONFIG = os.path.join(ROOT, "configs", "tiny", "inference.py")
+PROMPTS = ["a red circle moving left", "a blue square staying still"]
+FAST = ["--cfg-options", "scheduler.num_sampling_steps=3", "--device", "cpu", "--no-progress"]
+
+
+def _prompt_file(tmp_path, prompts=PROMPTS):
+    p = tmp_path / "prompts.txt"
+    p.write_text("\n".join(prompts) + "\n\n")
+    return str(p)
+
+
+def _expected(prompts=PROMPTS, n=2):
+    return sorted(f"{p}-{i}.mp4" for p in prompts for i in range(n))
+
+
+def _mtimes(d):
+    return {n: os.stat(os.path.join(d, n)).st_mtime_ns for n in os.listdir(d)}
+
+
+def test_naming_resume_and_stale_partial(tmp_path, capsys):
+    torch.set_num_threads(1)
+    save = tmp_path / "videos"
+    args = [CONFIG, "--prompt-path", _prompt_file(tmp_path), "--num-samples", "2",
+            "--save-dir", str(save)] + FAST
+    assert vg.main(args) == 0
+    assert sorted(os.listdir(save)) == _expected()
+    assert all(is_complete_video(str(save / n)) for n in os.listdir(save))
+    first = _mtimes(save)
+
+    # rerun: everything complete, nothing rewritten
+    assert vg.main(args) == 0
+    assert _mtimes(save) == first
+    assert "4 complete file(s) skipped" in capsys.readouterr().out
+
+    # "killed" run: one video missing, a stale partial of it and of a complete one left behind
+    victim = save / f"{PROMPTS[1]}-1.mp4"
+    os.remove(victim)
+    with open(partial_path(str(victim)), "wb") as f:
+        f.write(b"half a video")
+    with open(partial_path(str(save / f"{PROMPTS[0]}-0.mp4")), "wb") as f:
+        f.write(b"junk")
+    assert vg.main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 stale partial file(s) removed" in out and "3 complete file(s) skipped" in out
+    assert sorted(os.listdir(save)) == _expected()  # each file once, no .partial left
+    assert is_complete_video(str(victim))
+    after = _mtimes(save)
+    assert {n: t for n, t in after.items() if n != victim.name} == \
+        {n: t for n, t in first.items() if n != victim.name}
+
+
+def test_slice_and_cache_policy(tmp_path, capsys):
+    torch.set_num_threads(1)
+    save = tmp_path / "videos"
+    args = [CONFIG, "--prompt-path", _prompt_file(tmp_path), "--num-samples", "1",
+            "--start", "1", "--end", "2", "--save-dir", str(save), "--cfg-options",
+            "scheduler.num_sampling_steps=4", "cache.type=DuCa", "--device", "cpu",
+            "--no-progress"]
+    assert vg.main(args) == 0
+    out = capsys.readouterr().out
+    assert "cache DuCa" in out and "cache policy   : DuCa" in out
+    assert sorted(os.listdir(save)) == [f"{PROMPTS[1]}-0.mp4"]
+
+
+def test_bad_args(tmp_path):
+    with pytest.raises(ValueError, match="--num-samples"):
+        vg.main([CONFIG, "--num-samples", "0"])
+    with pytest.raises(ValueError, match="--end"):
+        vg.main([CONFIG, "--start", "3", "--end", "1"])
+    with pytest.raises(FileNotFoundError, match="--prompt-path"):
+        vg.main([CONFIG, "--prompt-path", str(tmp_path / "missing.txt"), "--device", "cpu"])
+
+
+def test_data_parallel_torchrun(tmp_path):
+    from dist_utils import free_port
+
+    prompts = PROMPTS + ["a green circle moving up"]
+    save = tmp_path / "videos"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), os.path.join(ROOT, "tools", "vbench_generate.py"),
+           CONFIG, "--prompt-path", _prompt_file(tmp_path, prompts), "--num-samples", "2",
+           "--save-dir", str(save), "--data-parallel"] + FAST
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(os.listdir(save)) == _expected(prompts)
+    assert "data parallel on 2 rank(s)" in res.stdout
