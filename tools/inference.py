@@ -164,6 +164,12 @@ def main(argv=None) -> int:
     is_main = rank == 0
     try:
         return run(cfg, args, rank, world, device, is_main, t_start)
+    except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
+        # configuration mistakes: one clear line (the message names the key and the accepted
+        # values) instead of a traceback
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"inference.py: error: {type(err).__name__}: {msg}", file=sys.stderr, flush=True)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
