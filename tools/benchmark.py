@@ -36,6 +36,9 @@ Measured per policy (JSON ``results[]`` fields):
 * ``median_s`` / ``times_s``: wall time of one whole sampling run (30 model calls + sampler);
   CUDA events around the run and a synchronize on CUDA, ``time.perf_counter`` on a CPU.
 * ``speedup``: median of ``none`` / median of the policy.
+* ``median_cpu_s`` / ``cpu_times_s`` / ``speedup_cpu``: the same with the process's CPU time
+  (``time.process_time``, all threads). On a CPU shared with other jobs, wall time swings with
+  their load while CPU time much less so: compare the two before trusting a wall-time speedup.
 * ``flops_ratio``: the manager's analytic FLOPs ratio (uncached / actual trunk matmul FLOPs).
 * ``peak_cache_bytes``: the manager's peak stored-feature bytes.
 * ``peak_mem_bytes``: peak memory *above what was in use when the run started* (activations,
@@ -379,8 +382,9 @@ def _malloc_trim() -> None:
         pass
 
 
-def timed_run(bench: Bench) -> tuple[torch.Tensor, float]:
-    """(final latents, seconds) of one sampling run."""
+def timed_run(bench: Bench) -> tuple[torch.Tensor, float, float]:
+    """(final latents, wall seconds, process CPU seconds) of one sampling run."""
+    c0 = time.process_time()
     if bench.device.type == "cuda":
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
@@ -389,10 +393,10 @@ def timed_run(bench: Bench) -> tuple[torch.Tensor, float]:
         z = bench.sample()
         end.record()
         torch.cuda.synchronize(bench.device)
-        return z, start.elapsed_time(end) / 1e3
+        return z, start.elapsed_time(end) / 1e3, time.process_time() - c0
     t0 = time.perf_counter()
     z = bench.sample()
-    return z, time.perf_counter() - t0
+    return z, time.perf_counter() - t0, time.process_time() - c0
 
 
 def _unit_range(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -460,6 +464,7 @@ def run_benchmark(bench: Bench, policies: List[str], repeat: int, warmup: int,
                 **bench.additional_args)
     mem = PeakMemory(bench.device)
     times = {p: [] for p in policies}
+    cpu_times = {p: [] for p in policies}
     peaks = {p: [] for p in policies}
     stats, finals = {}, {}
     for r in range(warmup + repeat):
@@ -469,26 +474,31 @@ def run_benchmark(bench: Bench, policies: List[str], repeat: int, warmup: int,
             try:
                 with mgr.session(n_steps):
                     mem.start()
-                    z, dt = timed_run(bench)
+                    z, dt, dc = timed_run(bench)
                     peak = mem.stop()
                 stats[p] = mgr.stats()
             finally:
                 remove_cache(bench.model)
             if timed:
                 times[p].append(dt)
+                cpu_times[p].append(dc)
                 peaks[p].append(peak)
                 finals[p] = z.float().cpu()
             log(f"[{'run' if timed else 'warm-up'} {r - warmup + 1 if timed else r + 1}] "
-                f"{p:<10s} {dt:8.3f} s")
+                f"{p:<10s} {dt:8.3f} s wall, {dc:8.3f} s CPU")
     ref = finals["none"]
     ref_frames = bench.decode(ref) if bench.decode is not None else None
     med_none = statistics.median(times["none"])
+    cpu_none = statistics.median(cpu_times["none"])
     results = []
     for p in policies:
         med = statistics.median(times[p])
         st = stats[p]
         fid = fidelity(finals[p], ref)
+        med_cpu = statistics.median(cpu_times[p])
         row = dict(policy=p, median_s=med, times_s=times[p], speedup=med_none / med,
+                   median_cpu_s=med_cpu, cpu_times_s=cpu_times[p],
+                   speedup_cpu=cpu_none / med_cpu if med_cpu > 0 else None,
                    flops_ratio=float(st["flops_ratio"]),
                    peak_cache_bytes=int(st["peak_stored_bytes"]),
                    peak_mem_bytes=None if any(v is None for v in peaks[p]) else max(peaks[p]),
@@ -528,7 +538,8 @@ def _fmt(v, spec, none="-"):
 
 def markdown_table(report: dict) -> str:
     frames = any("psnr_frames" in r for r in report["results"])
-    head = ["policy", "median s", "speedup", "FLOPs ratio", "PSNR lat", "SSIM lat"]
+    head = ["policy", "median s", "speedup", "CPU-time speedup", "FLOPs ratio", "PSNR lat",
+            "SSIM lat"]
     if frames:
         head += ["PSNR frames", "SSIM frames"]
     head += ["peak cache MiB", "peak mem MiB", "bookkeeping ms (%)", "steps"]
@@ -536,6 +547,7 @@ def markdown_table(report: dict) -> str:
     for r in report["results"]:
         kinds = ", ".join(f"{v} {k}" for k, v in r["steps_by_kind"].items())
         cells = [r["policy"], f"{r['median_s']:.3f}", f"{r['speedup']:.2f}x",
+                 _fmt(r.get("speedup_cpu"), ".2f") + ("x" if r.get("speedup_cpu") else ""),
                  f"{r['flops_ratio']:.2f}x", _fmt(r["psnr"], ".2f"), _fmt(r["ssim"], ".4f")]
         if frames:
             cells += [_fmt(r.get("psnr_frames"), ".2f"), _fmt(r.get("ssim_frames"), ".4f")]
