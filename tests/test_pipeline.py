@@ -106,3 +106,22 @@ def test_cache_none_is_exact_and_duca_reports(pipe):
     stats = d.cache_manager.stats()
     assert stats["steps"] == 10 and "DuCa" in d.report()
     assert pipe.report() is None
+
+
+def test_configs_parse():
+    import os
+
+    from mmengine.config import Config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = Config.fromfile(os.path.join(root, "configs/opensora-v1-2/inference/sample.py"))
+    assert cfg.model.type == "STDiT3-XL/2" and cfg.model.from_pretrained
+    assert cfg.vae.type == "OpenSoraVAE_V1_2" and cfg.text_encoder.type == "t5"
+    assert cfg.text_encoder.model_max_length == 300
+    assert (cfg.scheduler.type, cfg.scheduler.num_sampling_steps, cfg.scheduler.cfg_scale) == (
+        "rflow", 30, 7.0)
+    assert (cfg.resolution, cfg.aspect_ratio, cfg.num_frames, cfg.fps, cfg.dtype, cfg.seed) == (
+        "480p", "9:16", 51, 24, "bf16", 42)
+    assert resolve_image_size(cfg.get("image_size"), cfg.resolution, cfg.aspect_ratio) == (
+        480, 854)
+    tiny = Config.fromfile(os.path.join(root, "configs/tiny/inference.py"))
+    assert tuple(tiny.image_size) == (32, 32) and tiny.num_frames == 8
