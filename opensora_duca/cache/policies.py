@@ -270,14 +270,13 @@ class ToCa(DuCa):
         return CONSERVATIVE if entry == AGGRESSIVE else entry
 
 
-@CACHES.register_module("FORA")
-class FORA(CachePolicy):
-    """FORA: every block's self-attention, cross-attention and MLP outputs are computed every
-    ``interval`` steps (after ``warmup_steps`` full steps) and reused in between."""
+class _IntervalPolicy(CachePolicy):
+    """Full every ``interval`` steps after ``warmup_steps`` full steps; cached in between."""
 
-    name = "FORA"
+    default_interval = 2
 
-    def __init__(self, interval: int = 3, warmup_steps: int = 0, stored_dtype=None):
+    def __init__(self, interval: Optional[int] = None, warmup_steps: int = 0, stored_dtype=None):
+        interval = self.default_interval if interval is None else interval
         self.interval = _check_int(self.name, "interval", interval, 1)
         self.warmup_steps = _check_int(self.name, "warmup_steps", warmup_steps, 0)
         self.min_steps = max(1, self.warmup_steps)
@@ -285,17 +284,29 @@ class FORA(CachePolicy):
             raise _err(self.name, "stored_dtype", stored_dtype, f"one of {list(STORED_DTYPES)}")
         self.stored_dtype = stored_dtype
 
+    def computes(self, step: int) -> bool:
+        return step < self.warmup_steps or (step - self.warmup_steps) % self.interval == 0
+
+    def describe(self):
+        return {"type": self.name, "interval": self.interval, "warmup_steps": self.warmup_steps,
+                "stored_dtype": self.stored_dtype}
+
+
+@CACHES.register_module("FORA")
+class FORA(_IntervalPolicy):
+    """FORA: every block's self-attention, cross-attention and MLP outputs are computed every
+    ``interval`` steps (default 3, after ``warmup_steps`` full steps) and reused in between."""
+
+    name = "FORA"
+    default_interval = 3
+
     def plan(self, step, num_steps, timestep):
-        if step < self.warmup_steps or (step - self.warmup_steps) % self.interval == 0:
+        if self.computes(step):
             return FULL_STEP
         return StepPlan(actions={k: REUSE for k in KINDS}, label="reuse")
 
     def reuses(self, kind):
         return self.interval > 1
-
-    def describe(self):
-        return {"type": self.name, "interval": self.interval, "warmup_steps": self.warmup_steps,
-                "stored_dtype": self.stored_dtype}
 
 
 @CACHES.register_module("PAB")
@@ -349,28 +360,14 @@ class PAB(CachePolicy):
 
 
 @CACHES.register_module("TrunkReuse")
-class TrunkReuse(CachePolicy):
-    """Aggressive-only caching: the trunk is computed every ``interval`` steps (after
+class TrunkReuse(_IntervalPolicy):
+    """Aggressive-only caching: the trunk is computed every ``interval`` steps (default 2, after
     ``warmup_steps`` full steps) and its stored output replaces it in between."""
 
     name = "TrunkReuse"
 
-    def __init__(self, interval: int = 2, warmup_steps: int = 0, stored_dtype=None):
-        self.interval = _check_int(self.name, "interval", interval, 1)
-        self.warmup_steps = _check_int(self.name, "warmup_steps", warmup_steps, 0)
-        self.min_steps = max(1, self.warmup_steps)
-        if stored_dtype not in STORED_DTYPES:
-            raise _err(self.name, "stored_dtype", stored_dtype, f"one of {list(STORED_DTYPES)}")
-        self.stored_dtype = stored_dtype
-
     def plan(self, step, num_steps, timestep):
-        if step < self.warmup_steps or (step - self.warmup_steps) % self.interval == 0:
-            return FULL_STEP
-        return TRUNK_SKIP
+        return FULL_STEP if self.computes(step) else TRUNK_SKIP
 
     def skips_trunk(self):
         return self.interval > 1
-
-    def describe(self):
-        return {"type": self.name, "interval": self.interval, "warmup_steps": self.warmup_steps,
-                "stored_dtype": self.stored_dtype}
