@@ -1,0 +1,33 @@
+# Training config of the embedded demo model (mmengine plain-Python config, Open-Sora key names).
+#   python tools/train.py configs/demo/train.py
+# Synthetic moving-shapes clips (8 frames, 32x32) -> DemoCodec latents [12, 8, 16, 16] ->
+# STDiT3-demo trained with rectified flow; EMA weights of model + text encoder are exported to
+# opensora_duca/assets/demo_stdit3.safetensors.
+seed = 42
+num_frames = 8
+image_size = (32, 32)
+
+model = dict(type="STDiT3-demo")  # depth 4, hidden 128, 4 heads, patch (1, 2, 2)
+text_encoder = dict(type="DemoTextEncoder", output_dim=64, model_max_length=12)
+vae = dict(type="DemoCodec")
+dataset = dict(type="SyntheticShapes", split="train", length=1_000_000, seed=0,
+               num_frames=num_frames, image_size=image_size[0])
+scheduler = dict(type="rflow", sample_method="logit-normal")  # t = sigmoid(N(0, 1)) * 1000
+
+batch_size = 16
+steps = 1500
+lr = 1e-3
+weight_decay = 0.0
+warmup_steps = 50
+lr_schedule = "cosine"
+min_lr_ratio = 0.1
+grad_clip = 1.0
+ema_decay = 0.995
+caption_dropout = 0.1
+num_threads = 2
+
+ckpt_every = 100
+log_every = 10
+outputs = "outputs/demo_train"
+export = "opensora_duca/assets/demo_stdit3.safetensors"
+export_dtype = "fp32"

@@ -1,0 +1,457 @@
+"""Train an STDiT3 with rectified flow (Open-Sora style) — used for the embedded demo model.
+
+    python tools/train.py configs/demo/train.py                 # resumes from outputs/ if any
+    python tools/train.py CONFIG --resume path/to/last.pt       # resume from a given checkpoint
+    python tools/train.py CONFIG --no-resume                    # ignore an existing checkpoint
+    torchrun --nproc_per_node 2 tools/train.py CONFIG           # data parallel (DDP, gloo)
+
+Training (per step): clips from the dataset -> ``vae.encode`` -> x0; t = sigmoid(N(0, 1)) * 1000
+(logit-normal, from the config's ``scheduler``); x_t = (1 - t/1000) x0 + t/1000 noise; the
+model's FIRST ``in_channels`` output channels regress v = x0 - noise (MSE). Captions go through
+the trainable text encoder; with probability ``caption_dropout`` a sample's caption embedding is
+replaced by the model's null caption ``model.y_embedder.y_embedding`` (mask unchanged, as
+Open-Sora does) so classifier-free guidance works. AdamW, warmup + cosine/constant LR, gradient
+clipping, EMA of model + text encoder weights.
+
+Determinism and resume: the clips of step s are a pure function of (seed, s) (epoch-wise
+permutations of the dataset, global batch = batch_size x world size, rank r takes its slice);
+noise, timesteps and caption dropout come from a per-rank torch.Generator whose state is
+checkpointed. A checkpoint (``{outputs}/checkpoints/last.pt``, written to a temporary file and
+renamed) holds weights, EMA, optimizer, step, loss history and every RNG state, so a resumed
+run continues bit-identically. SIGTERM / SIGINT make the run finish its current step, write a
+checkpoint and exit (code 143 / 130): an interrupted run loses no progress. A hard kill loses
+at most ``ckpt_every`` steps, which the resumed run recomputes identically.
+
+At the end the EMA weights are exported as ONE safetensors file (``export``): model keys
+prefixed ``model.``, text-encoder keys prefixed ``text_encoder.``, with metadata (config,
+steps, final loss, seed, wall time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from opensora_duca.registry import (DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS,  # noqa: E402
+                                    VAES, build_module)
+
+REQUIRED_KEYS = ("model", "text_encoder", "vae", "dataset")
+DEFAULTS = dict(
+    seed=42, batch_size=16, steps=None, epochs=None, lr=1e-3, weight_decay=0.0,
+    betas=(0.9, 0.999), warmup_steps=50, lr_schedule="constant", min_lr_ratio=0.1,
+    grad_clip=1.0, ema_decay=0.999, caption_dropout=0.1, ckpt_every=100, log_every=10,
+    num_threads=None, device="cpu", outputs="outputs/train", export=None, export_dtype="fp32",
+    scheduler=dict(type="rflow", sample_method="logit-normal"), fps=None,
+)
+LR_SCHEDULES = ("constant", "cosine")
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------- config
+def load_config(path_or_dict: Any, overrides: dict | None = None) -> dict:
+    """Read an mmengine config file (or take a dict), apply overrides, fill defaults, check."""
+    if isinstance(path_or_dict, dict):
+        cfg = dict(path_or_dict)
+    else:
+        from mmengine.config import Config
+        if not os.path.isfile(path_or_dict):
+            raise FileNotFoundError(f"config {path_or_dict!r} does not exist")
+        cfg = Config.fromfile(path_or_dict).to_dict()
+    cfg.update(overrides or {})
+    for k, v in DEFAULTS.items():
+        cfg.setdefault(k, v)
+    for k in REQUIRED_KEYS:
+        if not isinstance(cfg.get(k), dict) or "type" not in cfg[k]:
+            raise KeyError(f"config key {k!r}={cfg.get(k)!r} is not accepted; accepted: a "
+                           "dict(type=...) entry")
+    if (cfg["steps"] is None) == (cfg["epochs"] is None):
+        raise ValueError(f"config keys steps={cfg['steps']!r} and epochs={cfg['epochs']!r}: "
+                         "set exactly one (a positive int steps, or a positive number epochs)")
+    for k in ("batch_size", "ckpt_every", "log_every") + (("steps",) if cfg["steps"] else ()):
+        v = cfg[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config key {k}={v!r} is not accepted; accepted: an int >= 1")
+    for k, lo, hi in (("caption_dropout", 0, 1), ("ema_decay", 0, 1), ("min_lr_ratio", 0, 1)):
+        v = cfg[k]
+        if not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise ValueError(f"config key {k}={v!r} is not accepted; accepted: a number in "
+                             f"[{lo}, {hi}]")
+    if not isinstance(cfg["lr"], (int, float)) or cfg["lr"] <= 0:
+        raise ValueError(f"config key lr={cfg['lr']!r} is not accepted; accepted: a number > 0")
+    if cfg["lr_schedule"] not in LR_SCHEDULES:
+        raise ValueError(f"config key lr_schedule={cfg['lr_schedule']!r} is not accepted; "
+                         f"accepted: {list(LR_SCHEDULES)}")
+    if cfg["export_dtype"] not in EXPORT_DTYPES:
+        raise ValueError(f"config key export_dtype={cfg['export_dtype']!r} is not accepted; "
+                         f"accepted: {list(EXPORT_DTYPES)}")
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+# --------------------------------------------------------------------------- modules
+class Trainee(nn.Module):
+    """Model + trainable text encoder as one module (one DDP wrapper, one EMA, one export)."""
+
+    def __init__(self, model: nn.Module, text_encoder: nn.Module):
+        super().__init__()
+        self.model, self.text_encoder = model, text_encoder
+
+    def forward(self, x_t, t, ids, mask, drop, **model_kwargs):
+        y = self.text_encoder.embed(ids, mask)  # [B, 1, L, C]
+        null = self.model.y_embedder.y_embedding.to(y.dtype)  # [L, C]
+        y = torch.where(drop[:, None, None, None], null[None, None].expand_as(y), y)
+        return self.model(x_t, t, y, mask=mask, **model_kwargs)
+
+
+def build_trainee(cfg: dict) -> tuple[Trainee, Any, Any, Any]:
+    te = build_module(cfg["text_encoder"], TEXT_ENCODERS)
+    if not isinstance(te, nn.Module) or not hasattr(te, "embed") or not hasattr(te, "tokenize"):
+        raise ValueError(f"config key text_encoder={cfg['text_encoder']!r} is not accepted for "
+                         "training; accepted: a trainable encoder with tokenize()/embed() "
+                         "(e.g. DemoTextEncoder)")
+    vae = build_module(cfg["vae"], VAES)
+    model = build_module(cfg["model"], MODELS, caption_channels=te.output_dim,
+                         model_max_length=te.model_max_length, in_channels=vae.out_channels)
+    scheduler = build_module(cfg["scheduler"], SCHEDULERS)
+    dataset = build_module(cfg["dataset"], DATASETS)
+    return Trainee(model, te), vae, scheduler, dataset
+
+
+# ------------------------------------------------------------------------------ data
+class StepSampler:
+    """Indices of the dataset for step s and rank r: a pure function of (seed, s, r)."""
+
+    def __init__(self, length: int, batch_size: int, world: int, seed: int):
+        self.n, self.b, self.world, self.seed = length, batch_size, world, seed
+        self._epoch, self._perm = None, None
+
+    def _perm_of(self, epoch: int) -> torch.Tensor:
+        if self._epoch != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm
+
+    def indices(self, step: int, rank: int) -> list[int]:
+        start = (step * self.world + rank) * self.b
+        out = []
+        for pos in range(start, start + self.b):
+            out.append(int(self._perm_of(pos // self.n)[pos % self.n]))
+        return out
+
+
+def get_batch(dataset, indices, te) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    items = [dataset[i] for i in indices]
+    video = torch.stack([it["video"] for it in items])
+    ids, mask = te.tokenize([it["text"] for it in items])
+    return video, ids, mask
+
+
+# ------------------------------------------------------------------------ utilities
+def lr_at(cfg: dict, step: int, total: int) -> float:
+    warm = cfg["warmup_steps"]
+    if warm and step < warm:
+        return cfg["lr"] * (step + 1) / warm
+    if cfg["lr_schedule"] == "cosine":
+        frac = (step - warm) / max(1, total - warm)
+        r = cfg["min_lr_ratio"]
+        return cfg["lr"] * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    return cfg["lr"]
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """Warm-started EMA: min(decay, (1 + step) / (10 + step))."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: dict, module: nn.Module, decay: float) -> None:
+    for k, v in module.state_dict().items():
+        if v.is_floating_point():
+            ema[k].mul_(decay).add_(v.detach().float(), alpha=1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def export_safetensors(ema: dict, path: str, dtype: torch.dtype, metadata: dict) -> None:
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
+               for k, v in ema.items()}
+    tmp = f"{path}.tmp.{os.getpid()}"
+    save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+    os.replace(tmp, path)
+
+
+class _StopFlag:
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, _frame):
+        self.signum = signum
+
+
+def _dist_info() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(obj: Any, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------- train
+def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None = None,
+          progress: bool = True) -> dict:
+    """Run (or continue) training. ``resume``: a checkpoint path, True/None (= automatic: the
+    output folder's last.pt if present) or False (start over). ``stop_after``: stop (with a
+    checkpoint, like SIGTERM) after this many steps of this call. Returns a summary dict."""
+    rank, world = _dist_info()
+    if cfg["num_threads"]:
+        torch.set_num_threads(int(cfg["num_threads"]))
+    seed = int(cfg["seed"])
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    trainee, vae, scheduler, dataset = build_trainee(cfg)
+    te, model = trainee.text_encoder, trainee.model
+    device = torch.device(cfg["device"])
+    trainee.to(device)
+    vae.to(device)
+    in_ch = vae.out_channels
+    steps = cfg["steps"] or math.ceil(cfg["epochs"] * len(dataset) /
+                                      (cfg["batch_size"] * world))
+    sampler = StepSampler(len(dataset), cfg["batch_size"], world, seed)
+    opt = torch.optim.AdamW(trainee.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                            weight_decay=cfg["weight_decay"])
+    ema = {k: (v.detach().float().clone() if v.is_floating_point() else v.clone())
+           for k, v in trainee.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed * 7919 + rank)  # on CPU: same stream on any device
+    out_dir = cfg["outputs"]
+    ckpt_path = os.path.join(out_dir, "checkpoints", "last.pt")
+    step, history, wall = 0, [], 0.0
+
+    if resume is None or resume is True:
+        resume = ckpt_path if os.path.isfile(ckpt_path) else None
+    elif resume is False:
+        resume = None
+    if resume:
+        if not os.path.isfile(resume):
+            raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint")
+        ck = torch.load(resume, map_location=device, weights_only=False)
+        if ck["world_size"] != world:
+            raise ValueError(f"checkpoint {resume!r} was written with world_size="
+                             f"{ck['world_size']}; this run has world_size={world}; accepted: "
+                             "the same number of ranks (data shards and RNG streams are per rank)")
+        trainee.load_state_dict(ck["trainee"])
+        opt.load_state_dict(ck["optimizer"])
+        ema = {k: v.to(device) for k, v in ck["ema"].items()}
+        gen.set_state(ck["rng"]["generators"][rank])
+        torch.set_rng_state(ck["rng"]["torch"])
+        np.random.set_state(ck["rng"]["numpy"])
+        random.setstate(ck["rng"]["python"])
+        step, history, wall = ck["step"], ck["history"], ck.get("wall_time", 0.0)
+        if rank == 0:
+            print(f"resumed from {resume} at step {step}", flush=True)
+
+    net: nn.Module = trainee
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(trainee)
+    trainee.train()
+
+    def checkpoint():
+        gens = _gather(gen.get_state(), world)
+        if rank == 0:
+            atomic_save(dict(step=step, trainee=trainee.state_dict(), ema=ema,
+                             optimizer=opt.state_dict(), history=history, world_size=world,
+                             wall_time=wall + (time.time() - t_start), config=_jsonable(cfg),
+                             rng=dict(generators=gens, torch=torch.get_rng_state(),
+                                      numpy=np.random.get_state(), python=random.getstate())),
+                        ckpt_path)
+        if world > 1:
+            torch.distributed.barrier()
+
+    stop = _StopFlag()
+    old_handlers = {}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old_handlers[s] = signal.signal(s, stop)
+        except ValueError:  # not the main thread
+            pass
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if not resume and os.path.exists(log_path):
+            os.remove(log_path)  # a fresh run starts a fresh log
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True)
+    t_start, done_here, last_log = time.time(), 0, None
+    fps_kw = {} if cfg["fps"] is None else dict(fps=torch.tensor([float(cfg["fps"])],
+                                                                 device=device))
+    try:
+        while step < steps:
+            lr = lr_at(cfg, step, steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            video, ids, mask = get_batch(dataset, sampler.indices(step, rank), te)
+            ids, mask = ids.to(device), mask.to(device)
+            with torch.no_grad():
+                x0 = vae.encode(video.to(device)).float()
+            b = x0.shape[0]
+            t = scheduler.sample_t(b, generator=gen).to(device)  # sigmoid(N(0,1)) * 1000
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            drop = (torch.rand(b, generator=gen) < cfg["caption_dropout"]).to(device)
+            x_t = scheduler.add_noise(x0, noise, t)  # (1 - t/1000) x0 + t/1000 noise
+            out = net(x_t, t, ids, mask, drop, **fps_kw)
+            loss = ((out[:, :in_ch].float() - (x0 - noise)) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(trainee.parameters(), cfg["grad_clip"])
+            opt.step()
+            update_ema(ema, trainee, ema_decay_at(cfg["ema_decay"], step))
+            loss_v = loss.detach().cpu()
+            if world > 1:
+                torch.distributed.all_reduce(loss_v)
+                loss_v /= world
+            history.append(float(loss_v))
+            step += 1
+            done_here += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(history[-20:]):.4f}", lr=f"{lr:.2e}")
+            if rank == 0 and (step % cfg["log_every"] == 0 or step == steps):
+                last_log = dict(step=step, loss=float(np.mean(history[-cfg["log_every"]:])),
+                                lr=lr, time=round(wall + time.time() - t_start, 1))
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(last_log) + "\n")
+            interrupted = stop.signum is not None
+            if world > 1:  # all ranks stop together
+                flag = torch.tensor([1 if interrupted else 0])
+                torch.distributed.all_reduce(flag)
+                interrupted = bool(flag.item())
+            if stop_after is not None and done_here >= stop_after:
+                interrupted = True
+            if step % cfg["ckpt_every"] == 0 or step == steps or interrupted:
+                checkpoint()
+            if interrupted and step < steps:
+                if bar is not None:
+                    bar.close()
+                if rank == 0:
+                    print(f"interrupted: checkpoint at step {step} written to {ckpt_path}",
+                          flush=True)
+                if stop.signum is not None:
+                    raise SystemExit(128 + stop.signum)
+                return dict(step=step, steps=steps, finished=False, ckpt=ckpt_path)
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if bar is not None:
+            bar.close()
+
+    wall_total = wall + time.time() - t_start
+    final_loss = float(np.mean(history[-min(len(history), 100):])) if history else float("nan")
+    summary = dict(step=step, steps=steps, finished=True, ckpt=ckpt_path, final_loss=final_loss,
+                   wall_time=wall_total, seed=seed)
+    if rank == 0 and cfg.get("export"):
+        dtype = EXPORT_DTYPES[cfg["export_dtype"]]
+        meta = dict(format="opensora_duca demo bundle: model.* = STDiT3, text_encoder.* = "
+                           "DemoTextEncoder (EMA weights)",
+                    config=json.dumps(_jsonable(export_config(cfg, model, te))), steps=step,
+                    final_loss=f"{final_loss:.6f}", seed=seed, wall_time_s=f"{wall_total:.0f}",
+                    world_size=world, ema_decay=cfg["ema_decay"])
+        export_safetensors({k: v.cpu() for k, v in ema.items()}, cfg["export"], dtype, meta)
+        summary["export"] = cfg["export"]
+        print(f"exported EMA weights to {cfg['export']} "
+              f"({os.path.getsize(cfg['export']) / 2**20:.1f} MiB)", flush=True)
+    if rank == 0:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def export_config(cfg: dict, model: nn.Module, te: nn.Module) -> dict:
+    """The config entries a user needs to rebuild and describe the exported model."""
+    keys = ("model", "text_encoder", "vae", "dataset", "scheduler", "seed", "batch_size", "steps",
+            "epochs", "lr", "lr_schedule", "warmup_steps", "ema_decay", "caption_dropout", "fps")
+    out = {k: cfg[k] for k in keys if k in cfg}
+    out["model"] = dict(out["model"], in_channels=model.in_channels,
+                        caption_channels=te.output_dim, model_max_length=te.model_max_length)
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", help="mmengine config file (e.g. configs/demo/train.py)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", help="checkpoint to resume from (default: the output folder's "
+                                    "checkpoints/last.pt when it exists)")
+    g.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint "
+                                                            "exists (it will be overwritten)")
+    p.add_argument("--outputs", help="override the config's outputs folder")
+    p.add_argument("--steps", type=int, help="override the config's steps")
+    p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N steps")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--cfg-options", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override top-level config keys (values parsed as JSON when possible)")
+    args = p.parse_args(argv)
+    overrides = {}
+    for item in args.cfg_options:
+        if "=" not in item:
+            raise SystemExit(f"--cfg-options {item!r} is not accepted; accepted: KEY=VALUE")
+        k, v = item.split("=", 1)
+        overrides[k] = parse_value(v)
+    if args.outputs:
+        overrides["outputs"] = args.outputs
+    if args.steps:
+        overrides.update(steps=args.steps, epochs=None)
+    cfg = load_config(args.config, overrides)
+    resume = False if args.no_resume else (args.resume or None)
+    summary = train(cfg, resume=resume, stop_after=args.stop_after,
+                    progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
