@@ -172,3 +172,15 @@ def test_data_parallel_two_ranks(tmp_path):
     assert ck["world_size"] == 2 and ck["step"] == 3 and len(ck["rng"]["generators"]) == 2
     s = T.StepSampler(64, 4, 2, 3)
     assert not set(s.indices(0, 0)) & set(s.indices(0, 1))  # each rank its own shard
+
+
+def test_time_limit_finishes_early_and_exports(tmp_path):
+    from safetensors import safe_open
+    path = str(tmp_path / "demo.safetensors")
+    cfg = cfg_for(tmp_path, "tl", steps=50, time_limit=1e-6, export=path)
+    s = T.train(cfg, resume=False, progress=False)
+    assert s["finished"] and s["time_limited"] and s["step"] == 1
+    with safe_open(path, "pt") as f:
+        assert int(f.metadata()["steps"]) == 1
+    with pytest.raises(ValueError, match=r"time_limit=-1.*accepted"):
+        cfg_for(tmp_path, "x", time_limit=-1)

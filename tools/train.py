@@ -22,6 +22,11 @@ run continues bit-identically. SIGTERM / SIGINT make the run finish its current 
 checkpoint and exit (code 143 / 130): an interrupted run loses no progress. A hard kill loses
 at most ``ckpt_every`` steps, which the resumed run recomputes identically.
 
+``time_limit`` (seconds of training wall time, resumed time included) ends a run early, after
+the step that crosses it, exactly as if ``steps`` had been reached (checkpoint, export); the
+exported metadata records the steps actually done, and a rerun with ``steps`` set to that
+number and no time limit reproduces the weights bit for bit.
+
 At the end the EMA weights are exported as ONE safetensors file (``export``): model keys
 prefixed ``model.``, text-encoder keys prefixed ``text_encoder.``, with metadata (config,
 steps, final loss, seed, wall time).
@@ -52,7 +57,7 @@ DEFAULTS = dict(
     seed=42, batch_size=16, steps=None, epochs=None, lr=1e-3, weight_decay=0.0,
     betas=(0.9, 0.999), warmup_steps=50, lr_schedule="constant", min_lr_ratio=0.1,
     grad_clip=1.0, ema_decay=0.999, caption_dropout=0.1, ckpt_every=100, log_every=10,
-    num_threads=None, device="cpu", outputs="outputs/train", export=None, export_dtype="fp32",
+    num_threads=None, device="cpu", time_limit=None, outputs="outputs/train", export=None, export_dtype="fp32",
     scheduler=dict(type="rflow", sample_method="logit-normal"), fps=None,
 )
 LR_SCHEDULES = ("constant", "cosine")
@@ -88,6 +93,10 @@ def load_config(path_or_dict: Any, overrides: dict | None = None) -> dict:
         if not isinstance(v, (int, float)) or not lo <= v <= hi:
             raise ValueError(f"config key {k}={v!r} is not accepted; accepted: a number in "
                              f"[{lo}, {hi}]")
+    if cfg["time_limit"] is not None and (not isinstance(cfg["time_limit"], (int, float))
+                                          or cfg["time_limit"] <= 0):
+        raise ValueError(f"config key time_limit={cfg['time_limit']!r} is not accepted; "
+                         "accepted: None or a number of seconds > 0")
     if not isinstance(cfg["lr"], (int, float)) or cfg["lr"] <= 0:
         raise ValueError(f"config key lr={cfg['lr']!r} is not accepted; accepted: a number > 0")
     if cfg["lr_schedule"] not in LR_SCHEDULES:
@@ -254,6 +263,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
     in_ch = vae.out_channels
     steps = cfg["steps"] or math.ceil(cfg["epochs"] * len(dataset) /
                                       (cfg["batch_size"] * world))
+    planned_steps = steps
     sampler = StepSampler(len(dataset), cfg["batch_size"], world, seed)
     opt = torch.optim.AdamW(trainee.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]),
                             weight_decay=cfg["weight_decay"])
@@ -325,7 +335,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
                                                                  device=device))
     try:
         while step < steps:
-            lr = lr_at(cfg, step, steps)
+            lr = lr_at(cfg, step, planned_steps)
             for group in opt.param_groups:
                 group["lr"] = lr
             video, ids, mask = get_batch(dataset, sampler.indices(step, rank), te)
@@ -367,6 +377,17 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
                 interrupted = bool(flag.item())
             if stop_after is not None and done_here >= stop_after:
                 interrupted = True
+            out_of_time = cfg["time_limit"] is not None and \
+                wall + time.time() - t_start >= cfg["time_limit"]
+            if world > 1 and cfg["time_limit"] is not None:  # rank 0's clock decides
+                flag = torch.tensor([1 if out_of_time else 0])
+                torch.distributed.broadcast(flag, 0)
+                out_of_time = bool(flag.item())
+            if out_of_time and step < steps:
+                if rank == 0:
+                    print(f"time_limit={cfg['time_limit']}s reached at step {step}: finishing",
+                          flush=True)
+                steps = step  # finish here: checkpoint, export
             if step % cfg["ckpt_every"] == 0 or step == steps or interrupted:
                 checkpoint()
             if interrupted and step < steps:
@@ -387,7 +408,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
     wall_total = wall + time.time() - t_start
     final_loss = float(np.mean(history[-min(len(history), 100):])) if history else float("nan")
     summary = dict(step=step, steps=steps, finished=True, ckpt=ckpt_path, final_loss=final_loss,
-                   wall_time=wall_total, seed=seed)
+                   wall_time=wall_total, seed=seed, time_limited=steps != planned_steps)
     if rank == 0 and cfg.get("export"):
         dtype = EXPORT_DTYPES[cfg["export_dtype"]]
         meta = dict(format="opensora_duca demo bundle: model.* = STDiT3, text_encoder.* = "

@@ -130,9 +130,9 @@ class DemoTextEncoder(_NullMixin, nn.Module):
     GELU-MLP (``y + mlp(LayerNorm(y))``); padded positions are zero and masked out.
 
     Weights: ``from_pretrained`` is a safetensors file. Keys prefixed ``text_encoder.`` are
-    used when present (the shipped demo checkpoint stores model keys unprefixed and the text
-    encoder's keys as ``text_encoder.*`` in ONE file); otherwise the file is read as this
-    module's own state dict.
+    used when present (the shipped demo checkpoint is ONE file holding the model's keys as
+    ``model.*`` and this encoder's as ``text_encoder.*``, as ``tools/train.py`` exports it);
+    otherwise the file is read as this module's own state dict.
     """
 
     def __init__(self, output_dim: int = 64, model_max_length: int = 12,
