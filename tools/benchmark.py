@@ -36,6 +36,8 @@ Measured per policy (JSON ``results[]`` fields):
 * ``median_s`` / ``times_s``: wall time of one whole sampling run (30 model calls + sampler);
   CUDA events around the run and a synchronize on CUDA, ``time.perf_counter`` on a CPU.
 * ``speedup``: median of ``none`` / median of the policy.
+* ``min_s`` / ``speedup_min``: the fastest run and the speedup of fastest runs (the least
+  disturbed by other jobs on a shared machine).
 * ``median_cpu_s`` / ``cpu_times_s`` / ``speedup_cpu``: the same with the process's CPU time
   (``time.process_time``, all threads). On a CPU shared with other jobs, wall time swings with
   their load while CPU time much less so: compare the two before trusting a wall-time speedup.
@@ -497,6 +499,7 @@ def run_benchmark(bench: Bench, policies: List[str], repeat: int, warmup: int,
         fid = fidelity(finals[p], ref)
         med_cpu = statistics.median(cpu_times[p])
         row = dict(policy=p, median_s=med, times_s=times[p], speedup=med_none / med,
+                   min_s=min(times[p]), speedup_min=min(times["none"]) / min(times[p]),
                    median_cpu_s=med_cpu, cpu_times_s=cpu_times[p],
                    speedup_cpu=cpu_none / med_cpu if med_cpu > 0 else None,
                    flops_ratio=float(st["flops_ratio"]),
@@ -538,7 +541,8 @@ def _fmt(v, spec, none="-"):
 
 def markdown_table(report: dict) -> str:
     frames = any("psnr_frames" in r for r in report["results"])
-    head = ["policy", "median s", "speedup", "CPU-time speedup", "FLOPs ratio", "PSNR lat",
+    head = ["policy", "median s", "speedup", "min s", "speedup (min)", "CPU-time speedup",
+            "FLOPs ratio", "PSNR lat",
             "SSIM lat"]
     if frames:
         head += ["PSNR frames", "SSIM frames"]
@@ -547,6 +551,7 @@ def markdown_table(report: dict) -> str:
     for r in report["results"]:
         kinds = ", ".join(f"{v} {k}" for k, v in r["steps_by_kind"].items())
         cells = [r["policy"], f"{r['median_s']:.3f}", f"{r['speedup']:.2f}x",
+                 f"{r['min_s']:.3f}", f"{r['speedup_min']:.2f}x",
                  _fmt(r.get("speedup_cpu"), ".2f") + ("x" if r.get("speedup_cpu") else ""),
                  f"{r['flops_ratio']:.2f}x", _fmt(r["psnr"], ".2f"), _fmt(r["ssim"], ".4f")]
         if frames:
