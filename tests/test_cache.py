@@ -342,3 +342,28 @@ def test_patched_blocks_survive_wrappers_calling_block():
         m.spatial_blocks = torch.nn.ModuleList(blocks)
     assert mgr.stats()["modules"][MLP][REUSE] > 0
     assert all(torch.equal(a, b) for a, b in zip(plain, wrapped))
+
+
+def test_partial_updates_persist_in_lower_precision_storage():
+    """With stored_dtype bf16 (fp32 model), a token-subset recompute must update the stored
+    feature itself, not a converted copy: after a ratio-1 partial step the stored cross-attention
+    equals the one a full step stores at the same inputs."""
+    m = small_model()
+    x, y, mask = inputs()
+
+    class Low(Scripted):
+        stored_dtype = "bf16"
+
+    stored = {}
+    for name, plan in (("partial", _plan(cross_attn=(PARTIAL, 1.0))), ("full", FULL_STEP)):
+        mgr = apply_cache(m, Low({1: plan}))
+        assert mgr.stored_dtype == torch.bfloat16
+        with mgr.session(num_steps=3), torch.no_grad():
+            for i in range(2):
+                m(x * (1 - i / 4), torch.full((2,), 900.0 - 300 * i), y, mask=mask)
+                stored[(name, i)] = mgr.slots[1].state.cross.clone()
+        remove_cache(m)
+    assert stored[("partial", 1)].dtype == torch.bfloat16
+    assert not torch.equal(stored[("partial", 1)], stored[("partial", 0)])
+    torch.testing.assert_close(stored[("partial", 1)].float(), stored[("full", 1)].float(),
+                               rtol=2e-2, atol=2e-2)

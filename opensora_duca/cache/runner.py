@@ -82,9 +82,10 @@ class BlockRunner:
         return r
 
     def _store(self, name: str, value: torch.Tensor, kind: str) -> None:
-        if self.m.stores(kind):
+        if self.m.stores(kind):  # contiguous: later steps gather from it and scatter into it
             dt = self.m.stored_dtype
-            self.slot.state.put(name, value if dt is None or value.dtype == dt else value.to(dt))
+            value = value if dt is None or value.dtype == dt else value.to(dt)
+            self.slot.state.put(name, value.contiguous())
 
     def _mark_full(self, kind: str, x_in: torch.Tensor) -> None:
         if self.m.stores(kind) and self.m.uses_selection(kind):
@@ -174,10 +175,8 @@ class BlockRunner:
             ca = self._stored("cross", CROSS_ATTN, xv)
             if c_act == PARTIAL:
                 idx = self._select(CROSS_ATTN, self._ratio(plan, CROSS_ATTN), x, m.step)
-                flat = ca.view(b, n, c)
-                flat.scatter_(1, idx[..., None].expand(-1, -1, c),
-                              block.cross_attn(_gather(xv.reshape(b, n, c), idx), y, mask)
-                              .to(flat.dtype))
+                self._scatter(st.cross, idx,
+                              block.cross_attn(_gather(xv.reshape(b, n, c), idx), y, mask))
                 ca = self._stored("cross", CROSS_ATTN, xv)
         m.count_module(CROSS_ATTN, c_act)
         xv = xv + ca
