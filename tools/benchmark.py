@@ -58,6 +58,11 @@ Measured per policy (JSON ``results[]`` fields):
   (demo / ``--config``) also ``psnr_frames`` / ``ssim_frames`` of the decoded frames in [0, 1].
   ``none`` against itself is PSNR 100 / SSIM 1.
 
+On a CPU shared with other jobs pass ``--threads 1``: with more threads than free cores every
+parallel op waits for its slowest (descheduled) thread, which inflates the many small ops of
+the cached steps far more than the big matrix products of full steps (measured here: DuCa's
+conservative step cost 39% of a full step with 2 threads under load, 13% with 1 thread).
+
 Output: a markdown table on stdout, the JSON (``--json``, written atomically) and a speed-vs-
 fidelity PNG (``--plot``, matplotlib Agg).
 """
