@@ -66,7 +66,7 @@ def test_claim_test(report):
     c = report[0]["claim_test"]
     assert c["starts"] == [3]
     v = c["variants"]
-    assert set(v) == {"A+C", "C+C same cost", "C+C", "C+A", "A+A", "F+F"}
+    assert set(v) == {"A+C", "R+C", "C+C same cost", "C+C", "C+A", "A+A", "F+F"}
     assert v["F+F"]["err_mean"] < 1e-6  # control: the scripted full steps are the reference
     assert v["A+A"]["cost_full_step_equivalents"] == 0.0
     assert abs(v["A+C"]["cost_full_step_equivalents"]

@@ -31,6 +31,9 @@ Inputs: with CONFIG (an inference config: text encoder + codec + model), its ``p
    * ``A+C``: aggressive (trunk reused) then conservative — the claim's sequence;
    * ``C+C same cost``: two conservative steps at half the fresh ratio (same FLOPs as A+C);
    * ``C+C``: two conservative steps at the full ratio (ToCa-like, twice A+C's cost);
+   * ``R+C``: every module's stored output reused with the *current* step's modulation and
+     gates (no token recomputed; FORA's reuse step, ~0 FLOPs) then conservative: same cost as
+     A+C, isolates what the aggressive step loses by reusing the whole trunk output;
    * ``C+A``: conservative then aggressive — DuCa's released order (F, C, A);
    * ``A+A``: two aggressive steps; ``F+F``: two full steps (control, ~0).
 
@@ -223,7 +226,9 @@ def claim_variants(num_steps: int) -> Dict[str, list]:
                 if p.label == "conservative" and p.actions[MLP] == "partial")
     half = StepPlan(actions=dict(cons.actions), ratios={MLP: cons.ratios[MLP] / 2},
                     label="conservative (half ratio)")
+    reuse = StepPlan(actions={k: "reuse" for k in cons.actions}, label="reuse")
     return {"A+C": [FULL_STEP, TRUNK_SKIP, cons],
+            "R+C": [FULL_STEP, reuse, cons],
             "C+C same cost": [FULL_STEP, half, half],
             "C+C": [FULL_STEP, cons, cons],
             "C+A": [FULL_STEP, cons, TRUNK_SKIP],
