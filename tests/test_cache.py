@@ -367,3 +367,43 @@ def test_partial_updates_persist_in_lower_precision_storage():
     assert not torch.equal(stored[("partial", 1)], stored[("partial", 0)])
     torch.testing.assert_close(stored[("partial", 1)].float(), stored[("full", 1)].float(),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_row_quota_selection_against_a_direct_loop():
+    """select_tokens equals picking, row by row, the q(r) highest scores (a plain loop), and
+    the union of the per-rank selections equals the single-rank one (padding rows excluded)."""
+    from opensora_duca.cache.selection import TokenGrid, row_quotas, select_tokens
+
+    g = torch.Generator().manual_seed(0)
+    T, H, W, ratio = 3, 5, 7, 0.3
+    score = torch.rand(2, T * H * W, generator=g)
+    grid = TokenGrid(frames=T, rows=H, width=W, local_rows=H, row_offset=0)
+    K = round(ratio * H * W)
+    expect = []
+    for b in range(2):
+        chosen = set()
+        for t in range(T):
+            for r in range(H):
+                q = (r + 1) * K // H - r * K // H
+                row = score[b].view(T, H, W)[t, r]
+                for c in row.topk(q).indices.tolist():
+                    chosen.add(t * H * W + r * W + c)
+        expect.append(chosen)
+    got = select_tokens(score, ratio, grid)
+    assert [set(x.tolist()) for x in got] == expect
+    assert int(row_quotas(ratio, grid).sum()) == K
+    # 2 ranks, rows padded from 5 to 6: rank r holds rows 3r..3r+2 (row 5 is padding)
+    union = [set(), set()]
+    for rank in range(2):
+        lg = TokenGrid(frames=T, rows=H, width=W, local_rows=3, row_offset=3 * rank)
+        local = torch.zeros(2, T, 3, W)
+        rows_here = list(range(3 * rank, min(3 * rank + 3, H)))
+        local[:, :, : len(rows_here)] = score.view(2, T, H, W)[:, :, rows_here]
+        idx = select_tokens(local.reshape(2, -1), ratio, lg)
+        for b in range(2):
+            for i in idx[b].tolist():
+                t, rem = divmod(i, 3 * W)
+                r, c = divmod(rem, W)
+                assert 3 * rank + r < H  # never a padding row
+                union[b].add(t * H * W + (3 * rank + r) * W + c)
+    assert union == expect

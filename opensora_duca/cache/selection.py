@@ -55,12 +55,33 @@ def normalise_rows(score: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
     return s.reshape(score.shape[0], -1)
 
 
+_PLANS: dict = {}
+
+
+def _selection_plan(ratio: float, grid: TokenGrid, device):
+    """(kmax, token offsets [T, rows], flat positions to keep) for a ratio and grid, built once
+    on the host and kept on ``device``, so selecting never waits for the device."""
+    key = (float(ratio), grid.frames, grid.rows, grid.width, grid.local_rows, grid.row_offset,
+           str(device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        q = row_quotas(ratio, grid)
+        kmax = int(q.max()) if q.numel() else 0
+        keep = (torch.arange(kmax)[None] < q[:, None]).reshape(-1).nonzero().squeeze(1)
+        flat = (torch.arange(grid.frames)[:, None] * (grid.local_rows * kmax) + keep[None])
+        base = (torch.arange(grid.frames)[:, None] * grid.local_rows
+                + torch.arange(grid.local_rows)[None]) * grid.width
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        plan = _PLANS[key] = (kmax, base.to(device), flat.reshape(-1).to(device))
+    return plan
+
+
 def select_tokens(score: torch.Tensor, ratio: float, grid: TokenGrid,
                   cfg_shared: bool = False) -> torch.Tensor:
     """Indices [B, k] (local token positions) of the highest scores under the row quotas."""
     b = score.shape[0]
-    q = row_quotas(ratio, grid, device=score.device)
-    kmax = int(q.max()) if q.numel() else 0
+    kmax, base, flat = _selection_plan(ratio, grid, score.device)
     if kmax == 0:
         return torch.zeros(b, 0, dtype=torch.long, device=score.device)
     s = score.view(b, grid.frames, grid.local_rows, grid.width)
@@ -69,12 +90,8 @@ def select_tokens(score: torch.Tensor, ratio: float, grid: TokenGrid,
             raise ValueError(f"cfg_shared_selection needs an even (CFG) batch, got batch {b}")
         half = s[: b // 2] + s[b // 2:]
         s = torch.cat([half, half], 0)
-    top = s.topk(kmax, dim=-1, sorted=True).indices  # [B, T, rows, kmax]
-    base = (torch.arange(grid.frames, device=score.device)[:, None] * grid.local_rows
-            + torch.arange(grid.local_rows, device=score.device)[None]) * grid.width
-    top = top + base[None, :, :, None]
-    keep = torch.arange(kmax, device=score.device)[None] < q[:, None]  # [rows, kmax]
-    return top[:, :, keep].reshape(b, -1)
+    top = s.topk(kmax, dim=-1, sorted=True).indices + base[None, :, :, None]  # [B, T, rows, kmax]
+    return top.reshape(b, -1).index_select(1, flat)
 
 
 def random_scores(batch: int, grid: TokenGrid, seed: int, step: int, block: int,
