@@ -76,8 +76,9 @@ def test_caption_from_name():
     assert caption_from_name("a red circle moving left-3.mp4") == "a red circle moving left"
     assert caption_from_name("dir/a_blue_square_staying_still-0.mp4") == \
         "a blue square staying still"
+    assert caption_from_name("a_red_circle_moving_left.mp4") == "a red circle moving left"
     with pytest.raises(ValueError, match="accepted"):
-        caption_from_name("video.mp4")
+        caption_from_name("-1.mp4")
 
 
 def test_cli_manifest_and_from_names(tmp_path, clips):

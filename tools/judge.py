@@ -1,7 +1,7 @@
 """Judge demo videos against their captions (colour, shape, motion, flicker), no learned model.
 
     python tools/judge.py --video-dir samples/demo --manifest samples/demo/manifest.json
-    python tools/judge.py --video-dir samples/demo --from-names      # '{prompt}-{i}.mp4'
+    python tools/judge.py --video-dir samples/demo/uncached --from-names  # '{prompt}[-{i}].mp4'
     python tools/judge.py --config configs/demo/inference.py --policies none,DuCa,ToCa \
         --num-prompts 50 --seeds 0 1 --json-out judge.json            # generate + judge
 
@@ -37,7 +37,8 @@ def parse_args(argv=None):
     src.add_argument("--config", help="generate the held-out set with this inference config")
     src.add_argument("--manifest", help="JSON file {file: caption}")
     src.add_argument("--from-names", action="store_true",
-                     help="read captions from file names '{prompt}-{i}.mp4'")
+                     help="read captions from file names '{prompt}-{i}.mp4' or '{prompt}.mp4' "
+                          "(underscores = spaces)")
     p.add_argument("--json-out", help="write the summary and per-clip results here")
     p.add_argument("--quiet", action="store_true", help="print only the JSON summary")
     p.add_argument("--policies", default="none,DuCa,ToCa",
@@ -86,7 +87,8 @@ def collect(args) -> list[tuple[str, str]]:
             raise SystemExit(f"--manifest {args.manifest!r} is not accepted; accepted: a JSON "
                              "object {file: caption}")
         return sorted(manifest.items())
-    names = sorted(n for n in os.listdir(args.video_dir) if n.lower().endswith(VIDEO_EXTS))
+    names = sorted(n for n in os.listdir(args.video_dir)
+                   if n.lower().endswith(VIDEO_EXTS) and not n.startswith("."))  # no partials
     return [(n, caption_from_name(n)) for n in names]
 
 

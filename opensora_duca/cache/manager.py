@@ -295,7 +295,12 @@ class CacheManager:
 
     def stats(self) -> dict:
         """Counts of the current/last session: steps by kind, module actions, FLOPs ratio
-        (uncached / actual, analytic), peak stored bytes, bookkeeping seconds."""
+        (uncached / actual, analytic), peak stored bytes, bookkeeping seconds.
+
+        ``bookkeeping_s`` is host time spent planning, selecting tokens and gathering /
+        scattering them, measured with ``time.perf_counter`` and no device synchronisation: on
+        a CPU it is the real cost, on CUDA it is the launch overhead only (use
+        ``tools/benchmark.py`` for device time)."""
         by_kind: Dict[str, int] = {}
         for lab in self.step_labels:
             by_kind[lab] = by_kind.get(lab, 0) + 1
@@ -324,7 +329,7 @@ class CacheManager:
             f"steps          : {s['steps']} ({kinds})",
             f"FLOPs ratio    : {s['flops_ratio']:.2f}x fewer than uncached (analytic, trunk matmuls)",
             f"peak cache mem : {s['peak_stored_bytes'] / 2**20:.1f} MiB",
-            f"bookkeeping    : {s['bookkeeping_s'] * 1e3:.1f} ms",
+            f"bookkeeping    : {s['bookkeeping_s'] * 1e3:.1f} ms (host time)",
         ])
 
 

@@ -205,13 +205,18 @@ def write_video(path: str, frames: Any, fps: int = 8) -> None:
 
 
 def caption_from_name(filename: str) -> str:
-    """``{prompt}-{i}.mp4`` -> prompt (underscores read as spaces)."""
+    """``{prompt}-{i}.mp4`` or ``{prompt}.mp4`` -> prompt (underscores read as spaces, as
+    ``pipeline.prompt_to_filename`` writes them)."""
     stem = os.path.splitext(os.path.basename(filename))[0]
     prompt, sep, idx = stem.rpartition("-")
-    if not sep or not idx.isdigit() or not prompt:
+    if not (sep and idx.isdigit()):
+        prompt = stem
+    prompt = prompt.replace("_", " ").strip()
+    if not prompt:
         raise ValueError(f"file name {filename!r} is not accepted with --from-names; accepted: "
-                         "'{prompt}-{i}.mp4', e.g. 'a red circle moving left-0.mp4'")
-    return prompt.replace("_", " ")
+                         "'{prompt}-{i}.mp4' or '{prompt}.mp4', e.g. "
+                         "'a_red_circle_moving_left-0.mp4'")
+    return prompt
 
 
 def judge_files(items: Iterable[tuple[str, str]], video_dir: str = ".") -> list[dict[str, Any]]:
