@@ -59,7 +59,9 @@ DEFAULTS = dict(
     grad_clip=1.0, ema_decay=0.999, caption_dropout=0.1, ckpt_every=100, log_every=10,
     num_threads=None, device="cpu", time_limit=None, outputs="outputs/train", export=None, export_dtype="fp32",
     scheduler=dict(type="rflow", sample_method="logit-normal"), fps=None,
+    temporal_init="zero",
 )
+TEMPORAL_INITS = ("zero", "xavier")
 LR_SCHEDULES = ("constant", "cosine")
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -102,6 +104,9 @@ def load_config(path_or_dict: Any, overrides: dict | None = None) -> dict:
     if cfg["lr_schedule"] not in LR_SCHEDULES:
         raise ValueError(f"config key lr_schedule={cfg['lr_schedule']!r} is not accepted; "
                          f"accepted: {list(LR_SCHEDULES)}")
+    if cfg["temporal_init"] not in TEMPORAL_INITS:
+        raise ValueError(f"config key temporal_init={cfg['temporal_init']!r} is not accepted; "
+                         f"accepted: {list(TEMPORAL_INITS)}")
     if cfg["export_dtype"] not in EXPORT_DTYPES:
         raise ValueError(f"config key export_dtype={cfg['export_dtype']!r} is not accepted; "
                          f"accepted: {list(EXPORT_DTYPES)}")
@@ -130,6 +135,15 @@ class Trainee(nn.Module):
         return self.model(x_t, t, y, mask=mask, **model_kwargs)
 
 
+def init_temporal_blocks(model: nn.Module) -> None:
+    """Xavier-uniform init of the temporal blocks' output projections (attn.proj,
+    cross_attn.proj, mlp.fc2), which Open-Sora zero-initialises because it starts from an
+    image model; from scratch, zero temporal blocks learn motion very slowly."""
+    for blk in getattr(model, "temporal_blocks", []):
+        for lin in (blk.attn.proj, blk.cross_attn.proj, blk.mlp.fc2):
+            nn.init.xavier_uniform_(lin.weight)
+
+
 def build_trainee(cfg: dict) -> tuple[Trainee, Any, Any, Any]:
     te = build_module(cfg["text_encoder"], TEXT_ENCODERS)
     if not isinstance(te, nn.Module) or not hasattr(te, "embed") or not hasattr(te, "tokenize"):
@@ -139,6 +153,8 @@ def build_trainee(cfg: dict) -> tuple[Trainee, Any, Any, Any]:
     vae = build_module(cfg["vae"], VAES)
     model = build_module(cfg["model"], MODELS, caption_channels=te.output_dim,
                          model_max_length=te.model_max_length, in_channels=vae.out_channels)
+    if cfg.get("temporal_init", "zero") == "xavier" and not cfg["model"].get("from_pretrained"):
+        init_temporal_blocks(model)
     scheduler = build_module(cfg["scheduler"], SCHEDULERS)
     dataset = build_module(cfg["dataset"], DATASETS)
     return Trainee(model, te), vae, scheduler, dataset

@@ -68,7 +68,7 @@ def _check_int(key: str, value: Any, minimum: int = 1) -> int:
 class IdentityCodec(LatentCodec):
     """Latent = pixels (``in_channels`` channels, default 3); encode/decode only cast dtype."""
 
-    def __init__(self, in_channels: int = 3, **_ignored: Any):
+    def __init__(self, in_channels: int = 3):
         super().__init__()
         self.in_channels = self.out_channels = _check_int("in_channels", in_channels)
 
@@ -98,7 +98,7 @@ class DemoCodec(LatentCodec):
     """
 
     def __init__(self, factor: int = 2, in_channels: int = 3, scale: float = 1.0,
-                 shift: float = 0.0, **_ignored: Any):
+                 shift: float = 0.0):
         super().__init__()
         self.factor = _check_int("factor", factor)
         self.in_channels = _check_int("in_channels", in_channels)

@@ -67,11 +67,13 @@ class T5Encoder(_NullMixin):
         dtype: compute dtype ("fp32", "fp16", "bf16" or a torch.dtype; default fp32).
         device: where the encoder runs (default "cpu").
         local_files_only: passed to ``from_pretrained`` (default True).
+        shardformer: accepted because Open-Sora configs set it; colossalai's shardformer is not
+            used here (the encoder runs unsharded).
     """
 
     def __init__(self, from_pretrained: str | None = None, model_max_length: int = 300,
                  dtype: Any = torch.float32, device: Any = "cpu", local_files_only: bool = True,
-                 **_ignored: Any):
+                 shardformer: bool = False):
         if not isinstance(from_pretrained, (str, os.PathLike)) or not os.path.isdir(
                 from_pretrained):
             raise FileNotFoundError(
@@ -137,7 +139,7 @@ class DemoTextEncoder(_NullMixin, nn.Module):
 
     def __init__(self, output_dim: int = 64, model_max_length: int = 12,
                  vocabulary: Sequence[str] | None = None, hidden_dim: int | None = None,
-                 from_pretrained: str | None = None, **_ignored: Any):
+                 from_pretrained: str | None = None, device: Any = None):
         super().__init__()
         if vocabulary is None:
             from ..data.synthetic import VOCABULARY as vocabulary
@@ -166,6 +168,8 @@ class DemoTextEncoder(_NullMixin, nn.Module):
         nn.init.zeros_(self.mlp[2].bias)
         if from_pretrained is not None:
             self.load_file(from_pretrained)
+        if device is not None:  # the pipeline passes the run's device, as to the t5 encoder
+            self.to(device)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "y_embedder":  # a reference to the model's module, not a child of ours
