@@ -184,3 +184,15 @@ def test_time_limit_finishes_early_and_exports(tmp_path):
         assert int(f.metadata()["steps"]) == 1
     with pytest.raises(ValueError, match=r"time_limit=-1.*accepted"):
         cfg_for(tmp_path, "x", time_limit=-1)
+
+
+def test_temporal_init(tmp_path):
+    zero = T.build_trainee(cfg_for(tmp_path, "z"))[0].model
+    xav = T.build_trainee(cfg_for(tmp_path, "x", temporal_init="xavier"))[0].model
+    for blk_z, blk_x in zip(zero.temporal_blocks, xav.temporal_blocks):
+        for name in ("attn.proj", "cross_attn.proj", "mlp.fc2"):
+            wz = blk_z.get_submodule(name).weight
+            wx = blk_x.get_submodule(name).weight
+            assert torch.count_nonzero(wz) == 0 and torch.count_nonzero(wx) == wx.numel()
+    with pytest.raises(ValueError, match=r"temporal_init='ones'.*accepted"):
+        cfg_for(tmp_path, "y", temporal_init="ones")
