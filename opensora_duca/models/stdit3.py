@@ -280,7 +280,7 @@ PRESETS = {
     "STDiT3-S/2": dict(depth=4, hidden_size=256, patch_size=(1, 2, 2), num_heads=8,
                        caption_channels=64, model_max_length=16),
     # the shipped demo model (trained by tools/train.py on synthetic shapes)
-    "STDiT3-demo": dict(depth=4, hidden_size=128, patch_size=(1, 2, 2), num_heads=4,
+    "STDiT3-demo": dict(depth=4, hidden_size=64, patch_size=(1, 2, 2), num_heads=4,
                         in_channels=12, caption_channels=64, model_max_length=12,
                         input_sq_size=32, class_dropout_prob=0.0),
 }
