@@ -174,34 +174,22 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def read_video(path: str) -> np.ndarray:
-    """Decode a video file (e.g. mp4 via PyAV) to uint8 [T, H, W, 3]."""
-    import av
+    """Decode a video file (e.g. mp4 via PyAV) to uint8 [T, H, W, 3] (the project's reader)."""
+    from ..utils.video import read_video as _read
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video {path!r} does not exist")
-    with av.open(path) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
+    frames = _read(path)
+    if len(frames) == 0:
         raise ValueError(f"video {path!r} has no frames")
-    return np.stack(frames)
+    return frames
 
 
 def write_video(path: str, frames: Any, fps: int = 8) -> None:
-    """Encode uint8 [T, H, W, 3] as H.264 mp4 (yuv420p, high quality) with PyAV."""
-    import av
+    """Encode uint8 [T, H, W, 3] as a high-quality H.264 mp4 (crf 10), atomically."""
+    from ..utils.video import save_video
 
     arr = np.asarray(frames, dtype=np.uint8)
     check_frames(arr)
-    with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = arr.shape[2], arr.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "10"}
-        for img in arr:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    save_video(arr, path, fps=fps, crf=10)
 
 
 def caption_from_name(filename: str) -> str:
