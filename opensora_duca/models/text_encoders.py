@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..registry import TEXT_ENCODERS
+from ..pipeline import resolve_dtype
 
 
 def _check_prompts(prompts: Any) -> list[str]:
@@ -29,17 +30,6 @@ def _check_prompts(prompts: Any) -> list[str]:
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts={prompts!r} is not accepted; accepted: a list of strings")
     return list(prompts)
-
-
-def _dtype(key: str, value: Any) -> torch.dtype:
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if isinstance(value, torch.dtype):
-        return value
-    if value not in names:
-        raise ValueError(f"{key}={value!r} is not accepted; accepted: a torch.dtype or one of "
-                         f"{sorted(names)}")
-    return names[value]
 
 
 class _NullMixin:
@@ -92,7 +82,7 @@ class T5Encoder(_NullMixin):
             raise ValueError(f"model_max_length={model_max_length!r} is not accepted; "
                              "accepted: an int >= 1")
         self.model_max_length = model_max_length
-        self.dtype = _dtype("dtype", dtype)
+        self.dtype = resolve_dtype(dtype)
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(from_pretrained,
                                                        local_files_only=local_files_only)
