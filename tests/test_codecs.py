@@ -25,6 +25,18 @@ def test_demo_codec_shapes_and_exact_roundtrip():
     assert torch.equal(z[:, 1 * 4 + 1 * 2 + 0], x[:, 1, :, 1::2, 0::2])
 
 
+def test_demo_codec_temporal_factor():
+    c = build_module(dict(type="DemoCodec", temporal_factor=2), VAES)
+    assert c.out_channels == 24 and list(c.get_latent_size((8, 32, 32))) == [4, 16, 16]
+    x = torch.rand(2, 3, 8, 32, 32) * 2 - 1
+    z = c.encode(x)
+    assert z.shape == (2, 24, 4, 16, 16) and torch.equal(c.decode(z), x)
+    # channel ((c*k + s)*f + i)*f + j of latent frame u holds pixel (c, frame u*k+s, 2h+i, 2w+j)
+    assert torch.equal(z[:, ((1 * 2 + 1) * 2 + 0) * 2 + 1, 2], x[:, 1, 5, 0::2, 1::2])
+    with pytest.raises(ValueError, match=r"T=7.*multiple of temporal_factor=2"):
+        c.get_latent_size((7, 32, 32))
+
+
 def test_demo_codec_scale_shift_roundtrip_and_dtype_device():
     c = codecs.DemoCodec(scale=2.5, shift=-0.5)
     x = torch.rand(1, 3, 4, 8, 8) * 2 - 1

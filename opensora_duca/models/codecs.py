@@ -88,46 +88,54 @@ class IdentityCodec(LatentCodec):
 class DemoCodec(LatentCodec):
     """Exact, weight-free space-to-depth codec of the demo model.
 
-    ``encode``: [B, 3, T, H, W] -> [B, 3*f*f, T, H/f, W/f] with ``factor`` f = 2, so
-    [3, 8, 32, 32] -> [12, 8, 16, 16]. Latent channel ``c*f*f + i*f + j`` holds pixel channel
-    ``c`` at offset (row i, column j) inside each f x f cell. The latent is
-    ``(pixels - shift) * scale`` with the documented defaults ``shift = 0.0`` and
+    ``encode``: [B, 3, T, H, W] -> [B, 3*k*f*f, T/k, H/f, W/f] with spatial ``factor`` f = 2
+    and ``temporal_factor`` k (default 1), so [3, 8, 32, 32] -> [12, 8, 16, 16] (k = 1) or
+    [24, 4, 16, 16] (k = 2). Latent channel ``((c*k + s)*f + i)*f + j`` of latent frame ``u``
+    holds pixel channel ``c`` of frame ``u*k + s`` at offset (row i, column j) inside each
+    f x f cell. Packing k frames per latent frame is what Open-Sora's VAE does too (17 frames
+    -> 5); it puts the motion between the packed frames inside each token, where it can be
+    learned like a colour (STDiT3 has no absolute temporal position, only RoPE).
+
+    The latent is ``(pixels - shift) * scale`` with the documented defaults ``shift = 0.0`` and
     ``scale = 1.0``: the demo checkpoint is trained on these raw [-1, 1] latents (mean ~ -0.93,
     std ~ 0.35 on SyntheticShapes clips). They are deliberately not standardised: a larger
     scale makes the shapes visible through even more noise, moving the timesteps where a clip's
     layout and motion are decided further towards pure noise, and a 0.25 scale trained motion
     more slowly in a measured pilot. ``decode(encode(x)) == x`` up to float rounding (exactly,
-    with the defaults). H and W must be multiples of ``factor``.
+    with the defaults). H and W must be multiples of ``factor``, T of ``temporal_factor``.
     """
 
     def __init__(self, factor: int = 2, in_channels: int = 3, scale: float = 1.0,
-                 shift: float = 0.0):
+                 shift: float = 0.0, temporal_factor: int = 1, **_ignored: Any):
         super().__init__()
         self.factor = _check_int("factor", factor)
+        self.temporal_factor = _check_int("temporal_factor", temporal_factor)
         self.in_channels = _check_int("in_channels", in_channels)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale == 0:
             raise ValueError(f"scale={scale!r} is not accepted; accepted: a non-zero number")
         if not isinstance(shift, (int, float)) or isinstance(shift, bool):
             raise ValueError(f"shift={shift!r} is not accepted; accepted: a number")
         self.scale, self.shift = float(scale), float(shift)
-        self.out_channels = self.in_channels * self.factor ** 2
+        self.out_channels = self.in_channels * self.temporal_factor * self.factor ** 2
 
     def get_latent_size(self, input_size):
         t, h, w = input_size
-        f = self.factor
-        for key, v in (("H", h), ("W", w)):
-            if v is not None and v % f:
+        f, k = self.factor, self.temporal_factor
+        for key, v, m, name in (("T", t, k, "temporal_factor"), ("H", h, f, "factor"),
+                                ("W", w, f, "factor")):
+            if v is not None and v % m:
                 raise ValueError(f"DemoCodec: {key}={v} is not accepted; accepted: a multiple "
-                                 f"of factor={f}")
-        return [t, None if h is None else h // f, None if w is None else w // f]
+                                 f"of {name}={m}")
+        return [None if t is None else t // k, None if h is None else h // f,
+                None if w is None else w // f]
 
     def encode(self, x):
         self._check_video(x, self.in_channels, "encode")
         b, c, t, h, w = x.shape
         self.get_latent_size((t, h, w))
-        f = self.factor
-        x = x.to(self.dtype).reshape(b, c, t, h // f, f, w // f, f)
-        z = x.permute(0, 1, 4, 6, 2, 3, 5).reshape(b, c * f * f, t, h // f, w // f)
+        f, k = self.factor, self.temporal_factor
+        x = x.to(self.dtype).reshape(b, c, t // k, k, h // f, f, w // f, f)
+        z = x.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * k * f * f, t // k, h // f, w // f)
         if self.shift != 0.0:
             z = z - self.shift
         return z * self.scale if self.scale != 1.0 else z
@@ -139,9 +147,9 @@ class DemoCodec(LatentCodec):
         if self.shift != 0.0:
             z = z + self.shift
         b, _, t, h, w = z.shape
-        f, c = self.factor, self.in_channels
-        x = z.reshape(b, c, f, f, t, h, w).permute(0, 1, 4, 5, 2, 6, 3)
-        x = x.reshape(b, c, t, h * f, w * f)
+        f, k, c = self.factor, self.temporal_factor, self.in_channels
+        x = z.reshape(b, c, k, f, f, t, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        x = x.reshape(b, c, t * k, h * f, w * f)
         return x[:, :, :num_frames] if num_frames is not None else x
 
 
