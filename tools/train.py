@@ -445,7 +445,8 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
 def export_config(cfg: dict, model: nn.Module, te: nn.Module) -> dict:
     """The config entries a user needs to rebuild and describe the exported model."""
     keys = ("model", "text_encoder", "vae", "dataset", "scheduler", "seed", "batch_size", "steps",
-            "epochs", "lr", "lr_schedule", "warmup_steps", "ema_decay", "caption_dropout", "fps")
+            "epochs", "lr", "lr_schedule", "warmup_steps", "weight_decay", "grad_clip",
+            "ema_decay", "caption_dropout", "fps", "temporal_init")
     out = {k: cfg[k] for k in keys if k in cfg}
     out["model"] = dict(out["model"], in_channels=model.in_channels,
                         caption_channels=te.output_dim, model_max_length=te.model_max_length)

@@ -106,7 +106,7 @@ class DemoCodec(LatentCodec):
     """
 
     def __init__(self, factor: int = 2, in_channels: int = 3, scale: float = 1.0,
-                 shift: float = 0.0, temporal_factor: int = 1, **_ignored: Any):
+                 shift: float = 0.0, temporal_factor: int = 1):
         super().__init__()
         self.factor = _check_int("factor", factor)
         self.temporal_factor = _check_int("temporal_factor", temporal_factor)
