@@ -196,3 +196,11 @@ def test_temporal_init(tmp_path):
             assert torch.count_nonzero(wz) == 0 and torch.count_nonzero(wx) == wx.numel()
     with pytest.raises(ValueError, match=r"temporal_init='ones'.*accepted"):
         cfg_for(tmp_path, "y", temporal_init="ones")
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    cfg = cfg_for(tmp_path, "r", steps=2)
+    T.train(cfg, resume=False, progress=False)
+    with pytest.raises(ValueError, match=r"\['lr'\].*saved: \[0.003\].*now: \[0.001\]"):
+        T.train(cfg_for(tmp_path, "r", steps=4, lr=1e-3), progress=False)
+    assert T.train(cfg_for(tmp_path, "r", steps=3, ckpt_every=1), progress=False)["step"] == 3

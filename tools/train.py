@@ -298,6 +298,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint")
         ck = torch.load(resume, map_location=device, weights_only=False)
+        check_resume_config(ck.get("config", {}), cfg, resume)
         if ck["world_size"] != world:
             raise ValueError(f"checkpoint {resume!r} was written with world_size="
                              f"{ck['world_size']}; this run has world_size={world}; accepted: "
@@ -451,6 +452,24 @@ def export_config(cfg: dict, model: nn.Module, te: nn.Module) -> dict:
     out["model"] = dict(out["model"], in_channels=model.in_channels,
                         caption_channels=te.output_dim, model_max_length=te.model_max_length)
     return out
+
+
+# keys that may change between a run and its resumption (everything else must match)
+RESUME_MAY_CHANGE = ("steps", "epochs", "time_limit", "ckpt_every", "log_every", "outputs",
+                     "export", "export_dtype", "num_threads", "device")
+
+
+def check_resume_config(saved: dict, cfg: dict, path: str) -> None:
+    """Refuse to resume a checkpoint written with different training settings."""
+    now = _jsonable(cfg)
+    diff = sorted(k for k in set(saved) | set(now)
+                  if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
+    if diff:
+        raise ValueError(
+            f"checkpoint {path!r} was written with other settings for config keys {diff} "
+            f"(saved: {[saved.get(k) for k in diff]}, now: {[now.get(k) for k in diff]}); "
+            f"accepted: the same values (only {list(RESUME_MAY_CHANGE)} may change) — use "
+            "--no-resume or another outputs folder to start a new run")
 
 
 def _jsonable(obj: Any) -> Any:
