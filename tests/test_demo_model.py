@@ -1,5 +1,8 @@
 """The shipped demo checkpoint loads through the demo config and generates videos that the
-caption judge accepts (fixed prompts and seeds), uncached and with DuCa."""
+caption judge accepts (fixed prompts and seeds), uncached and with DuCa.
+
+The two prompts are ones this checkpoint gets right (it is right on ~39% of held-out clips, see
+README "Measured"); the test guards loading, sampling and caching, not the model's accuracy."""
 from __future__ import annotations
 
 import os
