@@ -3,6 +3,7 @@ keeps the stored features; ``apply_cache`` / ``remove_cache`` are the public ent
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -14,7 +15,7 @@ from .. import parallel as sp
 from ..registry import CACHES, build_module, registered
 from . import flops as fl
 from . import selection as sel
-from .plan import CROSS_ATTN, FULL, KINDS, MLP, PARTIAL, REUSE, SPATIAL_ATTN, TEMPORAL_ATTN, StepPlan
+from .plan import CROSS_ATTN, KINDS, MLP, PARTIAL, StepPlan
 from .policies import CachePolicy, NoCache
 from .runner import BlockRunner
 from .state import BlockState, StoredBytes
@@ -279,7 +280,7 @@ class CacheManager:
         d = self.module_counts.setdefault(kind, {})
         d[action] = d.get(action, 0) + 1
 
-    def count_partial(self, kind: str, k_local: int, ratio: float) -> None:
+    def count_partial(self, k_local: int) -> None:
         self.partial_tokens += k_local
 
     def _account_flops(self, plan: StepPlan) -> None:
@@ -333,6 +334,22 @@ class CacheManager:
         ])
 
 
+def _init_keys(cls) -> set:
+    """Keyword arguments ``cls(...)`` accepts: its ``__init__`` parameters and, where that
+    forwards ``**kwargs``, those of the base classes it forwards to."""
+    keys = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        keys |= {p.name for p in params if p.name != "self"
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return keys
+
+
 def build_policy(cfg: Any) -> CachePolicy:
     """A policy object from ``dict(type=...)`` (validated), a policy object, or None -> none."""
     if cfg is None:
@@ -348,17 +365,11 @@ def build_policy(cfg: Any) -> CachePolicy:
     names = registered(CACHES)
     if typ not in names:
         raise KeyError(f"unknown cache policy type {typ!r}; registered policies: {names}")
-    cls = CACHES.get(typ)
-    import inspect
-    params = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in params if p not in ("self", "kwargs")]
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()) or typ == "ToCa":
-        accepted_all = set(accepted) | ({p for p in inspect.signature(
-            CACHES.get("DuCa").__init__).parameters} if typ == "ToCa" else set())
-        for k in cfg:
-            if k != "type" and k not in accepted_all:
-                raise ValueError(f"cache policy {typ!r}: unknown key {k!r}={cfg[k]!r}; "
-                                 f"accepted keys: {sorted(accepted_all - {'self', 'kwargs'})}")
+    accepted = _init_keys(CACHES.get(typ))
+    for k in cfg:
+        if k != "type" and k not in accepted:
+            raise ValueError(f"cache policy {typ!r}: unknown key {k!r}={cfg[k]!r}; "
+                             f"accepted keys: {sorted(accepted)}")
     return build_module(cfg, CACHES)
 
 

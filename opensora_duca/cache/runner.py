@@ -10,7 +10,7 @@ then takes x + g1 * A + CA + g2 * M in two fused passes.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -69,7 +69,7 @@ class BlockRunner:
         idx = sel.select_tokens(score, ratio, grid, pol.cfg_shared_selection)
         if last is not None:
             last.scatter_(1, idx, step)
-        m.count_partial(kind, idx.shape[1], ratio)
+        m.count_partial(idx.shape[1])
         m.bookkeeping_s += time.perf_counter() - t0
         return idx
 
