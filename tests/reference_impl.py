@@ -93,6 +93,15 @@ def pos_embed_2d(h, w, dim, scale, base_size):
     return emb.reshape(h * w, dim)
 
 
+def frame_pos_embed(t, dim):
+    """[t, dim]: channel j < dim/2 is sin(f_j * frame), channel dim/2 + j is cos(f_j * frame),
+    f_j = 10000^(-j / (dim/2)) (the optional absolute frame-index embedding)."""
+    half = dim // 2
+    f = 10000.0 ** (-torch.arange(half, dtype=F64) / half)
+    a = torch.arange(t, dtype=F64)[:, None] * f[None]
+    return torch.cat([torch.sin(a), torch.cos(a)], dim=-1)
+
+
 # ----------------------------------------------------------------------------- parts
 def embed_scalar(P, prefix, s):
     """MLP(sinusoid_256(s)) = mlp.2(SiLU(mlp.0(.)))."""
@@ -176,7 +185,8 @@ def patch_embed(P, z, patch):
 
 
 def forward(P, z, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None,
-            patch=(1, 2, 2), heads=4, depth=1, input_sq_size=512, return_tokens=False):
+            patch=(1, 2, 2), heads=4, depth=1, input_sq_size=512, return_tokens=False,
+            temporal_pos_embed=False):
     """The whole model: z [B, Cin, Tx, Hx, Wx] -> [B, Cout, Tx, Hx, Wx] (float64).
 
     With ``return_tokens`` also returns the final layer's output tokens [B, T*H*W, p*Cout]."""
@@ -189,6 +199,8 @@ def forward(P, z, timestep, y, mask=None, x_mask=None, fps=None, height=None, wi
     S = H * W
     scale = 1.0 if height is None else math.sqrt(float(height) * float(width)) / input_sq_size
     x = x.reshape(B, T, S, C) + pos_embed_2d(H, W, C, scale, round(math.sqrt(S)))[None, None]
+    if temporal_pos_embed:
+        x = x + frame_pos_embed(T, C)[None, :, None]
 
     fps = torch.tensor([24.0]) if fps is None else torch.as_tensor(fps).reshape(-1)
     fps = fps.to(F64).repeat(B // fps.shape[0])

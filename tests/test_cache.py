@@ -72,9 +72,11 @@ def test_full_steps_through_the_runner_are_bitwise_identical():
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
 
 
+@pytest.mark.parametrize("demo_options", [False, True])
 @pytest.mark.parametrize("use_x_mask", [False, True])
-def test_ratio_one_partial_equals_full(use_x_mask):
-    m = small_model()
+def test_ratio_one_partial_equals_full(use_x_mask, demo_options):
+    # demo_options: the demo preset's frame-index embedding
+    m = small_model(**(dict(temporal_pos_embed=True) if demo_options else {}))
     x, y, mask = inputs()
     x_mask = torch.tensor([[True, False, True], [False, True, True]]) if use_x_mask else None
     ref = trajectory(m, x, y, mask, steps=3, x_mask=x_mask)

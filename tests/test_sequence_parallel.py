@@ -10,12 +10,14 @@ from dist_utils import run_distributed
 TOL = 1e-6
 
 
-def make_model(seed=0, hidden=64, heads=4, depth=2, caption_channels=16, max_len=6):
+def make_model(seed=0, hidden=64, heads=4, depth=2, caption_channels=16, max_len=6,
+               temporal_pos_embed=False):
     from opensora_duca.models.stdit3 import STDiT3
     torch.manual_seed(seed)
     model = STDiT3(in_channels=4, hidden_size=hidden, depth=depth, num_heads=heads,
                    caption_channels=caption_channels, model_max_length=max_len,
-                   input_sq_size=32, enable_sequence_parallelism=True, attn_backend="math")
+                   input_sq_size=32, enable_sequence_parallelism=True, attn_backend="math",
+                   temporal_pos_embed=temporal_pos_embed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # non-zero everywhere (upstream init zeroes temporal projections)
         for p in model.parameters():
@@ -40,15 +42,19 @@ CASES = {
     "cfg_batch": dict(h=8, w=6, x_mask=False),     # 4 latent rows: 2 or 1 per rank
     "x_mask": dict(h=8, w=6, x_mask=True),
     "pad_rows": dict(h=6, w=5, x_mask=True),       # 3 latent rows (padded for 2 and 4 ranks), odd W
+    # the demo model's absolute frame-index embedding (frames are not sharded)
+    "frame_pos_embed": dict(h=6, w=5, x_mask=True, temporal_pos_embed=True),
 }
 
 
 def run_cases(model):
     out = {}
+    with_tpe = make_model(temporal_pos_embed=True)
     for name, c in CASES.items():
         x, t, y, mask, x_mask, kw = make_inputs(c["h"], c["w"])
+        m = with_tpe if c.get("temporal_pos_embed") else model
         with torch.no_grad():
-            out[name] = model(x, t, y, mask=mask, x_mask=x_mask if c["x_mask"] else None, **kw)
+            out[name] = m(x, t, y, mask=mask, x_mask=x_mask if c["x_mask"] else None, **kw)
     return out
 
 

@@ -41,15 +41,18 @@ def float64_pieces(monkeypatch):
     monkeypatch.setattr(layers.PositionEmbedding2D, "forward", pos)
     monkeypatch.setattr(layers.RotaryEmbedding, "rotate_queries_or_keys",
                         lambda self, x, seq_dim=-2: ref.rotary(x))
+    monkeypatch.setattr(layers.FramePositionEmbedding, "forward",
+                        lambda self, t, dtype, device: ref.frame_pos_embed(t, self.dim).to(dtype))
     monkeypatch.setattr(layers.LlamaRMSNorm, "forward",
                         lambda self, x: ref.rms_norm(x, self.weight, self.variance_epsilon))
 
 
-def make_model(qk_norm=True, hidden=32, heads=4, depth=2, cy=12, L=6, backend="sdpa", seed=0):
+def make_model(qk_norm=True, hidden=32, heads=4, depth=2, cy=12, L=6, backend="sdpa", seed=0,
+               temporal_pos_embed=False):
     torch.manual_seed(seed)
     m = STDiT3(in_channels=3, hidden_size=hidden, depth=depth, num_heads=heads,
                caption_channels=cy, model_max_length=L, qk_norm=qk_norm, input_sq_size=64,
-               attn_backend=backend)
+               attn_backend=backend, temporal_pos_embed=temporal_pos_embed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # every parameter non-zero and O(0.1-1)
         for name, p in m.named_parameters():
@@ -191,6 +194,37 @@ def test_caption_mask_repeated_for_cfg_batch(float64_pieces):
     y2[:, :, 3:] = 123.0
     with torch.no_grad():
         assert torch.equal(m(z, timestep, y2, mask=half), got)
+
+
+def test_frame_pos_embed_matches_equation():
+    m = make_model(temporal_pos_embed=True)
+    got = m.temporal_pos_embed(6, torch.float64, "cpu")
+    assert got.shape == (6, 32)
+    assert (got - ref.frame_pos_embed(6, 32)).abs().max() < 1e-6
+    # frames differ, and no weights were added: the state dict is the default model's
+    assert (got[1:] - got[:1]).abs().amax(dim=1).min() > 1e-3
+    assert list(m.state_dict()) == list(make_model().state_dict())
+    with pytest.raises(ValueError, match="temporal_pos_embed"):
+        STDiT3(in_channels=3, hidden_size=32, depth=1, num_heads=4, caption_channels=12,
+               model_max_length=6, temporal_pos_embed="yes")
+
+
+@pytest.mark.parametrize("float64", [True, False])
+@pytest.mark.parametrize("with_x_mask", [False, True])
+def test_whole_model_with_frame_pos_embed(request, float64, with_x_mask):
+    """temporal_pos_embed=True (the demo preset) against the reference, same weights."""
+    if float64:
+        request.getfixturevalue("float64_pieces")
+    m = make_model(temporal_pos_embed=True)
+    P = params(m)
+    z, timestep, y, mask = inputs(h=4, w=6)
+    x_mask = torch.tensor([[False, True, True], [True, False, True]]) if with_x_mask else None
+    with torch.no_grad():
+        got = m(z, timestep, y, mask=mask, x_mask=x_mask)
+    kw = dict(mask=mask, x_mask=x_mask, heads=4, depth=2, input_sq_size=64)
+    want = ref.forward(P, z, timestep, y, temporal_pos_embed=True, **kw)
+    assert rel_err(got.double(), want) < (1.2e-7 if float64 else LOOSE)
+    assert rel_err(ref.forward(P, z, timestep, y, **kw), want) > 1e-3  # the embedding matters
 
 
 def test_reference_is_sensitive():

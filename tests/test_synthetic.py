@@ -56,6 +56,47 @@ def test_motion_and_frame_bounds():
     assert {d for _, _, d in seen} == set(S.DIRECTIONS)
 
 
+def test_edge_start_crosses_the_frame():
+    rnd, edge = S.SyntheticShapes("heldout", length=120), \
+        S.SyntheticShapes("heldout", length=120, start="edge")
+    far = S.IMAGE_SIZE - S.SHAPE_SIZE
+    for i in range(120):
+        a, b = rnd[i], edge[i]
+        # the same attributes and random stream; only the start along the motion changes
+        assert (a["text"], a["direction"]) == (b["text"], b["direction"])
+        dx, dy = S.DIRECTION_VECTORS[b["direction"]]
+        x_last, y_last = b["x0"] + dx * S.SPEED * 7, b["y0"] + dy * S.SPEED * 7
+        if dx:  # starts touching the border behind it, the orthogonal coordinate as before
+            assert b["x0"] == (far if dx < 0 else 0) and b["y0"] == a["y0"]
+            assert 0 <= x_last <= far
+        elif dy:
+            assert b["y0"] == (far if dy < 0 else 0) and b["x0"] == a["x0"]
+            assert 0 <= y_last <= far
+        else:
+            assert (b["x0"], b["y0"]) == (a["x0"], a["y0"])
+            assert torch.equal(a["video"], b["video"])
+    with pytest.raises(ValueError, match=r"start='middle'.*accepted.*edge"):
+        S.SyntheticShapes(start="middle")
+
+
+def test_cross_start_is_edge_start_centred_across_the_motion():
+    edge, cross = S.SyntheticShapes("train", length=120, start="edge"), \
+        S.SyntheticShapes("train", length=120, start="cross")
+    mid = (S.IMAGE_SIZE - S.SHAPE_SIZE) // 2
+    for i in range(120):
+        a, b = edge[i], cross[i]
+        assert a["text"] == b["text"]
+        dx, dy = S.DIRECTION_VECTORS[b["direction"]]
+        if dx:
+            assert (b["x0"], b["y0"]) == (a["x0"], mid)
+        elif dy:
+            assert (b["x0"], b["y0"]) == (mid, a["y0"])
+        else:
+            assert torch.equal(a["video"], b["video"])
+        fg = (b["video"] > -1).any(0)  # the whole shape stays inside: same area every frame
+        assert all(fg[t].sum() == S.shape_mask(b["shape"]).sum() for t in range(8))
+
+
 def test_captions_and_prompts():
     assert S.caption_for("red", "circle", "left") == "a red circle moving left"
     assert S.caption_for("blue", "square", "still") == "a blue square staying still"

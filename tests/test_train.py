@@ -198,6 +198,18 @@ def test_temporal_init(tmp_path):
         cfg_for(tmp_path, "y", temporal_init="ones")
 
 
+def test_caption_init(tmp_path):
+    default = T.build_trainee(cfg_for(tmp_path, "d"))[0].model.y_embedder.y_proj
+    xav = T.build_trainee(cfg_for(tmp_path, "x", caption_init="xavier"))[0].model.y_embedder.y_proj
+    for name in ("fc1", "fc2"):
+        wd, wx = getattr(default, name).weight, getattr(xav, name).weight
+        bound = (6.0 / (wx.shape[0] + wx.shape[1])) ** 0.5  # xavier-uniform range
+        assert abs(wd.std().item() - 0.02) < 0.005  # Open-Sora's init
+        assert wx.abs().max() <= bound and wx.std() > 0.5 * bound / 3 ** 0.5
+    with pytest.raises(ValueError, match=r"caption_init='zero'.*accepted"):
+        cfg_for(tmp_path, "y", caption_init="zero")
+
+
 def test_resume_refuses_other_settings(tmp_path):
     cfg = cfg_for(tmp_path, "r", steps=2)
     T.train(cfg, resume=False, progress=False)

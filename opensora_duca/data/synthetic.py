@@ -45,6 +45,8 @@ SHAPE_SIZE = 10  # side of the bounding box of every shape, in pixels
 SPEED = 2  # pixels per frame
 HELDOUT_SEED_OFFSET = 1_000_000_000
 SPLITS = ("train", "heldout")
+# where a moving shape starts (see sample_params): "random", "edge" or "cross"
+STARTS = ("random", "edge", "cross")
 
 
 def caption_for(color: str, shape: str, direction: str) -> str:
@@ -170,8 +172,18 @@ def _start_range(d: int, num_frames: int, image_size: int, shape_size: int, spee
 
 def sample_params(seed: int, dataset_seed: int = 0, *, num_frames: int = NUM_FRAMES,
                   image_size: int = IMAGE_SIZE, shape_size: int = SHAPE_SIZE,
-                  speed: int = SPEED) -> dict[str, Any]:
-    """The attributes and start position of the clip with item seed ``seed`` (deterministic)."""
+                  speed: int = SPEED, start: str = "random") -> dict[str, Any]:
+    """The attributes and start position of the clip with item seed ``seed`` (deterministic).
+
+    ``start="random"``: uniform over the positions that keep the shape inside the frame for
+    the whole clip. ``start="edge"``: the same across the motion (and for still shapes), but
+    along the motion the shape starts at the far edge, so it crosses the frame (a shape
+    moving left starts touching the right border). ``start="cross"`` (the demo model's
+    training data): as "edge", and centred across the motion, so a moving shape crosses the
+    frame along its middle row or column; still shapes stay anywhere. The three modes draw the
+    same random numbers, so an item has the same colour, shape and direction in all of them.
+    """
+    _check_choice("start", start, STARTS)
     rng = np.random.default_rng([int(seed), int(dataset_seed)])
     color = list(COLORS)[rng.integers(len(COLORS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
@@ -180,6 +192,12 @@ def sample_params(seed: int, dataset_seed: int = 0, *, num_frames: int = NUM_FRA
     xlo, xhi = _start_range(dx, num_frames, image_size, shape_size, speed)
     ylo, yhi = _start_range(dy, num_frames, image_size, shape_size, speed)
     x0, y0 = int(rng.integers(xlo, xhi + 1)), int(rng.integers(ylo, yhi + 1))
+    if start in ("edge", "cross"):  # the draws above keep the random stream the same
+        x0 = {-1: xhi, 1: xlo}.get(dx, x0)
+        y0 = {-1: yhi, 1: ylo}.get(dy, y0)
+    if start == "cross" and direction != "still":  # centred across the motion
+        mid = (image_size - shape_size) // 2
+        x0, y0 = (x0, mid) if dx else (mid, y0)
     return dict(color=color, shape=shape, direction=direction, x0=x0, y0=y0)
 
 
@@ -204,6 +222,8 @@ class SyntheticShapes(torch.utils.data.Dataset):
         length: number of items (``__len__``), 1..HELDOUT_SEED_OFFSET.
         seed: dataset seed mixed into every item's random stream (default 0).
         num_frames, image_size, shape_size, speed: clip geometry (defaults 8, 32, 10, 2).
+        start: "random" (default), "edge" or "cross": where a moving shape starts (see
+            :func:`sample_params`).
 
     ``ds[i]`` is ``dict(video=float32 [3,T,H,W] in [-1,1], text=caption, color=, shape=,
     direction=, seed=item seed, x0=, y0=)``.
@@ -211,8 +231,9 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
     def __init__(self, split: str = "train", length: int = 100_000, seed: int = 0,
                  num_frames: int = NUM_FRAMES, image_size: int = IMAGE_SIZE,
-                 shape_size: int = SHAPE_SIZE, speed: int = SPEED):
+                 shape_size: int = SHAPE_SIZE, speed: int = SPEED, start: str = "random"):
         _check_choice("split", split, SPLITS)
+        _check_choice("start", start, STARTS)
         if not isinstance(length, int) or not 1 <= length <= HELDOUT_SEED_OFFSET:
             raise ValueError(f"length={length!r} is out of range; accepted: an int in "
                              f"1..{HELDOUT_SEED_OFFSET}")
@@ -221,7 +242,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
             if not isinstance(value, int) or value < (0 if key == "speed" else 1):
                 raise ValueError(f"{key}={value!r} is not accepted; accepted: a positive int")
         _start_range(1, num_frames, image_size, shape_size, speed)  # geometry must fit
-        self.split, self.length, self.seed = split, length, int(seed)
+        self.split, self.length, self.seed, self.start = split, length, int(seed), start
         self.geometry = dict(num_frames=num_frames, image_size=image_size,
                              shape_size=shape_size, speed=speed)
 
@@ -238,7 +259,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index={index} is out of range; accepted: 0..{self.length - 1}")
         seed = self.item_seed(index)
-        p = sample_params(seed, self.seed, **self.geometry)
+        p = sample_params(seed, self.seed, start=self.start, **self.geometry)
         video = render_clip(p["color"], p["shape"], p["direction"], p["x0"], p["y0"],
                             **self.geometry)
         return dict(video=to_tensor(video), text=caption_for(p["color"], p["shape"],

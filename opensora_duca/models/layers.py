@@ -131,6 +131,32 @@ class PositionEmbedding2D(nn.Module):
         return torch.cat([self._sincos(col), self._sincos(row)], dim=-1)[None].to(dtype)
 
 
+class FramePositionEmbedding(nn.Module):
+    """Parameter-free 1-D sin-cos embedding of the frame (latent time) index, ``[T, dim]``.
+
+    Upstream STDiT3 has no absolute time signal (its temporal attention only sees relative
+    offsets through RoPE); Open-Sora 1.0's STDiT added a fixed sin-cos over frames instead.
+    STDiT3 adds this one at the input when built with ``temporal_pos_embed=True`` (off by
+    default, so Open-Sora checkpoints and outputs are unchanged). Nothing is stored in the
+    state dict.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        half = dim // 2
+        self.dim = dim
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(half).float() / half),
+                             persistent=False)
+
+    def forward(self, t: int, dtype, device) -> torch.Tensor:
+        pos = torch.arange(t, dtype=torch.float32, device=device)
+        out = pos[:, None] * self.inv_freq.to(device)[None]
+        emb = torch.cat([out.sin(), out.cos()], dim=-1)
+        if emb.shape[-1] < self.dim:  # odd dim: pad one zero channel
+            emb = torch.nn.functional.pad(emb, (0, self.dim - emb.shape[-1]))
+        return emb.to(dtype)
+
+
 class RotaryEmbedding(nn.Module):
     """Interleaved-pair rotary embedding over the sequence axis (rotary_embedding_torch layout)."""
 

@@ -19,9 +19,10 @@ from .. import parallel as sp
 from ..registry import MODELS
 from .attention import check_backend
 from .checkpoint import load_checkpoint
-from .layers import (Attention, CaptionEmbedder, Mlp, MultiHeadCrossAttention, PatchEmbed3D,
-                     PositionEmbedding2D, RotaryEmbedding, SeqParallelState, SizeEmbedder,
-                     T2IFinalLayer, TimestepEmbedder, modulate, select_by_frame)
+from .layers import (Attention, CaptionEmbedder, FramePositionEmbedding, Mlp,
+                     MultiHeadCrossAttention, PatchEmbed3D, PositionEmbedding2D, RotaryEmbedding,
+                     SeqParallelState, SizeEmbedder, T2IFinalLayer, TimestepEmbedder, modulate,
+                     select_by_frame)
 
 
 def block_modulation(table: torch.Tensor, t: torch.Tensor, x_mask=None, t0=None):
@@ -83,6 +84,10 @@ class STDiT3(nn.Module):
     without it, ``enable_flash_attn=True`` means "auto" (flash-attn where installed) and False
     means "sdpa". With ``fps``/``height``/``width`` omitted, fps=24 and the position-embedding
     scale is 1 (height*width taken as input_sq_size^2).
+
+    ``temporal_pos_embed=True`` (not upstream; the demo preset uses it) adds a fixed sin-cos
+    embedding of the frame index to every token at the input, so the model knows each frame's
+    absolute position in the clip; it adds no weights.
     """
 
     def __init__(self, input_size=(None, None, None), input_sq_size: int = 512,
@@ -93,7 +98,8 @@ class STDiT3(nn.Module):
                  qk_norm: bool = True, enable_flash_attn: bool = False,
                  enable_layernorm_kernel: bool = False, enable_sequence_parallelism: bool = False,
                  attn_backend: Optional[str] = None, only_train_temporal: bool = False,
-                 freeze_y_embedder: bool = False, skip_y_embedder: bool = False):
+                 freeze_y_embedder: bool = False, skip_y_embedder: bool = False,
+                 temporal_pos_embed: bool = False):
         super().__init__()
         for key, val in dict(in_channels=in_channels, hidden_size=hidden_size, depth=depth,
                              num_heads=num_heads, caption_channels=caption_channels,
@@ -116,6 +122,12 @@ class STDiT3(nn.Module):
         self.sp_state = SeqParallelState()
 
         self.pos_embed = PositionEmbedding2D(hidden_size)
+        if not isinstance(temporal_pos_embed, bool):
+            raise ValueError(f"STDiT3 temporal_pos_embed={temporal_pos_embed!r}: accepted: "
+                             "True or False")
+        # optional absolute frame index (not in upstream STDiT3; parameter-free)
+        self.temporal_pos_embed = FramePositionEmbedding(hidden_size) if temporal_pos_embed \
+            else None
         self.rope = RotaryEmbedding(dim=hidden_size // num_heads)
         self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -237,6 +249,8 @@ class STDiT3(nn.Module):
 
         y, y_mask = self.encode_text(y, mask)
         x = self.x_embedder(x).view(b, T, S, -1) + pos_emb[:, None]
+        if self.temporal_pos_embed is not None:
+            x = x + self.temporal_pos_embed(T, x.dtype, x.device)[None, :, None]
 
         group = self.sequence_parallel_group()
         self.sp_state.group = group
@@ -282,7 +296,7 @@ PRESETS = {
     # the shipped demo model (trained by tools/train.py on synthetic shapes)
     "STDiT3-demo": dict(depth=4, hidden_size=64, patch_size=(1, 2, 2), num_heads=4,
                         in_channels=12, caption_channels=64, model_max_length=12,
-                        input_sq_size=32, class_dropout_prob=0.0),
+                        input_sq_size=32, class_dropout_prob=0.0, temporal_pos_embed=True),
 }
 
 
