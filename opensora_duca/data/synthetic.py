@@ -2,8 +2,11 @@
 
 Every clip is a pure function of an integer seed: one shape (circle, square or triangle) of one
 named colour on a dark background, moving left, right, up or down at a fixed speed, or staying
-still, always fully inside the frame. Its caption names the three attributes in a fixed
-grammar, e.g. ``"a red circle moving left"`` or ``"a blue square staying still"``.
+still, always fully inside the frame. Where a moving shape starts is the ``start`` mode:
+anywhere it stays inside ("random", the default), at the far edge ("edge"), or at the far edge
+and centred across the motion ("cross", what the demo model is trained on). Its caption
+names the three attributes in a fixed grammar, e.g. ``"a red circle moving left"`` or
+``"a blue square staying still"``.
 
 Splits use disjoint seed ranges: item ``i`` of split ``"train"`` has seed ``i``, item ``i`` of
 split ``"heldout"`` has seed ``HELDOUT_SEED_OFFSET + i`` (so a split holds at most
