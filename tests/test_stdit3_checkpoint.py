@@ -133,3 +133,34 @@ def test_hub_id_says_download_first():
     with pytest.raises(FileNotFoundError, match=r"looks like a hub id.*download it first"):
         build_module(dict(type="STDiT3-S/2", depth=1,
                           from_pretrained="hpcai-tech/OpenSora-STDiT-v3"), MODELS)
+
+
+@pytest.mark.parametrize("recorded", [None, False, True])
+def test_recorded_parameter_free_option_must_match(tmp_path, recorded):
+    """temporal_pos_embed adds no weights, so only the export metadata can tell: a bundle
+    recorded without it (or from before it was recorded) must not load into a model with it."""
+    import json
+    src = _randomised()
+    model_cfg = dict(type="STDiT3-S/2")
+    if recorded is not None:
+        model_cfg["temporal_pos_embed"] = recorded
+    path = tmp_path / "bundle.safetensors"
+    save_file({f"model.{k}": v.contiguous() for k, v in src.state_dict().items()}, str(path),
+              metadata=dict(config=json.dumps(dict(model=model_cfg))))
+    want = bool(recorded)
+    for built in (False, True):
+        torch.manual_seed(0)
+        m = build_module(dict(type="STDiT3-S/2", depth=1, hidden_size=32, num_heads=2,
+                              temporal_pos_embed=built), MODELS)
+        if built == want:
+            load_checkpoint(m, str(path))
+            assert torch.equal(m.t_block[1].weight, src.t_block[1].weight)
+        else:
+            with pytest.raises(ValueError, match=rf"temporal_pos_embed={want}.*built with "
+                                                 rf"temporal_pos_embed={built}"):
+                load_checkpoint(m, str(path))
+    # a file without our metadata (e.g. an upstream checkpoint) is not checked
+    plain = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(plain))
+    load_checkpoint(build_module(dict(type="STDiT3-S/2", depth=1, hidden_size=32, num_heads=2,
+                                      temporal_pos_embed=True), MODELS), str(plain))

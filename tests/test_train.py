@@ -132,6 +132,7 @@ def test_export_bundle(tmp_path):
     assert float(meta["final_loss"]) == pytest.approx(s["final_loss"], rel=1e-5)
     mcfg = json.loads(meta["config"])["model"]
     assert mcfg["caption_channels"] == 16 and mcfg["in_channels"] == 12
+    assert mcfg["temporal_pos_embed"] is True  # the STDiT3-demo preset's (weight-free) option
     assert all(k.startswith(("model.", "text_encoder.")) for k in keys)
     ema = final_state(cfg)["ema"]
     mcfg.pop("type")

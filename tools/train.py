@@ -466,6 +466,8 @@ def export_config(cfg: dict, model: nn.Module, te: nn.Module) -> dict:
     out = {k: cfg[k] for k in keys if k in cfg}
     out["model"] = dict(out["model"], in_channels=model.in_channels,
                         caption_channels=te.output_dim, model_max_length=te.model_max_length)
+    if hasattr(model, "temporal_pos_embed"):  # parameter-free: recorded for the loader's check
+        out["model"]["temporal_pos_embed"] = model.temporal_pos_embed is not None
     return out
 
 

@@ -71,4 +71,37 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
             lines.append("  shape mismatches: " + _fmt(
                 [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad]))
         raise RuntimeError("\n".join(lines))
+    check_recorded_options(model, path)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+#: model options that change the output but add no weights, so a state dict cannot reveal them
+PARAMETER_FREE_OPTIONS = ("temporal_pos_embed",)
+
+
+def check_recorded_options(model: torch.nn.Module, path: str) -> None:
+    """For a .safetensors file exported by ``tools/train.py`` (metadata ``config`` = JSON with a
+    ``model`` entry): the parameter-free options it records (missing = the class default, off)
+    must match the model's, else the weights load fine and the outputs are silently wrong."""
+    path = resolve_checkpoint_path(path)
+    if not path.endswith(".safetensors"):
+        return
+    import json
+
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        recorded = json.loads(meta["config"])["model"]
+    except (KeyError, TypeError, ValueError):
+        return  # not one of our exports: nothing recorded
+    for key in PARAMETER_FREE_OPTIONS:
+        if not hasattr(model, key):
+            continue
+        want = bool(recorded.get(key, False))
+        have = getattr(model, key) is not None
+        if want != have:
+            raise ValueError(
+                f"checkpoint {path!r} was trained with model option {key}={want}, but the model "
+                f"was built with {key}={have}; accepted: the same value (set model.{key}={want} "
+                "in the config)")
