@@ -49,6 +49,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from opensora_duca.models.checkpoint import PARAMETER_FREE_OPTIONS  # noqa: E402
 from opensora_duca.registry import (DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS,  # noqa: E402
                                     VAES, build_module)
 
@@ -102,18 +103,11 @@ def load_config(path_or_dict: Any, overrides: dict | None = None) -> dict:
                          "accepted: None or a number of seconds > 0")
     if not isinstance(cfg["lr"], (int, float)) or cfg["lr"] <= 0:
         raise ValueError(f"config key lr={cfg['lr']!r} is not accepted; accepted: a number > 0")
-    if cfg["lr_schedule"] not in LR_SCHEDULES:
-        raise ValueError(f"config key lr_schedule={cfg['lr_schedule']!r} is not accepted; "
-                         f"accepted: {list(LR_SCHEDULES)}")
-    if cfg["temporal_init"] not in TEMPORAL_INITS:
-        raise ValueError(f"config key temporal_init={cfg['temporal_init']!r} is not accepted; "
-                         f"accepted: {list(TEMPORAL_INITS)}")
-    if cfg["caption_init"] not in CAPTION_INITS:
-        raise ValueError(f"config key caption_init={cfg['caption_init']!r} is not accepted; "
-                         f"accepted: {list(CAPTION_INITS)}")
-    if cfg["export_dtype"] not in EXPORT_DTYPES:
-        raise ValueError(f"config key export_dtype={cfg['export_dtype']!r} is not accepted; "
-                         f"accepted: {list(EXPORT_DTYPES)}")
+    for k, accepted in (("lr_schedule", LR_SCHEDULES), ("temporal_init", TEMPORAL_INITS),
+                        ("caption_init", CAPTION_INITS), ("export_dtype", EXPORT_DTYPES)):
+        if cfg[k] not in accepted:
+            raise ValueError(f"config key {k}={cfg[k]!r} is not accepted; accepted: "
+                             f"{list(accepted)}")
     return cfg
 
 
@@ -166,10 +160,11 @@ def build_trainee(cfg: dict) -> tuple[Trainee, Any, Any, Any]:
     vae = build_module(cfg["vae"], VAES)
     model = build_module(cfg["model"], MODELS, caption_channels=te.output_dim,
                          model_max_length=te.model_max_length, in_channels=vae.out_channels)
-    if cfg.get("temporal_init", "zero") == "xavier" and not cfg["model"].get("from_pretrained"):
-        init_temporal_blocks(model)
-    if cfg.get("caption_init", "default") == "xavier" and not cfg["model"].get("from_pretrained"):
-        init_caption_projection(model)
+    if not cfg["model"].get("from_pretrained"):  # from-scratch re-initialisations
+        if cfg.get("temporal_init", "zero") == "xavier":
+            init_temporal_blocks(model)
+        if cfg.get("caption_init", "default") == "xavier":
+            init_caption_projection(model)
     scheduler = build_module(cfg["scheduler"], SCHEDULERS)
     dataset = build_module(cfg["dataset"], DATASETS)
     return Trainee(model, te), vae, scheduler, dataset
@@ -466,8 +461,9 @@ def export_config(cfg: dict, model: nn.Module, te: nn.Module) -> dict:
     out = {k: cfg[k] for k in keys if k in cfg}
     out["model"] = dict(out["model"], in_channels=model.in_channels,
                         caption_channels=te.output_dim, model_max_length=te.model_max_length)
-    if hasattr(model, "temporal_pos_embed"):  # parameter-free: recorded for the loader's check
-        out["model"]["temporal_pos_embed"] = model.temporal_pos_embed is not None
+    for key in PARAMETER_FREE_OPTIONS:  # no weights show them: recorded for the loader's check
+        if hasattr(model, key):
+            out["model"][key] = getattr(model, key) is not None
     return out
 
 

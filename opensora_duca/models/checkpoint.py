@@ -54,6 +54,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     """Load strictly: missing or unexpected keys and shape mismatches raise with the names."""
+    path = resolve_checkpoint_path(path)
     sd = read_state_dict(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
@@ -71,7 +72,7 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
             lines.append("  shape mismatches: " + _fmt(
                 [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad]))
         raise RuntimeError("\n".join(lines))
-    check_recorded_options(model, path)
+    _check_recorded_options(model, path)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 
 
@@ -79,11 +80,11 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
 PARAMETER_FREE_OPTIONS = ("temporal_pos_embed",)
 
 
-def check_recorded_options(model: torch.nn.Module, path: str) -> None:
-    """For a .safetensors file exported by ``tools/train.py`` (metadata ``config`` = JSON with a
-    ``model`` entry): the parameter-free options it records (missing = the class default, off)
-    must match the model's, else the weights load fine and the outputs are silently wrong."""
-    path = resolve_checkpoint_path(path)
+def _check_recorded_options(model: torch.nn.Module, path: str) -> None:
+    """For a .safetensors file (resolved ``path``) exported by ``tools/train.py`` (metadata
+    ``config`` = JSON with a ``model`` entry): the parameter-free options it records (missing =
+    the class default, off) must match the model's, else the weights load fine and the outputs
+    are silently wrong."""
     if not path.endswith(".safetensors"):
         return
     import json

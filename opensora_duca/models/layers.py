@@ -102,6 +102,12 @@ class PatchEmbed3D(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def _sincos(pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """[n] positions -> [n, 2 * len(inv_freq)]: sin(pos * f) channels, then cos(pos * f)."""
+    out = pos[:, None] * inv_freq[None]
+    return torch.cat([out.sin(), out.cos()], dim=-1)
+
+
 class PositionEmbedding2D(nn.Module):
     """Parameter-free 2-D sin-cos embedding with resolution scaling.
 
@@ -116,10 +122,6 @@ class PositionEmbedding2D(nn.Module):
                              1.0 / 10000 ** (torch.arange(0, half, 2).float() / half),
                              persistent=False)
 
-    def _sincos(self, pos: torch.Tensor) -> torch.Tensor:
-        out = pos[:, None] * self.inv_freq[None]
-        return torch.cat([out.sin(), out.cos()], dim=-1)
-
     def forward(self, h: int, w: int, scale: float, base_size: Optional[int], dtype, device):
         gh = torch.arange(h, dtype=torch.float32, device=device) / scale
         gw = torch.arange(w, dtype=torch.float32, device=device) / scale
@@ -128,7 +130,8 @@ class PositionEmbedding2D(nn.Module):
             gw = gw * (base_size / w)
         col = gw[None, :].expand(h, w).reshape(-1)
         row = gh[:, None].expand(h, w).reshape(-1)
-        return torch.cat([self._sincos(col), self._sincos(row)], dim=-1)[None].to(dtype)
+        return torch.cat([_sincos(col, self.inv_freq), _sincos(row, self.inv_freq)],
+                         dim=-1)[None].to(dtype)
 
 
 class FramePositionEmbedding(nn.Module):
@@ -149,9 +152,8 @@ class FramePositionEmbedding(nn.Module):
                              persistent=False)
 
     def forward(self, t: int, dtype, device) -> torch.Tensor:
-        pos = torch.arange(t, dtype=torch.float32, device=device)
-        out = pos[:, None] * self.inv_freq.to(device)[None]
-        emb = torch.cat([out.sin(), out.cos()], dim=-1)
+        emb = _sincos(torch.arange(t, dtype=torch.float32, device=device),
+                      self.inv_freq.to(device))
         if emb.shape[-1] < self.dim:  # odd dim: pad one zero channel
             emb = torch.nn.functional.pad(emb, (0, self.dim - emb.shape[-1]))
         return emb.to(dtype)
