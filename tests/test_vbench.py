@@ -6,11 +6,11 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from opensora_duca.eval import vbench as vb
+from opensora_duca.utils.video import save_video
+from write_utils import dead_writer_temp
 
-from opensora_duca.eval import vbench as vb  # noqa: E402
-from opensora_duca.utils.video import partial_path, save_video  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HAVE_VBENCH_FILES = __import__("importlib").util.find_spec("vbench") is not None
 needs_vbench_files = pytest.mark.skipif(not HAVE_VBENCH_FILES, reason="vbench package not installed (" + vb.INSTALL_HINT + ")")
@@ -60,8 +60,8 @@ def test_list_jobs_skips_complete_files_only(tmp_path):
     frames = np.full((2, 16, 16, 3), 90, np.uint8)
     save_video(frames, os.path.join(out, "p zero-1.mp4"))  # complete -> skipped
     # an interrupted write of p zero-2: only the temporary exists -> still a job
-    with open(partial_path(os.path.join(out, "p zero-2.mp4")), "wb") as f:
-        f.write(open(os.path.join(out, "p zero-1.mp4"), "rb").read())
+    dead_writer_temp(os.path.join(out, "p zero-2.mp4"),
+                     open(os.path.join(out, "p zero-1.mp4"), "rb").read())
     open(os.path.join(out, "p one-0.mp4"), "wb").close()  # empty file -> still a job
     with open(os.path.join(out, "p one-1.mp4"), "wb") as f:  # truncated garbage -> still a job
         f.write(b"\x00\x00\x00\x18ftypmp42")
@@ -221,11 +221,8 @@ def test_real_temporal_flickering(tmp_path):
 
 def test_vbench_cli(tmp_path, capsys):
     _import_vbench_or_skip()
-    import importlib.util
+    from opensora_duca.cli import vbench_evaluate as cli
 
-    spec = importlib.util.spec_from_file_location("tools_vbench_cli", os.path.join(ROOT, "tools", "vbench_evaluate.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     vids = tmp_path / "v"
     save_video(np.full((4, 32, 32, 3), 100, np.uint8), str(vids / "a calm lake-0.mp4"))
     (tmp_path / "w").mkdir()

@@ -1,6 +1,6 @@
 """Fidelity of cached generations against the uncached reference (same prompt, same seed).
 
-Protocol (see ``shared/reference/vbench.md``, "Fidelity against the uncached video"):
+Protocol (the caching papers'; described in ``docs/evaluation.md``):
 
 * frames are floats in ``[0, 1]`` (inputs are divided by ``data_range``);
 * PSNR per frame: ``10 * log10(1 / MSE)`` with the MSE over ``C x H x W``; 100 when ``MSE < 1e-10``;
@@ -267,15 +267,15 @@ def compare_videos(a, b, data_range: float = 1.0, layout: Optional[str] = None) 
 # directory comparison
 # --------------------------------------------------------------------------------------------------
 def _scan(folder: str) -> Tuple[Dict[str, str], List[str], List[str]]:
-    """Return ({name: path} for video files, [temporary .partial files], [other files])."""
-    from opensora_duca.utils.video import is_partial_name
+    """Return ({name: path} for video files, [temporary files of writes], [other files])."""
+    from ..utils.atomic import is_temp_name
 
     videos, partial, other = {}, [], []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
-        if is_partial_name(name):
+        if is_temp_name(name):
             partial.append(name)
         elif os.path.splitext(name)[1].lower() in VIDEO_EXTS:
             videos[name] = path
@@ -366,27 +366,7 @@ def compare_dirs(a_dir: str, b_dir: str, use_lpips: bool = False, device: str = 
     return result
 
 
-def write_json_atomic(obj, path: str) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder + ``os.replace``."""
-    import json
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, "." + os.path.basename(path) + ".partial")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 __all__ = [
-    "write_json_atomic",
     "psnr",
     "ssim",
     "mse",

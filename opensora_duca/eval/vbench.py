@@ -404,7 +404,8 @@ def plan_dimensions(dimensions: Optional[Sequence[str]], cache_dir: str) -> Tupl
 def _stage_videos(videos_dir: str, stage_dir: str) -> Tuple[List[str], List[str]]:
     """Link complete videos into ``stage_dir`` (VBench lists the folder and takes the extension of the
     first entry, so stray temporary / non-video files must not be there). Returns (staged, not staged)."""
-    from opensora_duca.utils.video import is_complete_video, is_partial_name
+    from opensora_duca.utils.atomic import is_temp_name
+    from opensora_duca.utils.video import is_complete_video
 
     if os.path.isdir(stage_dir):
         shutil.rmtree(stage_dir)
@@ -414,7 +415,7 @@ def _stage_videos(videos_dir: str, stage_dir: str) -> Tuple[List[str], List[str]
         src = os.path.join(videos_dir, name)
         if not os.path.isfile(src):
             continue
-        if is_partial_name(name) or not name.lower().endswith(".mp4"):
+        if is_temp_name(name) or not name.lower().endswith(".mp4"):
             rejected.append(name)
             continue
         if not is_complete_video(src):
