@@ -134,7 +134,8 @@ def output_names(cfg, args, prompts: list[str]) -> list[str]:
     the same name)."""
     if args.prompt_as_path:
         return unique_filenames(prompts)
-    prefix = check_sample_name(cfg.get("sample_name") or "sample")
+    name = cfg.get("sample_name")
+    prefix = "sample" if name is None else check_sample_name(name)
     return [f"{prefix}_{i:04d}" for i in range(len(prompts))]
 
 
