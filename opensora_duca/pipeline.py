@@ -180,7 +180,8 @@ class Pipeline:
 
     def __init__(self, model, text_encoder, vae, scheduler, device, dtype,
                  cache_manager=None, defaults: Optional[dict] = None, aes=None, flow=None):
-        self.model, self.text_encoder, self.vae, self.scheduler = model, text_encoder, vae, scheduler
+        self.model, self.text_encoder = model, text_encoder
+        self.vae, self.scheduler = vae, scheduler
         self.device, self.dtype = torch.device(device), dtype
         self.cache_manager = cache_manager
         self.defaults = dict(defaults or {})

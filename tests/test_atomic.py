@@ -12,11 +12,16 @@ import time
 
 import numpy as np
 import pytest
-
-from opensora_duca.utils.atomic import (atomic_path, is_temp_name, remove_stale_temps,
-                                        write_bytes, write_json)
-from opensora_duca.utils.video import is_complete_video, read_video
 from write_utils import dead_writer_temp, live_writer
+
+from opensora_duca.utils.atomic import (
+    atomic_path,
+    is_temp_name,
+    remove_stale_temps,
+    write_bytes,
+    write_json,
+)
+from opensora_duca.utils.video import is_complete_video, read_video
 
 # Each writer process waits for the go file, then writes its own content to the same target
 # ROUNDS times; it prints "ok" when every write returned without an exception.

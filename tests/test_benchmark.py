@@ -1,5 +1,6 @@
-"""tools/benchmark.py (opensora_duca.cli.benchmark): every field for every policy on the (tiny) cpu preset, the reference
-row, DuCa's analytic saving, input validation, and the demo preset when its model is shipped."""
+"""tools/benchmark.py (opensora_duca.cli.benchmark): every field for every policy on the (tiny)
+cpu preset, the reference row, DuCa's analytic saving, input validation, and the demo preset
+when its model is shipped."""
 from __future__ import annotations
 
 import json

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from dist_utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

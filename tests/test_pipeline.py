@@ -6,9 +6,16 @@ import hashlib
 import pytest
 import torch
 
-from opensora_duca.pipeline import (append_scores, build_from_config, get_image_size,
-                                    get_num_frames, load_prompts, prompt_to_filename,
-                                    resolve_image_size, unique_filenames)
+from opensora_duca.pipeline import (
+    append_scores,
+    build_from_config,
+    get_image_size,
+    get_num_frames,
+    load_prompts,
+    prompt_to_filename,
+    resolve_image_size,
+    unique_filenames,
+)
 
 PROMPTS = ["a red circle moving left", "a blue square staying still", "a green triangle moving up"]
 

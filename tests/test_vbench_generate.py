@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from write_utils import dead_writer_temp, live_writer
 
 from opensora_duca.cli import vbench_generate as vg
 from opensora_duca.utils.video import is_complete_video
-from write_utils import dead_writer_temp, live_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

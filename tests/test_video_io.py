@@ -3,6 +3,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from write_utils import dead_writer_temp
 
 from opensora_duca.utils.video import (
     is_complete_video,
@@ -10,7 +11,6 @@ from opensora_duca.utils.video import (
     save_video,
     to_uint8_frames,
 )
-from write_utils import dead_writer_temp
 
 
 def smooth_video(t=6, h=32, w=48):

@@ -21,8 +21,13 @@ import argparse
 import json
 import os
 
-from opensora_duca.eval.judge import (caption_from_name, format_table, judge_files, summarize,
-                                      to_jsonable)
+from opensora_duca.eval.judge import (
+    caption_from_name,
+    format_table,
+    judge_files,
+    summarize,
+    to_jsonable,
+)
 from opensora_duca.utils.atomic import write_json
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov")

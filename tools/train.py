@@ -47,8 +47,7 @@ import torch
 from torch import nn
 
 from opensora_duca.models.checkpoint import PARAMETER_FREE_OPTIONS
-from opensora_duca.registry import (DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS, VAES,
-                                    build_module)
+from opensora_duca.registry import DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
 from opensora_duca.utils.atomic import atomic_write, save_torch, write_json
 
 REQUIRED_KEYS = ("model", "text_encoder", "vae", "dataset")

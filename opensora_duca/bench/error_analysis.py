@@ -189,7 +189,6 @@ def claim_variants(num_steps: int) -> Dict[str, list]:
 @torch.no_grad()
 def claim_test(bench, st: Stepper, ref: dict, starts: List[int]) -> dict:
     from ..cache import apply_cache, remove_cache
-    from ..cache import flops as fl
 
     Scripted = _scripted_policy_cls()
     variants = claim_variants(bench.num_steps)

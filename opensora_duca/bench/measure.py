@@ -12,6 +12,7 @@ import torch
 
 from .benches import Bench, option_error
 
+
 class PeakMemory:
     """Peak memory above the level at :meth:`start` (see the module doc)."""
 
@@ -21,7 +22,8 @@ class PeakMemory:
         if device.type == "cuda":
             self.method = "cuda max_memory_allocated - memory_allocated at run start"
         elif _can_reset_hwm():
-            self.method = "peak RSS (VmHWM after clear_refs=5) - RSS at run start, after malloc_trim"
+            self.method = ("peak RSS (VmHWM after clear_refs=5) - RSS at run start, after "
+                           "malloc_trim")
         self._base = 0
 
     def start(self):
@@ -124,7 +126,8 @@ def parse_policies(text: str) -> List[str]:
     known = registered(REG)
     bad = [p for p in names if p not in known]
     if not names or bad:
-        raise option_error("--policies", text, f"a comma-separated list of registered policies {known}")
+        raise option_error("--policies", text,
+                           f"a comma-separated list of registered policies {known}")
     if len(set(names)) != len(names):
         raise option_error("--policies", text, "each policy at most once")
     if "none" not in names:

@@ -105,7 +105,8 @@ def main(argv=None) -> int:
 
     print(f"\nDemo model, {len(prompts)} prompts, {steps} rflow steps, {world} rank(s), "
           f"{device.type}; videos under {save_dir}/")
-    print("| run | sampling s | speedup | FLOPs ratio | peak cache MiB | judge ok | PSNR dB | SSIM |")
+    print("| run | sampling s | speedup | FLOPs ratio | peak cache MiB | judge ok | PSNR dB "
+          "| SSIM |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         j = r["judge"]

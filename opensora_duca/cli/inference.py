@@ -39,7 +39,6 @@ import os
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 from mmengine.config import DictAction
 

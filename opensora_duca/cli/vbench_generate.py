@@ -7,8 +7,8 @@ Usage::
         [--num-samples 5] [--seed S] [--start I] [--end J] [--save-dir DIR] [--batch-size B]
         [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--ckpt-path PATH] [--no-progress]
         [--cfg-options key=value ...]
-    torchrun --nproc_per_node P tools/vbench_generate.py CONFIG ...                 # sequence parallel
-    torchrun --nproc_per_node P tools/vbench_generate.py CONFIG --data-parallel ...  # prompt shards
+    torchrun --nproc_per_node P tools/vbench_generate.py CONFIG ...  # sequence parallel
+    torchrun --nproc_per_node P tools/vbench_generate.py CONFIG --data-parallel ...  # shards
 
 Prompts: ``--prompt-path`` (one per line) or the suite shipped in the installed ``vbench`` package
 (``VBench_full_info.json``), optionally only the prompts tagged with ``--dimensions``; then the
@@ -79,7 +79,8 @@ def parse_args(argv=None):
 
 def _check_args(args):
     if args.num_samples < 1:
-        raise ValueError(f"--num-samples={args.num_samples!r} is not accepted; accepted: an int >= 1")
+        raise ValueError(f"--num-samples={args.num_samples!r} is not accepted; accepted: an int "
+                         f">= 1")
     if args.start < 0:
         raise ValueError(f"--start={args.start!r} is not accepted; accepted: an int >= 0")
     if args.end is not None and args.end < args.start:

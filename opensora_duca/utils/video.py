@@ -30,8 +30,8 @@ from .atomic import atomic_path, is_temp_name
 ArrayLike = Union["torch.Tensor", np.ndarray]
 
 _ACCEPTED = (
-    "accepted inputs: a float torch.Tensor/numpy array [C, T, H, W] with values in [-1, 1] and C in {1, 3}, "
-    "or a uint8 torch.Tensor/numpy array [T, H, W, 3] (or [T, H, W, 1])"
+    "accepted inputs: a float torch.Tensor/numpy array [C, T, H, W] with values in [-1, 1] and C "
+    "in {1, 3}, or a uint8 torch.Tensor/numpy array [T, H, W, 3] (or [T, H, W, 1])"
 )
 
 
@@ -62,14 +62,16 @@ def to_uint8_frames(video: ArrayLike) -> np.ndarray:
 
     if arr.dtype == np.uint8:
         if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-            raise ValueError(f"uint8 video must have shape [T, H, W, 3] ({_describe(video)}); {_ACCEPTED}")
+            raise ValueError(f"uint8 video must have shape [T, H, W, 3] ({_describe(video)}); "
+                             f"{_ACCEPTED}")
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, 3, axis=-1)
         out = arr
     elif np.issubdtype(arr.dtype, np.floating):
         if arr.ndim != 4 or arr.shape[0] not in (1, 3):
             raise ValueError(
-                f"float video must have shape [C, T, H, W] with C in {{1, 3}} ({_describe(video)}); {_ACCEPTED}"
+                f"float video must have shape [C, T, H, W] with C in {{1, 3}} "
+                f"({_describe(video)}); {_ACCEPTED}"
             )
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"float video contains NaN or Inf values ({_describe(video)})")
@@ -150,8 +152,8 @@ def read_video(path: str) -> np.ndarray:
 
 
 def is_complete_video(path: str) -> bool:
-    """True if ``path`` exists, is a non-empty regular file, is not a temporary file of :mod:`opensora_duca.utils.atomic`, and
-    at least one video frame can be decoded from it."""
+    """True if ``path`` exists, is a non-empty regular file, is not a temporary file of
+    :mod:`opensora_duca.utils.atomic`, and at least one video frame can be decoded from it."""
     try:
         if is_temp_name(path) or not os.path.isfile(path) or os.path.getsize(path) == 0:
             return False
