@@ -11,7 +11,6 @@ sinusoids with the cosine half first.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 

@@ -275,7 +275,8 @@ class CaptionEmbedder(nn.Module):
     def __init__(self, in_channels: int, hidden: int, token_num: int):
         super().__init__()
         self.y_proj = Mlp(in_channels, hidden, hidden)
-        self.register_buffer("y_embedding", torch.randn(token_num, in_channels) / in_channels ** 0.5)
+        self.register_buffer("y_embedding",
+                             torch.randn(token_num, in_channels) / in_channels ** 0.5)
 
     def forward(self, y):
         return self.y_proj(y)
@@ -322,7 +323,8 @@ class UpstreamShapedSTDiT3(nn.Module):
                  input_sq_size=64, qk_norm=True, enable_sequence_parallelism=False):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, 2 * in_channels
-        self.patch_size, self.hidden_size, self.num_heads = tuple(patch_size), hidden_size, num_heads
+        self.patch_size = tuple(patch_size)
+        self.hidden_size, self.num_heads = hidden_size, num_heads
         self.input_sq_size = input_sq_size
         self.enable_sequence_parallelism = enable_sequence_parallelism
         head_dim = hidden_size // num_heads

@@ -72,7 +72,8 @@ class CaptionEmbedder(nn.Module):
     def __init__(self, in_channels: int, hidden_size: int, uncond_prob: float, token_num: int):
         super().__init__()
         self.y_proj = Mlp(in_channels, hidden_size, hidden_size)
-        self.register_buffer("y_embedding", torch.randn(token_num, in_channels) / in_channels ** 0.5)
+        self.register_buffer("y_embedding",
+                             torch.randn(token_num, in_channels) / in_channels ** 0.5)
         self.uncond_prob = uncond_prob
 
     def forward(self, caption: torch.Tensor, train: bool, force_drop_ids=None) -> torch.Tensor:
@@ -164,8 +165,8 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, theta: float = 10000.0):
         super().__init__()
-        self.freqs = nn.Parameter(1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim),
-                                  requires_grad=False)
+        exponents = torch.arange(0, dim, 2)[: dim // 2].float() / dim
+        self.freqs = nn.Parameter(1.0 / theta ** exponents, requires_grad=False)
 
     def rotate_queries_or_keys(self, x: torch.Tensor, seq_dim: int = -2) -> torch.Tensor:
         n = x.shape[seq_dim]
