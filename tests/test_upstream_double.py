@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from dist_utils import run_distributed
 from opensora_duca.cache import apply_cache, build_policy, get_cache_manager, remove_cache
-from opensora_duca.cache.plan import CROSS_ATTN, FULL, REUSE, SPATIAL_ATTN
+from opensora_duca.cache.plan import Action, Kind
 from opensora_duca.models.stdit3 import STDiT3
 from upstream_double import UpstreamShapedSTDiT3, load_stdit3_state_dict
 
@@ -90,7 +90,7 @@ def rel_err(a, b):
 
 def plan_labels(cfg):
     policy = build_policy(cfg)
-    return [policy.plan(i, STEPS, timestep(i)).label for i in range(STEPS)]
+    return [policy.plan(i, STEPS, [timestep(j) for j in range(i + 1)]).label for i in range(STEPS)]
 
 
 @pytest.mark.parametrize("use_x_mask", [False, True])
@@ -193,11 +193,11 @@ def expected_collectives(cfg):
     policy = build_policy(cfg)
     want = []
     for i in range(STEPS):
-        plan = policy.plan(i, STEPS, timestep(i))
+        plan = policy.plan(i, STEPS, [timestep(j) for j in range(i + 1)])
         n = 0
         if not plan.skip_trunk:
-            n = DEPTH * (2 * (plan.actions[SPATIAL_ATTN] == FULL)
-                         + 2 * (plan.actions[CROSS_ATTN] != REUSE))
+            n = DEPTH * (2 * (plan.actions[Kind.SPATIAL_ATTN] == Action.FULL)
+                         + 2 * (plan.actions[Kind.CROSS_ATTN] != Action.REUSE))
         want.append(Counter({"all_to_all_single": n, "all_gather": 1}) + Counter())
     return want
 
