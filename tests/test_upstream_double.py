@@ -216,3 +216,27 @@ def test_two_ranks_equal_one_rank_and_reuse_issues_no_collectives():
         assert rel_err(one, trajectory(single)) > 1e-4  # the cache is active
     duca = results[0]["DuCa:labels"]
     assert {"full", "conservative", "aggressive"} <= set(duca)
+
+
+@pytest.mark.parametrize("use_x_mask", [False, True])
+def test_token_sparse_path_on_upstream_layout_equals_block_forward(use_x_mask):
+    """Upstream's block class is named STDiT3Block, which takes the runner's token-sparse
+    conservative path; the double's ``Block`` runs conservative steps through its own forward.
+    Both must give the same DuCa output."""
+    from opensora_duca.cache.runner import TOKEN_SPARSE_BLOCKS
+
+    x_mask = X_MASK if use_x_mask else None
+    general, _ = cached_trajectory(double(), dict(type="DuCa"), x_mask)
+    m = double()
+    sparse_cls = type("STDiT3Block", (type(m.spatial_blocks[0]),), {})
+    assert sparse_cls.__name__ in TOKEN_SPARSE_BLOCKS
+    for blk in [*m.spatial_blocks, *m.temporal_blocks]:
+        blk.__class__ = sparse_cls
+    tokens = []
+    hook = m.spatial_blocks[0].mlp.fc1.register_forward_hook(
+        lambda mod, a, o: tokens.append(a[0].shape[-2]))
+    sparse, stats = cached_trajectory(m, dict(type="DuCa"), x_mask)
+    hook.remove()
+    assert stats["steps_by_kind"].get("conservative", 0) > 0
+    assert min(tokens) < 60 // 4  # the MLP ran on gathered tokens only (60 tokens per sample)
+    assert rel_err(sparse, general) < 1e-10
