@@ -25,11 +25,10 @@ from . import selection as sel
 from .plan import Action, Kind, StepPlan
 from .policies import CachePolicy, NoCache, Scorer, accepted_keys
 from .runner import _TAPPED, BlockRunner, ModuleTap
-from .state import BlockState, StoredBytes
+from .state import BlockState, Codec, Feature, StoredBytes
 
 _ATTR = "_duca_cache_manager"
 _BLOCK_PARTS = ("norm1", "attn", "cross_attn", "norm2", "mlp", "scale_shift_table")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # sessionless runs: a call whose input is not the previous input moved within the span of the
 # previous input and outputs (what any first-order or two-step sampler does) starts a new run
 CONTINUATION_TOL = 0.05
@@ -80,7 +79,8 @@ class CacheManager:
         self._model = weakref.ref(model)
         self.policy = policy
         self.depth = len(model.spatial_blocks)
-        self.stored_dtype = _DTYPES.get(policy.stored_dtype)
+        self.codec = Codec(policy.stored_dtype)
+        self.order, self.distance = policy.forecast_order, policy.forecast_distance
         self.bytes = StoredBytes()
         self.slots: List[BlockSlot] = []
         self.plan: Optional[StepPlan] = None
@@ -92,7 +92,7 @@ class CacheManager:
         self._prev_x: Optional[torch.Tensor] = None
         self._prev_outs: List[torch.Tensor] = []
         self._run_y: Optional[torch.Tensor] = None
-        self._trunk: Optional[torch.Tensor] = None
+        self._trunk = Feature(self.codec, self.bytes, self.order)
         self._store_trunk = False
         self._grid: Optional[sel.TokenGrid] = None
         self._grid_key = None
@@ -131,7 +131,7 @@ class CacheManager:
                                    f"(another cache or patch is attached); remove it first")
             slot = BlockSlot(block=blk, name=name, index=k, layer=layer,
                              is_last=k == len(order) - 1, original=blk.forward,
-                             state=BlockState(self.bytes))
+                             state=BlockState(self.bytes, self.codec, self.order))
             runner = BlockRunner(self, slot)
             blk.forward = runner
             if tap:
@@ -189,8 +189,7 @@ class CacheManager:
         """Forget every stored feature and start counting steps from 0."""
         for slot in self.slots:
             slot.state.clear()
-        self._trunk = None
-        self.bytes.current = 0
+        self._trunk.clear()
         self.step = 0
         self.plan = None
         self._timesteps = []
@@ -283,12 +282,15 @@ class CacheManager:
         if self.num_steps is not None and self.step == 0:
             self.policy.validate_run(self.num_steps)
         plan = self.policy.plan(self.step, self.num_steps, self._timesteps)
-        if plan.skip_trunk and self._trunk is None:
+        if plan.skip_trunk and self._trunk.shape is None:
             raise RuntimeError(f"policy {self.policy.name!r} skips the trunk at step {self.step} "
                                f"but no trunk output was computed before it in this run")
         self.plan = plan
-        self._store_trunk = (not plan.skip_trunk and self.policy.skips_trunk_at(
-            self.step + 1, self.num_steps, self._timesteps + [t]))
+        # the trunk output is kept for the next step's skip, or, when forecasting, at every
+        # step that computes it (the anchors of its differences)
+        self._store_trunk = not plan.skip_trunk and (
+            (self.order > 0 and self.policy.skips_trunk()) or
+            self.policy.skips_trunk_at(self.step + 1, self.num_steps, self._timesteps + [t]))
         self._set_shapes(model, x, y)
         self.bookkeeping_s += time.perf_counter() - tick
         self.step_labels.append(plan.label)
@@ -303,8 +305,7 @@ class CacheManager:
         if self.num_steps is not None and self.step >= self.num_steps:
             for slot in self.slots:  # the run is over: free everything
                 slot.state.clear()
-            self._trunk = None
-            self.bytes.current = 0
+            self._trunk.clear()
         return None
 
     def _set_shapes(self, model, x, y):
@@ -352,15 +353,17 @@ class CacheManager:
 
     def after_block(self, slot: BlockSlot, out: torch.Tensor) -> None:
         if slot.is_last and self._store_trunk:
-            dt = self.stored_dtype
-            old = self._trunk
-            self._trunk = out if dt is None else out.to(dt)
-            self.bytes.swap(old, self._trunk)
+            self._trunk.update(out, self.at)
 
     def trunk_output(self, x: torch.Tensor) -> torch.Tensor:
-        if self._trunk is None or self._trunk.shape != x.shape:
+        if self._trunk.shape is None or tuple(self._trunk.shape) != tuple(x.shape):
             raise RuntimeError("aggressive step: no stored trunk output of this shape")
-        return self._trunk.to(x.dtype)
+        return self._trunk.value(self.at, x.dtype)
+
+    @property
+    def at(self) -> float:
+        """Where the current step sits for forecasting: its index, or its timestep."""
+        return float(self.step) if self.distance == "step" else self._timesteps[-1]
 
     # ------------------------------------------------------------------ stats
     def _reset_stats(self):

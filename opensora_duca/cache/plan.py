@@ -48,6 +48,7 @@ class StepKind(_Name):
     CONSERVATIVE = "conservative"
     AGGRESSIVE = "aggressive"
     REUSE = "reuse"
+    FORECAST = "forecast"
     BROADCAST = "broadcast"
 
 

@@ -23,6 +23,7 @@ x + g1 * A + CA + g2 * M in two fused passes. It needs the block's modulation, w
 from __future__ import annotations
 
 import inspect
+import math
 import time
 import weakref
 from typing import TYPE_CHECKING, Optional
@@ -141,12 +142,23 @@ class BlockRunner:
                              f"{kind} at step {m.step} is {act})")
         b, c = inp.shape[0], inp.shape[-1]
         idx = self._select(kind, self._ratio(kind))
-        sub = gather_tokens(inp.reshape(b, -1, c), idx)
-        new = original(sub, *args[1:], **kwargs)
+        new = original(gather_tokens(inp.reshape(b, -1, c), idx), *args[1:], **kwargs)
+        return self._overwrite(name, stored, idx, new, inp.dtype)
+
+    def _overwrite(self, name: str, stored: torch.Tensor, idx: torch.Tensor, new: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """The reused (or forecast) value ``stored`` with the recomputed tokens ``new`` at
+        ``idx``. Plain reuse writes them into the stored feature, so they persist until the next
+        full step; a forecast is a fresh tensor and takes them for this step only."""
+        m, feature = self.m, getattr(self.slot.state, name)
         t0 = time.perf_counter()
-        _scatter(getattr(st, name), idx, new)
+        if feature.order == 0:
+            feature.scatter_(idx, new)
+            stored = feature.value(m.at, dtype)
+        else:
+            _scatter(stored, idx, new)
         m.bookkeeping_s += time.perf_counter() - t0
-        return self._stored(name, kind, inp.shape, inp.dtype)
+        return stored
 
     def _self_attn(self, original, args, kwargs):
         """Full self-attention; captures this block's token scores when a selection needs them."""
@@ -176,10 +188,8 @@ class BlockRunner:
 
     # ------------------------------------------------------------ stored features
     def _store(self, name: str, value: torch.Tensor, kind: Kind) -> None:
-        if self.m.stores(kind):  # contiguous: later steps gather from it and scatter into it
-            dt = self.m.stored_dtype
-            value = value if dt is None or value.dtype == dt else value.to(dt)
-            self.slot.state.put(name, value.contiguous())
+        if self.m.stores(kind):
+            getattr(self.slot.state, name).update(value, self.m.at)
 
     def _mark_full(self, kind: Kind) -> None:
         m = self.m
@@ -193,13 +203,13 @@ class BlockRunner:
                 last.fill_(m.step)
 
     def _stored(self, name: str, kind: Kind, shape, dtype: torch.dtype) -> torch.Tensor:
-        """The stored feature ``name`` (it must have ``shape``) in ``dtype``."""
-        v = getattr(self.slot.state, name)
-        if v is None or tuple(v.shape) != tuple(shape):
+        """The stored (or forecast) feature ``name`` (it must have ``shape``) in ``dtype``."""
+        feature = getattr(self.slot.state, name)
+        if feature.shape is None or tuple(feature.shape) != tuple(shape):
             raise RuntimeError(f"block {self.slot.name}: the plan reuses {kind} at step "
                                f"{self.m.step} but nothing of shape {tuple(shape)} was stored "
                                f"(policy {self.m.policy.name!r})")
-        return v if v.dtype == dtype else v.to(dtype)
+        return feature.value(self.m.at, dtype)
 
     # ------------------------------------------------------------ token selection
     def _ratio(self, kind: Kind) -> float:
@@ -251,11 +261,9 @@ class BlockRunner:
         A = self._attn_tokens(self._stored("attn", self.kind, attn_shape, x.dtype), b, T, S)
         CA = self._stored("cross", Kind.CROSS_ATTN, x.shape, x.dtype).view(b, T, S, c)
         xv = x.view(b, T, S, c)
-        M = st.mlp
-        if M is None or M.numel() != x.numel():
-            raise RuntimeError(f"block {self.slot.name}: the plan reuses {Kind.MLP} at step "
-                               f"{m.step} but nothing matching {tuple(x.shape)} was stored "
-                               f"(policy {m.policy.name!r})")
+        mlp_shape = st.mlp.shape if st.mlp.shape is not None and \
+            math.prod(st.mlp.shape) == x.numel() else x.shape
+        M = self._stored("mlp", Kind.MLP, mlp_shape, x.dtype)
         m.count_module(self.kind, Action.REUSE)
         m.count_module(Kind.CROSS_ATTN, Action.REUSE)
         m.count_module(Kind.MLP, plan.actions[Kind.MLP])
@@ -270,12 +278,8 @@ class BlockRunner:
                   + gather_tokens(CA.reshape(b, n, c), idx))
             m.bookkeeping_s += time.perf_counter() - tick
             hs = block.norm2(x2) * (1 + _gather_mod(sc2, idx, S)) + _gather_mod(sh2, idx, S)
-            new = block.mlp(hs)
-            tick = time.perf_counter()
-            _scatter(M, idx, new)
-            m.bookkeeping_s += time.perf_counter() - tick
+            M = self._overwrite("mlp", M, idx, block.mlp(hs), x.dtype)
         M = M.view(b, T, S, c)
-        M = M if M.dtype == x.dtype else M.to(x.dtype)
         out = torch.addcmul(xv + CA, g1, A)
         out.addcmul_(g2, M)
         return out.view(b, n, c)
