@@ -1,6 +1,6 @@
 """Cache policies, registered in CACHES: ``none``, ``DuCa``, ``ToCa``, ``FORA``, ``PAB`` and
-``TrunkReuse`` (aggressive-only) and ``TaylorSeer`` (forecasting); ``forecast=`` adds
-forecasting to DuCa, ToCa, FORA and TrunkReuse.
+``TrunkReuse`` (aggressive-only), ``TaylorSeer`` (forecasting), and the adaptive ``TeaCache``
+and ``FirstBlockCache``; ``forecast=`` adds forecasting to DuCa, ToCa, FORA and TrunkReuse.
 
 Each policy's configuration is one frozen dataclass validated in ``__post_init__`` (so
 ``DuCa(fresh_ratio=0.2)`` and ``dict(type="DuCa", fresh_ratio=0.2)`` are the same thing, and a
@@ -12,7 +12,9 @@ communication.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
@@ -556,3 +558,147 @@ class PAB(CachePolicy):
 
     def reuses(self, kind):
         return kind != Kind.MLP and self.ranges[kind] > 1
+
+
+class AdaptivePolicy(CachePolicy):
+    """Base of the policies that decide at run time, from a measured relative change, whether
+    to compute the trunk from block ``decide_at`` on or to reuse that part's stored residual.
+
+    ``measure`` names what is compared between steps: ``"modulated_input"`` (block 0's
+    timestep-modulated, normalised input) or ``"first_pair_residual"`` (what the first spatial
+    and temporal blocks add to the trunk input). ``reference_every_step``: the measure compares
+    with the previous step (True) or with the last step that computed the trunk (False). The
+    run state (accumulators, references) lives in the cache manager; ``decide`` reads and
+    updates the ``state`` dict it is given."""
+
+    measure: ClassVar[str] = "modulated_input"
+    decide_at: ClassVar[int] = 0
+    reference_every_step: ClassVar[bool] = True
+
+    def plan(self, step, num_steps, timesteps):
+        return StepPlan(decide_at=self.decide_at, label=StepKind.FULL)
+
+    def skips_trunk(self):
+        return True
+
+    def skips_trunk_at(self, step, num_steps, timesteps=()):
+        return False  # decided at run time; the residual, not the output, is stored
+
+    def decide(self, step: int, num_steps: Optional[int], change: Optional[float],
+               state: dict) -> bool:
+        """True: compute the trunk from ``decide_at`` on. ``change`` is None when there is no
+        reference yet (the run's first step)."""
+        raise NotImplementedError
+
+    def _forced(self, step: int, num_steps: Optional[int], change: Optional[float]) -> bool:
+        last = num_steps is not None and step == num_steps - 1 and self.final_step == "full"
+        return change is None or step < self.warmup_steps or last
+
+
+def _load_calibration(policy: str, path: str) -> Tuple[float, ...]:
+    if not isinstance(path, str) or not os.path.isfile(path):
+        raise _err(policy, "calibration", path, "the path of a JSON file written by "
+                   "tools/calibrate.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        coeffs = tuple(float(c) for c in data["coefficients"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _err(policy, "calibration", path, f"a JSON file with a 'coefficients' list ({err})")
+    if not coeffs:
+        raise _err(policy, "calibration", path, "a non-empty 'coefficients' list")
+    return coeffs
+
+
+@CACHES.register_module("TeaCache")
+@dataclass(frozen=True)
+class TeaCache(AdaptivePolicy):
+    """TeaCache (Liu et al. 2024): the relative L1 change of the first block's
+    timestep-modulated input from the previous step, rescaled by a polynomial fitted on the
+    model in use, is accumulated over steps; while the sum stays under ``threshold`` the trunk
+    is skipped and its stored residual (output minus input at the last computed step) added to
+    the input; when it reaches the threshold the trunk is computed and the sum restarts.
+
+    Args:
+        threshold: accumulated rescaled change that forces a computation (0.1).
+        calibration: path of the JSON that ``tools/calibrate.py`` writes (its ``coefficients``,
+            highest degree first); or ``coefficients`` given directly; neither: the raw change
+            (the identity polynomial).
+        warmup_steps: steps always computed at the start (1); final_step: "full" computes
+            the last step (as TeaCache does) or "plan".
+        stored_dtype: None | fp32 | fp16 | bf16 | fp8 for the stored residual.
+    """
+
+    name: ClassVar[str] = "TeaCache"
+    threshold: float = 0.1
+    calibration: Optional[str] = None
+    coefficients: Optional[Tuple[float, ...]] = None
+    warmup_steps: int = 1
+    final_step: str = "full"
+    stored_dtype: Optional[str] = None
+
+    def __post_init__(self):
+        n = self.name
+        _check_number(n, "threshold", self.threshold)
+        coeffs = self.coefficients
+        if self.calibration is not None:
+            loaded = _load_calibration(n, self.calibration)
+            if coeffs is not None and tuple(coeffs) != loaded:  # describe() gives both
+                raise _err(n, "coefficients", coeffs, "None when 'calibration' is set")
+            coeffs = loaded
+        elif coeffs is not None:
+            if not isinstance(coeffs, (list, tuple)) or not coeffs:
+                raise _err(n, "coefficients", coeffs, "a non-empty list of numbers")
+            coeffs = tuple(_check_number(n, "coefficients", c, -math.inf) for c in coeffs)
+        object.__setattr__(self, "coefficients", coeffs)
+        _check_int(n, "warmup_steps", self.warmup_steps, 0)
+        _check_choice(n, "final_step", self.final_step, ("plan", "full"))
+        _check_stored_dtype(n, self.stored_dtype)
+
+    def rescale(self, change: float) -> float:
+        if self.coefficients is None:
+            return change
+        out = 0.0
+        for c in self.coefficients:  # Horner, highest degree first
+            out = out * change + c
+        return out
+
+    def decide(self, step, num_steps, change, state):
+        if self._forced(step, num_steps, change):
+            state["accumulated"] = 0.0
+            return True
+        state["accumulated"] = state.get("accumulated", 0.0) + self.rescale(change)
+        if state["accumulated"] < self.threshold:
+            return False
+        state["accumulated"] = 0.0
+        return True
+
+
+@CACHES.register_module("FirstBlockCache")
+@dataclass(frozen=True)
+class FirstBlockCache(AdaptivePolicy):
+    """First-Block Cache (ParaAttention, diffusers): the first spatial and temporal blocks are
+    always computed; while what they add to the trunk input changes, relative to the last step
+    that computed the whole trunk, by less than ``threshold`` (relative L1), the other blocks
+    are skipped and their stored residual is added.
+
+    Args: threshold (0.05), warmup_steps (1), final_step ("plan" | "full"), stored_dtype."""
+
+    name: ClassVar[str] = "FirstBlockCache"
+    measure: ClassVar[str] = "first_pair_residual"
+    decide_at: ClassVar[int] = 2
+    reference_every_step: ClassVar[bool] = False
+    threshold: float = 0.05
+    warmup_steps: int = 1
+    final_step: str = "plan"
+    stored_dtype: Optional[str] = None
+
+    def __post_init__(self):
+        n = self.name
+        _check_number(n, "threshold", self.threshold)
+        _check_int(n, "warmup_steps", self.warmup_steps, 0)
+        _check_choice(n, "final_step", self.final_step, ("plan", "full"))
+        _check_stored_dtype(n, self.stored_dtype)
+
+    def decide(self, step, num_steps, change, state):
+        return self._forced(step, num_steps, change) or change >= self.threshold

@@ -96,17 +96,25 @@ class BlockRunner:
         if plan is None:  # not inside a tracked model call: behave as the original block
             return self.slot.original(*args, **kwargs)
         x = args[0] if args else kwargs["x"]
+        index = self.slot.index
+        if plan.decide_at is not None:
+            if index == 0:
+                m._trunk_in = x
+            if index == plan.decide_at:
+                plan = m.decide(self.slot, x, self._bind(args, kwargs)
+                                if m.policy.measure == "modulated_input" else None)
+        if plan.residual_from is not None and index >= plan.residual_from:
+            m.count_module("trunk", Action.REUSE)
+            return m.residual_output(x) if self.slot.is_last else x
         if plan.skip_trunk:
             m.count_module("trunk", Action.REUSE)
             return m.trunk_output(x) if self.slot.is_last else x
-        if plan.is_full() and not m.storing_anything():
+        if plan.is_full() and not m.stores_modules():
             out = self.slot.original(*args, **kwargs)
         elif (self.token_sparse and plan.actions[self.kind] == Action.REUSE
               and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
               and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
-            bound = self._signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            out = self._conservative(plan, **bound.arguments)
+            out = self._conservative(plan, **self._bind(args, kwargs))
         else:
             self.plan, self.x_in = plan, x
             try:
@@ -115,6 +123,12 @@ class BlockRunner:
                 self.plan, self.x_in = None, None
         m.after_block(self.slot, out)
         return out
+
+    def _bind(self, args, kwargs) -> dict:
+        """The block's forward arguments by name (defaults filled in)."""
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
 
     # ------------------------------------------------------------ the taps' work
     def run_module(self, attr: str, original, args, kwargs):
@@ -298,6 +312,15 @@ class BlockRunner:
             native = A.transpose(1, 2).reshape(b, -1, c)  # a view of the stored tensor
             return gather_tokens(native, (idx % S) * T + idx // S)
         return gather_tokens(A.reshape(b, -1, c), idx)
+
+
+def modulated_input(block, x, y=None, t=None, mask=None, x_mask=None, t0=None, T=None, S=None,
+                    **_unused) -> torch.Tensor:
+    """The block's normalised input modulated by the timestep (TeaCache's measured signal),
+    [B, T*S, C], with the Open-Sora 1.2 modulation layout."""
+    b, n, c = x.shape
+    sh1, sc1 = block_modulation(block.scale_shift_table, t, x_mask, t0)[:2]
+    return (block.norm1(x.view(b, T, S, c)) * (1 + sc1) + sh1).view(b, n, c)
 
 
 class ModuleTap:
