@@ -8,13 +8,6 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "opensora_duca"
 
-# Import edges that close a known cycle, each waiting for a change in another branch. The test
-# fails when one of them no longer exists, so the entry is removed as soon as it can be.
-KNOWN_CYCLE_EDGES = {
-    # models/cached.py (the "DuCa" model wrapper) imports the cache plugin, which imports the
-    # models package for its layers: the wrapper is moving into opensora_duca/cache/.
-    ("opensora_duca.models.cached", "opensora_duca.cache"),
-}
 # Files that still load a tool by file path, each waiting for a change in another branch.
 KNOWN_PATH_LOADS = {
     os.path.join("tests", "test_train.py"),  # tools/train.py is not yet in opensora_duca.cli
@@ -139,12 +132,7 @@ def test_find_cycle_reports_the_cycle():
 
 
 def test_no_import_cycle():
-    graph = import_graph()
-    for a, b in KNOWN_CYCLE_EDGES:
-        assert b in graph.get(a, ()), (f"the known cycle edge {a} -> {b} is gone: remove it "
-                                       f"from KNOWN_CYCLE_EDGES")
-        graph[a] = graph[a] - {b}
-    cycle = find_cycle(graph)
+    cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
