@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from .benches import Bench, option_error
+from .syncs import SyncCounter
 
 
 class PeakMemory:
@@ -69,6 +70,61 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class StepTimer:
+    """Wall time of every model call (denoising step) of a run: CUDA events recorded in the
+    model's forward pre-/post-hooks (read after the run, so timing adds no sync), or
+    ``time.perf_counter`` on a CPU. The pre-hook runs first, so the cache's per-step host work
+    counts in its step."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self._handles = [model.register_forward_pre_hook(self._start, prepend=True),
+                         model.register_forward_hook(self._stop)]
+
+    def _mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _start(self, *_):
+        self.marks.append([self._mark(), None])
+
+    def _stop(self, *_):
+        self.marks[-1][1] = self._mark()
+
+    def seconds(self) -> List[float]:
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in self.marks]
+        return [b - a for a, b in self.marks]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def step_kinds(labels: List[List[str]], seconds: List[List[float]], flops: List[float],
+               full_s: float, full_flops: float) -> dict:
+    """Per step kind: steps per run, median seconds over the timed runs, its FLOPs share of an
+    uncached step, and the ideal time (that share of ``full_s``, the uncached step's median)."""
+    out: dict = {}
+    for run_labels, run_s in zip(labels, seconds):
+        for lab, dt, fl in zip(run_labels, run_s, flops):
+            d = out.setdefault(lab, dict(times=[], flops=fl))
+            d["times"].append(dt)
+    runs = max(len(labels), 1)
+    table = {}
+    for lab, d in out.items():
+        med = statistics.median(d["times"])
+        share = d["flops"] / full_flops if full_flops else None
+        ideal = None if share is None else share * full_s
+        table[lab] = dict(steps=len(d["times"]) // runs, median_s=med, flops_share=share,
+                          ideal_s=ideal, vs_ideal=(med / ideal) if ideal else None)
+    return table
 
 
 def timed_run(bench: Bench) -> tuple[torch.Tensor, float, float]:
@@ -138,15 +194,19 @@ def parse_policies(text: str) -> List[str]:
 
 
 def run_benchmark(bench: Bench, policies: List[str], repeat: int, warmup: int,
-                  log=print) -> dict:
-    """Interleaved rounds over ``policies``; returns the JSON-ready report."""
+                  log=print, compile=None, count_syncs: bool = True) -> dict:
+    """Interleaved rounds over ``policies`` (compiled with ``compile`` options when given),
+    then one run per policy counting host-device syncs; returns the JSON-ready report."""
     from ..cache import apply_cache, remove_cache
+    from ..utils.compile import compile_options, compiled_graphs
 
     if repeat < 1:
         raise option_error("--repeat", repeat, "an int >= 1")
     if warmup < 0:
         raise option_error("--warmup", warmup, "an int >= 0")
     n_steps = bench.num_steps
+    copts = compile_options(compile)
+    host_ts = bench.timesteps().cpu().tolist()  # known on the host: the cache never reads them
     if bench.device.type == "cpu" and warmup == 0:  # one untimed model call
         with torch.no_grad():
             bench.model(torch.cat([bench.z0, bench.z0]), bench.timesteps()[:1].expand(
@@ -158,26 +218,48 @@ def run_benchmark(bench: Bench, policies: List[str], repeat: int, warmup: int,
     cpu_times = {p: [] for p in policies}
     peaks = {p: [] for p in policies}
     stats, finals = {}, {}
+    step_s = {p: [] for p in policies}
+    labels = {p: [] for p in policies}
+    graphs_after_warmup = None
     for r in range(warmup + repeat):
         timed = r >= warmup
+        if timed and graphs_after_warmup is None:
+            graphs_after_warmup = compiled_graphs()
         for p in policies:
-            mgr = apply_cache(bench.model, dict(type=p))
+            mgr = apply_cache(bench.model, dict(type=p), compile=copts)
+            timer = StepTimer(bench.model, bench.device)
             try:
-                with mgr.session(n_steps):
+                with mgr.session(n_steps, timesteps=host_ts):
                     mem.start()
                     z, dt, dc = timed_run(bench)
                     peak = mem.stop()
                 stats[p] = mgr.stats()
             finally:
+                timer.remove()
                 remove_cache(bench.model)
             if timed:
                 times[p].append(dt)
                 cpu_times[p].append(dc)
                 peaks[p].append(peak)
                 finals[p] = z.float().cpu()
+                step_s[p].append(timer.seconds())
+                labels[p].append(stats[p]["step_labels"])
             log(f"[{'run' if timed else 'warm-up'} {r - warmup + 1 if timed else r + 1}] "
                 f"{p:<10s} {dt:8.3f} s wall, {dc:8.3f} s CPU")
+    graphs_timed = compiled_graphs() - graphs_after_warmup
+    syncs, sync_method = {}, None
+    for p in policies if count_syncs else ():
+        mgr = apply_cache(bench.model, dict(type=p), compile=copts)
+        try:
+            with mgr.session(n_steps, timesteps=host_ts), SyncCounter(bench.device) as counter:
+                bench.sample()
+        finally:
+            remove_cache(bench.model)
+        syncs[p], sync_method = counter.count, counter.method
     ref = finals["none"]
+    none_steps = [dt for run in step_s["none"] for dt in run]
+    full_s = statistics.median(none_steps)
+    full_flops = stats["none"]["step_flops"][0] if stats["none"]["step_flops"] else 0.0
     ref_frames = bench.decode(ref) if bench.decode is not None else None
     med_none = statistics.median(times["none"])
     cpu_none = statistics.median(cpu_times["none"])
@@ -197,13 +279,19 @@ def run_benchmark(bench: Bench, policies: List[str], repeat: int, warmup: int,
                    bookkeeping_s=float(st["bookkeeping_s"]),
                    bookkeeping_frac=float(st["bookkeeping_s"]) / med if med > 0 else None,
                    psnr=fid["psnr"], ssim=fid["ssim"], rel_l2=fid["rel_l2"],
-                   steps_by_kind=st["steps_by_kind"], policy_config=st["policy"])
+                   steps_by_kind=st["steps_by_kind"], policy_config=st["policy"],
+                   step_kinds=step_kinds(labels[p], step_s[p], st["step_flops"], full_s,
+                                         full_flops),
+                   syncs_per_run=syncs.get(p))
         if ref_frames is not None:
             row.update(frame_fidelity(bench.decode(finals[p]), ref_frames))
         results.append(row)
     return {"device": device_name(bench.device), "preset": bench.name, "torch": torch.__version__,
             "dtype": str(bench.dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
             "repeat": repeat, "warmup": warmup, "num_steps": n_steps,
+            "compile": None if copts is None else vars(copts),
+            "graphs_compiled_in_timed_runs": graphs_timed if copts is not None else None,
+            "sync_method": sync_method, "full_step_s": full_s,
             "peak_mem_method": mem.method, "setup": bench.info, "results": results}
 
 

@@ -15,7 +15,7 @@ def markdown_table(report: dict) -> str:
             "SSIM lat"]
     if frames:
         head += ["PSNR frames", "SSIM frames"]
-    head += ["peak cache MiB", "peak mem MiB", "bookkeeping ms (%)", "steps"]
+    head += ["peak cache MiB", "peak mem MiB", "bookkeeping ms (%)", "syncs/run", "steps"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
         kinds = ", ".join(f"{v} {k}" for k, v in r["steps_by_kind"].items())
@@ -29,8 +29,23 @@ def markdown_table(report: dict) -> str:
         cells += [f"{r['peak_cache_bytes'] / 2**20:.1f}", _fmt(None if pm is None else pm / 2**20,
                                                                 ".1f"),
                   f"{r['bookkeeping_s'] * 1e3:.1f} ({100 * (r['bookkeeping_frac'] or 0):.1f}%)",
-                  kinds]
+                  _fmt(r.get("syncs_per_run"), "d"), kinds]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def step_kind_table(report: dict) -> str:
+    """Time per step kind against the ideal (the kind's FLOPs share of an uncached step)."""
+    head = ["policy", "step kind", "steps/run", "median ms", "FLOPs share", "ideal ms",
+            "time / ideal"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["results"]:
+        for kind, k in r.get("step_kinds", {}).items():
+            lines.append("| " + " | ".join([
+                r["policy"], kind, str(k["steps"]), f"{k['median_s'] * 1e3:.1f}",
+                _fmt(k["flops_share"], ".3f"),
+                _fmt(None if k["ideal_s"] is None else k["ideal_s"] * 1e3, ".1f"),
+                _fmt(k["vs_ideal"], ".2f")]) + " |")
     return "\n".join(lines)
 
 

@@ -12,19 +12,20 @@ import contextlib
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .. import parallel as sp
 from ..registry import CACHES, build_module, registered
+from ..utils.compile import CompileOptions, check_available, compile_options
 from . import flops as fl
 from . import selection as sel
 from .plan import Action, Kind, StepKind, StepPlan
 from .policies import CachePolicy, NoCache, Scorer, accepted_keys
-from .runner import _TAPPED, BlockRunner, ModuleTap
+from .runner import _TAPPED, BlockRunner, ModuleTap, Regions
 from .state import BlockState, Codec, Feature, StoredBytes
 
 _ATTR = "_duca_cache_manager"
@@ -43,7 +44,6 @@ class BlockSlot:
     is_last: bool
     original: Callable
     state: BlockState
-    handles: List[Any] = field(default_factory=list)
 
 
 def _check_model(model: nn.Module) -> None:
@@ -74,10 +74,12 @@ def _weak_method(method):
 class CacheManager:
     """Owns the policy, the per-block stored features and the step counter of one model."""
 
-    def __init__(self, model: nn.Module, policy: CachePolicy):
+    def __init__(self, model: nn.Module, policy: CachePolicy,
+                 compile: Optional[CompileOptions] = None):
         _check_model(model)
         self._model = weakref.ref(model)
         self.policy = policy
+        self.regions = Regions(compile)
         self.depth = len(model.spatial_blocks)
         self.codec = Codec(policy.stored_dtype)
         self.order, self.distance = policy.forecast_order, policy.forecast_distance
@@ -87,6 +89,7 @@ class CacheManager:
         self.step = 0
         self.num_steps: Optional[int] = None
         self._session = False
+        self._session_ts: Optional[List[float]] = None  # the run's timesteps, known on the host
         self._timesteps: List[float] = []
         self._last_shape = None
         self._prev_x: Optional[torch.Tensor] = None
@@ -106,7 +109,6 @@ class CacheManager:
         self._shape: Optional[fl.TrunkShape] = None
         self._handles: List[Any] = []
         self._stores = {k: policy.reuses(k) for k in Kind}
-        self.capturing: Optional[BlockSlot] = None  # the slot whose vnorm scores are captured
         self._validate_scorer(model)
         self._reset_stats()
 
@@ -130,8 +132,8 @@ class CacheManager:
             order.append((f"temporal_blocks.{i}", model.temporal_blocks[i], i))
         tap = self.stores_modules()
         for k, (name, blk, layer) in enumerate(order):
-            patched = [n for n, mod in [(name, blk)] + [(f"{name}.{a}", getattr(blk, a))
-                                                         for a in _TAPPED]
+            patched = [n for n, mod in [(name, blk), (f"{name}.attn.qkv", blk.attn.qkv)]
+                       + [(f"{name}.{a}", getattr(blk, a)) for a in _TAPPED]
                        if "forward" in mod.__dict__]
             if patched:
                 raise RuntimeError(f"{patched[0]} already has an instance-level forward "
@@ -143,11 +145,11 @@ class CacheManager:
             blk.forward = runner
             if tap:
                 for attr in _TAPPED:
-                    sub = getattr(blk, attr)
-                    sub.forward = ModuleTap(runner, attr, sub.forward)
+                    runner.taps[attr] = ModuleTap(runner, attr)
+                    runner.taps[attr].install(getattr(blk, attr))
             if self.policy.scorer == Scorer.VNORM and self.needs_scores():
-                slot.handles.append(blk.attn.qkv.register_forward_hook(
-                    _weak_method(self._vnorm_hook), with_kwargs=False))
+                runner.qkv_tap = ModuleTap(None, "qkv")  # records the qkv output for scores
+                runner.qkv_tap.install(blk.attn.qkv)
             self.slots.append(slot)
         self._handles.append(model.register_forward_pre_hook(_weak_method(self._pre_hook),
                                                              with_kwargs=True))
@@ -159,10 +161,8 @@ class CacheManager:
         self.reset()
         for slot in self.slots:
             slot.block.__dict__.pop("forward", None)
-            for attr in _TAPPED:
-                getattr(slot.block, attr).__dict__.pop("forward", None)
-            for h in slot.handles:
-                h.remove()
+            for mod in [slot.block.attn.qkv] + [getattr(slot.block, a) for a in _TAPPED]:
+                ModuleTap.remove(mod)
         for h in self._handles:
             h.remove()
         self.slots, self._handles = [], []
@@ -183,14 +183,6 @@ class CacheManager:
                         f"{backend!r} (build the model with attn_backend='math', or choose "
                         f"scorer 'vnorm' / 'random', which work with fused attention)")
 
-    def _vnorm_hook(self, module, args, out):
-        slot = self.capturing
-        if slot is not None and slot.block.attn.qkv is module:
-            blk = slot.block
-            slot.state.put("score", sel.vnorm_from_qkv(
-                out, self._shape.batch, blk.attn.num_heads, bool(getattr(blk, "temporal", False)),
-                self._shape.frames))
-
     # ------------------------------------------------------------------ runs
     def reset(self) -> None:
         """Forget every stored feature and start counting steps from 0."""
@@ -208,19 +200,34 @@ class CacheManager:
         self._run_y = None
 
     @contextlib.contextmanager
-    def session(self, num_steps: int):
-        """One sampling run of ``num_steps`` model calls; features are freed at its end."""
+    def session(self, num_steps: int, timesteps: Optional[Sequence[float]] = None):
+        """One sampling run of ``num_steps`` model calls; features are freed at its end.
+
+        ``timesteps`` (optional): the run's ``num_steps`` timesteps as the sampler knows them
+        on the host (a list or a CPU tensor). Given, step ``i`` takes ``timesteps[i]`` and the
+        model's ``timestep`` argument is never read back from the device, so a run with a fixed
+        plan makes no host-device synchronisation."""
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"session num_steps={num_steps!r}: must be an integer >= 1")
+        ts = None
+        if timesteps is not None:
+            if torch.is_tensor(timesteps) and timesteps.device.type != "cpu":
+                raise ValueError(f"session timesteps on {timesteps.device}: pass them on the "
+                                 f"host (a list or a CPU tensor), which is what saves the sync")
+            ts = [float(t) for t in (timesteps.reshape(-1).tolist() if torch.is_tensor(timesteps)
+                                     else timesteps)]
+            if len(ts) != num_steps:
+                raise ValueError(f"session timesteps has {len(ts)} values; accepted: one per "
+                                 f"step (num_steps={num_steps})")
         self.policy.validate_run(num_steps)
         self.reset()
         self._reset_stats()
-        self.num_steps, self._session = num_steps, True
+        self.num_steps, self._session, self._session_ts = num_steps, True, ts
         try:
             yield self
         finally:
             self.reset()
-            self.num_steps, self._session = None, False
+            self.num_steps, self._session, self._session_ts = None, False, None
 
     def _continues(self, x: torch.Tensor) -> bool:
         """Sessionless runs: whether ``x`` is the previous input moved within the span of the
@@ -252,9 +259,8 @@ class CacheManager:
     def _pre_hook(self, model, args, kwargs):
         self._check_grad(model)
         x = args[0] if args else kwargs.get("x")
-        ts = args[1] if len(args) > 1 else kwargs.get("timestep")
-        t = float(torch.as_tensor(ts).reshape(-1)[0])
         y = args[2] if len(args) > 2 else kwargs.get("y")
+        t = self._timestep(args[1] if len(args) > 1 else kwargs.get("timestep"), x, y)
         shape = tuple(x.shape)
         last_t = self._timesteps[-1] if self._timesteps else None
         new_run = self._last_shape is not None and shape != self._last_shape
@@ -304,6 +310,16 @@ class CacheManager:
         self._set_shapes(model, x, y)
         self.bookkeeping_s += time.perf_counter() - tick
         return None
+
+    def _timestep(self, ts, x, y) -> float:
+        """This call's timestep: the session's host value for the coming step when it was
+        given (and this call continues the run), else read from the argument."""
+        known = self._session_ts
+        if known is not None and self.step < len(known) and (
+                self._last_shape is None or tuple(x.shape) == self._last_shape) and (
+                self._run_y is None or y is self._run_y):
+            return known[self.step]
+        return float(torch.as_tensor(ts).reshape(-1)[0])
 
     def _post_hook(self, model, args, out):
         if self.plan is not None:  # the step's final plan (adaptive policies decide mid-step)
@@ -427,6 +443,7 @@ class CacheManager:
         self.partial_tokens = 0
         self.flops_uncached = 0.0
         self.flops_actual = 0.0
+        self.step_flops: List[float] = []
         self.bookkeeping_s = 0.0
         self.bytes.peak = self.bytes.current
 
@@ -446,7 +463,8 @@ class CacheManager:
         part = {k: sel.selected_per_sample(plan.ratios[k], grid)
                 for k, a in plan.actions.items() if a == Action.PARTIAL}
         self.flops_uncached += fl.full_step_flops(shape)
-        self.flops_actual += fl.step_flops(shape, plan, part)
+        self.step_flops.append(fl.step_flops(shape, plan, part))
+        self.flops_actual += self.step_flops[-1]
 
     def stats(self) -> dict:
         """Counts of the current/last session: steps by kind, module actions, FLOPs ratio
@@ -470,6 +488,7 @@ class CacheManager:
             "partial_tokens": self.partial_tokens,
             "flops_uncached": self.flops_uncached,
             "flops_actual": self.flops_actual,
+            "step_flops": list(self.step_flops),
             "flops_ratio": (self.flops_uncached / self.flops_actual) if self.flops_actual else
             (float("inf") if self.flops_uncached else 1.0),
             "peak_stored_bytes": self.bytes.peak,
@@ -514,13 +533,21 @@ def build_policy(cfg: Any) -> CachePolicy:
     return build_module(cfg, CACHES)
 
 
-def apply_cache(model: nn.Module, cfg: Any = None) -> CacheManager:
+def apply_cache(model: nn.Module, cfg: Any = None, compile: Any = None) -> CacheManager:
     """Attach a cache policy (``dict(type=...)`` or a policy object) to ``model`` and return its
-    manager. The model's blocks are patched per instance; :func:`remove_cache` undoes it."""
+    manager. The model's blocks are patched per instance; :func:`remove_cache` undoes it.
+
+    ``compile`` (None | True | ``dict(mode=..., backend=..., fullgraph=...)``) runs the
+    per-block work compiled with torch.compile (:mod:`opensora_duca.utils.compile`); with
+    policy ``none`` that is the compiled uncached model."""
     if getattr(model, _ATTR, None) is not None:
         raise RuntimeError("this model already has a cache attached; call remove_cache(model) "
                            "first")
-    return CacheManager(model, build_policy(cfg)).attach()
+    opts = compile_options(compile)
+    if opts is not None:
+        param = next(model.parameters(), None)
+        check_available(opts, param.device if param is not None else torch.device("cpu"))
+    return CacheManager(model, build_policy(cfg), opts).attach()
 
 
 def remove_cache(model: nn.Module) -> None:

@@ -25,12 +25,14 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import types
 import weakref
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import torch
 
 from ..models.stdit3 import block_modulation
+from ..utils.compile import CompileOptions, compile_region
 from . import selection as sel
 from .plan import Action, Kind, StepPlan
 from .policies import Scorer
@@ -39,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .manager import BlockSlot, CacheManager
 
 _TAPPED = {"attn": "attn", "cross_attn": "cross", "mlp": "mlp"}  # submodule -> stored feature
+_TAPPED_KIND = {"cross_attn": Kind.CROSS_ATTN, "mlp": Kind.MLP}  # "attn": the block's own kind
 # block classes (ours and upstream Open-Sora 1.2's, by name) whose forward is the math that
 # BlockRunner._conservative reproduces; any other block runs conservative steps through its own
 # forward with the taps armed (same result, without the token-sparse saving)
@@ -55,6 +58,68 @@ def _gather_mod(m: torch.Tensor, idx: torch.Tensor, s_local: int) -> torch.Tenso
     if m.shape[1] == 1:
         return m[:, 0]
     return gather_tokens(m[:, :, 0], idx // s_local)
+
+
+def _own_forward(module: torch.nn.Module, *args):
+    """The module's class forward (not a tap installed on the instance)."""
+    return type(module).forward(module, *args)
+
+
+def _gather_attn(A: torch.Tensor, idx: torch.Tensor, S: int, temporal: bool) -> torch.Tensor:
+    """Stored self-attention A [B, T, S, C] (a view of the layout the module returned) at the
+    tokens idx [B, k] -> [B, k, C]."""
+    b, T, _, c = A.shape
+    if temporal:  # token t*S + s sits at s*T + t in the [(B S), T, C] layout
+        native = A.transpose(1, 2).reshape(b, -1, c)  # a view of the stored tensor
+        return gather_tokens(native, (idx % S) * T + idx // S)
+    return gather_tokens(A.reshape(b, -1, c), idx)
+
+
+def conservative_mlp_tokens(block, x, t, x_mask, t0, A, CA, idx, S: int, temporal: bool):
+    """Conservative step, MLP on a token subset: the selected tokens idx [B, k] of x [B, N, C]
+    take x + g1 * A + CA (A and CA stored, as [B, T, S, C]), norm2, modulation and the MLP
+    -> [B, k, C]. LayerNorm and modulation are per token, so only the selected are computed."""
+    b, n, c = x.shape
+    _, _, g1, sh2, sc2, _ = block_modulation(block.scale_shift_table, t, x_mask, t0)
+    x2 = (gather_tokens(x, idx) + _gather_mod(g1, idx, S) * _gather_attn(A, idx, S, temporal)
+          + gather_tokens(CA.reshape(b, n, c), idx))
+    hs = block.norm2(x2) * (1 + _gather_mod(sc2, idx, S)) + _gather_mod(sh2, idx, S)
+    return _own_forward(block.mlp, hs)
+
+
+def conservative_combine(block, x, t, x_mask, t0, A, CA, M):
+    """Conservative step, every token: x + g1 * A + CA + g2 * M in two fused passes, with A, CA
+    and M [B, T, S, C] (stored, M with the recomputed tokens written in) -> [B, N, C]."""
+    b, n, c = x.shape
+    _, _, g1, _, _, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
+    out = torch.addcmul(x.view(A.shape) + CA, g1, A)
+    out.addcmul_(g2, M)
+    return out.view(b, n, c)
+
+
+class Regions:
+    """The per-block work the runner calls: the block's own forward and the two functions of the
+    token-sparse conservative step, compiled with ``opts`` (one compiled function per block
+    class, shared by all its blocks) or, without options, as they are."""
+
+    def __init__(self, opts: Optional[CompileOptions] = None):
+        self.opts = opts
+        self._blocks: Dict[type, Callable] = {}
+        wrap = (lambda f: compile_region(f, opts)) if opts is not None else (lambda f: f)
+        self.mlp_tokens = wrap(conservative_mlp_tokens)
+        self.combine = wrap(conservative_combine)
+
+    @property
+    def compiled(self) -> bool:
+        return self.opts is not None
+
+    def block(self, block: torch.nn.Module) -> Callable:
+        """The compiled class forward of ``block``, called as ``fn(block, *args, **kwargs)``."""
+        cls = type(block)
+        fn = self._blocks.get(cls)
+        if fn is None:
+            fn = self._blocks[cls] = compile_region(cls.forward, self.opts)
+        return fn
 
 
 def _scatter(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
@@ -77,6 +142,8 @@ class BlockRunner:
         self.token_sparse = type(slot.block).__name__ in TOKEN_SPARSE_BLOCKS
         self.plan: Optional[StepPlan] = None  # armed while the block's own forward runs
         self.x_in: Optional[torch.Tensor] = None
+        self.taps: Dict[str, "ModuleTap"] = {}    # installed by the manager
+        self.qkv_tap: Optional["ModuleTap"] = None
 
     @property
     def m(self) -> "CacheManager":
@@ -85,9 +152,11 @@ class BlockRunner:
             raise RuntimeError("the cache manager of this block no longer exists")
         return m
 
+    def kind_of(self, attr: str) -> Kind:
+        return _TAPPED_KIND.get(attr, self.kind)
+
     def action(self, attr: str) -> Action:
-        kind = {"attn": self.kind, "cross_attn": Kind.CROSS_ATTN, "mlp": Kind.MLP}[attr]
-        return self.plan.actions[kind]
+        return self.plan.actions[self.kind_of(attr)]
 
     # ------------------------------------------------------------ forward
     def __call__(self, *args, **kwargs):
@@ -110,11 +179,14 @@ class BlockRunner:
             m.count_module("trunk", Action.REUSE)
             return m.trunk_output(x) if self.slot.is_last else x
         if plan.is_full() and not m.stores_modules():
-            out = self.slot.original(*args, **kwargs)
+            out = m.regions.block(self.block)(self.block, *args, **kwargs) \
+                if m.regions.compiled else self.slot.original(*args, **kwargs)
         elif (self.token_sparse and plan.actions[self.kind] == Action.REUSE
               and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
               and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
             out = self._conservative(plan, **self._bind(args, kwargs))
+        elif m.regions.compiled and self._dense_compiles(plan):
+            out = self._dense(plan, x, args, kwargs)
         else:
             self.plan, self.x_in = plan, x
             try:
@@ -123,6 +195,56 @@ class BlockRunner:
                 self.plan, self.x_in = None, None
         m.after_block(self.slot, out)
         return out
+
+    def _dense_compiles(self, plan: StepPlan) -> bool:
+        """Whether the block's compiled forward can run this step with its taps recording or
+        reusing (no token subset; no attention-map scores, which the 'math' backend hands back
+        outside the graph)."""
+        return (self.m.policy.scorer != Scorer.ATTENTION
+                and all(plan.actions[self.kind_of(a)] != Action.PARTIAL for a in self.taps))
+
+    def _dense(self, plan: StepPlan, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """The block's compiled forward, each tapped module computed (its output recorded) or
+        reused; the features are stored afterwards, outside the graph."""
+        m, st = self.m, self.slot.state
+        for attr, tap in self.taps.items():
+            kind = self.kind_of(attr)
+            m.count_module(kind, plan.actions[kind])
+            if plan.actions[kind] == Action.REUSE:
+                tap.value, tap.mode = self._stored(_TAPPED[attr], kind, None, x.dtype), "reuse"
+            else:
+                tap.mode = "record"
+        capture = self.qkv_tap if (self.qkv_tap is not None and m.needs_scores()
+                                   and plan.actions[self.kind] == Action.FULL) else None
+        if capture is not None:
+            capture.mode = "record"
+        self.x_in = x
+        try:
+            out = m.regions.block(self.block)(self.block, *args, **kwargs)
+            for attr, tap in self.taps.items():
+                if tap.mode == "record":
+                    self._recorded(attr, tap.value)
+            if capture is not None:
+                st.put("score", self._vnorm(capture.value))
+        finally:
+            for tap in list(self.taps.values()) + ([capture] if capture is not None else []):
+                tap.clear()
+            self.x_in = None
+        return out
+
+    def _recorded(self, attr: str, out: torch.Tensor) -> None:
+        """Store a fully computed module output (and what token selection needs of it)."""
+        m, kind = self.m, self.kind_of(attr)
+        self._store(_TAPPED[attr], out, kind)
+        if attr != "attn":
+            self._mark_full(kind)
+        if attr == "mlp" and m.policy.scorer == Scorer.SIMILARITY and m.uses_selection(kind):
+            self.slot.state.put("x_ref", self.x_in)
+
+    def _vnorm(self, qkv_out: torch.Tensor) -> torch.Tensor:
+        shape = self.m._shape
+        return sel.vnorm_from_qkv(qkv_out, shape.batch, self.block.attn.num_heads,
+                                  self.temporal, shape.frames)
 
     def _bind(self, args, kwargs) -> dict:
         """The block's forward arguments by name (defaults filled in)."""
@@ -133,20 +255,16 @@ class BlockRunner:
     # ------------------------------------------------------------ the taps' work
     def run_module(self, attr: str, original, args, kwargs):
         """What a tapped submodule returns inside an armed block forward."""
-        m, st = self.m, self.slot.state
+        m = self.m
         act = self.action(attr)
-        kind = {"attn": self.kind, "cross_attn": Kind.CROSS_ATTN, "mlp": Kind.MLP}[attr]
+        kind = self.kind_of(attr)
         name = _TAPPED[attr]
         inp = args[0] if args else next(iter(kwargs.values()))
         m.count_module(kind, act)
         if act == Action.FULL:
             out = self._self_attn(original, args, kwargs) if attr == "attn" else \
                 original(*args, **kwargs)
-            self._store(name, out, kind)
-            if attr != "attn":
-                self._mark_full(kind)
-            if attr == "mlp" and m.policy.scorer == Scorer.SIMILARITY and m.uses_selection(kind):
-                st.put("x_ref", self.x_in)
+            self._recorded(attr, out)
             return out
         stored = self._stored(name, kind, inp.shape, inp.dtype)
         if act == Action.REUSE:
@@ -189,11 +307,13 @@ class BlockRunner:
                                                    m.frames))
             return out
         if scorer == Scorer.VNORM:
-            m.capturing = self.slot
+            self.qkv_tap.mode = "record"
             try:
-                return original(*args, **kwargs)
+                out = original(*args, **kwargs)
+                st.put("score", self._vnorm(self.qkv_tap.value))
             finally:
-                m.capturing = None
+                self.qkv_tap.clear()
+            return out
         return original(*args, **kwargs)
 
     @property
@@ -217,11 +337,13 @@ class BlockRunner:
                 last.fill_(m.step)
 
     def _stored(self, name: str, kind: Kind, shape, dtype: torch.dtype) -> torch.Tensor:
-        """The stored (or forecast) feature ``name`` (it must have ``shape``) in ``dtype``."""
+        """The stored (or forecast) feature ``name`` (it must have ``shape``, unless None) in
+        ``dtype``."""
         feature = getattr(self.slot.state, name)
-        if feature.shape is None or tuple(feature.shape) != tuple(shape):
+        if feature.shape is None or (shape is not None and tuple(feature.shape) != tuple(shape)):
+            what = "anything" if shape is None else f"anything of shape {tuple(shape)}"
             raise RuntimeError(f"block {self.slot.name}: the plan reuses {kind} at step "
-                               f"{self.m.step} but nothing of shape {tuple(shape)} was stored "
+                               f"{self.m.step} but {what} was not stored "
                                f"(policy {self.m.policy.name!r})")
         return feature.value(self.m.at, dtype)
 
@@ -268,13 +390,11 @@ class BlockRunner:
     def _conservative(self, plan: StepPlan, x, y, t, mask=None, x_mask=None, t0=None, T=None,
                       S=None, **_unused):
         """Self- and cross-attention reused, MLP reused or recomputed on the selected tokens."""
-        m, st, block = self.m, self.slot.state, self.block
+        m, st, block, regions = self.m, self.slot.state, self.block, self.m.regions
         b, n, c = x.shape
-        _, _, g1, sh2, sc2, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
         attn_shape = (b * S, T, c) if self.temporal else (b * T, S, c)
         A = self._attn_tokens(self._stored("attn", self.kind, attn_shape, x.dtype), b, T, S)
         CA = self._stored("cross", Kind.CROSS_ATTN, x.shape, x.dtype).view(b, T, S, c)
-        xv = x.view(b, T, S, c)
         mlp_shape = st.mlp.shape if st.mlp.shape is not None and \
             math.prod(st.mlp.shape) == x.numel() else x.shape
         M = self._stored("mlp", Kind.MLP, mlp_shape, x.dtype)
@@ -287,16 +407,9 @@ class BlockRunner:
                 idx = self._select(Kind.MLP, self._ratio(Kind.MLP))
             finally:
                 self.x_in = None
-            tick = time.perf_counter()
-            x2 = (gather_tokens(x, idx) + _gather_mod(g1, idx, S) * self._gather_attn(A, idx, S)
-                  + gather_tokens(CA.reshape(b, n, c), idx))
-            m.bookkeeping_s += time.perf_counter() - tick
-            hs = block.norm2(x2) * (1 + _gather_mod(sc2, idx, S)) + _gather_mod(sh2, idx, S)
-            M = self._overwrite("mlp", M, idx, block.mlp(hs), x.dtype)
-        M = M.view(b, T, S, c)
-        out = torch.addcmul(xv + CA, g1, A)
-        out.addcmul_(g2, M)
-        return out.view(b, n, c)
+            new = regions.mlp_tokens(block, x, t, x_mask, t0, A, CA, idx, S, self.temporal)
+            M = self._overwrite("mlp", M, idx, new, x.dtype)
+        return regions.combine(block, x, t, x_mask, t0, A, CA, M.view(b, T, S, c))
 
     def _attn_tokens(self, a: torch.Tensor, b: int, T: int, S: int) -> torch.Tensor:
         """Stored self-attention output (as the attention module returned it) as [B, T, S, C]
@@ -305,13 +418,6 @@ class BlockRunner:
         if self.temporal:
             return a.view(b, S, T, c).transpose(1, 2)
         return a.view(b, T, S, c)
-
-    def _gather_attn(self, A: torch.Tensor, idx: torch.Tensor, S: int) -> torch.Tensor:
-        b, T, _, c = A.shape
-        if self.temporal:  # token t*S + s sits at s*T + t in the [(B S), T, C] layout
-            native = A.transpose(1, 2).reshape(b, -1, c)  # a view of the stored tensor
-            return gather_tokens(native, (idx % S) * T + idx // S)
-        return gather_tokens(A.reshape(b, -1, c), idx)
 
 
 def modulated_input(block, x, y=None, t=None, mask=None, x_mask=None, t0=None, T=None, S=None,
@@ -324,13 +430,42 @@ def modulated_input(block, x, y=None, t=None, mask=None, x_mask=None, t0=None, T
 
 
 class ModuleTap:
-    """Instance-level ``forward`` of a block's ``attn`` / ``cross_attn`` / ``mlp``: the
-    original forward unless the block's runner is armed (see :meth:`BlockRunner.run_module`)."""
+    """State of the instance-level ``forward`` of a block's ``attn`` / ``cross_attn`` / ``mlp``
+    (and of ``attn.qkv`` when v-norm scores are captured), kept on the module as ``_duca_tap``.
 
-    def __init__(self, runner: BlockRunner, attr: str, original):
-        self.runner, self.attr, self.original = runner, attr, original
+    ``mode`` says what the forward does: "off" — the module's own forward, or, while the block's
+    runner is armed, :meth:`BlockRunner.run_module`; "record" — its own forward, keeping the
+    output in ``value``; "reuse" — return ``value``. The forward is installed as a bound method
+    of one module-level function and keeps no other Python state, so a compiled block forward
+    is the same graph for every block of a type (torch.compile guards the identity of a called
+    object, not of attributes it reads)."""
 
-    def __call__(self, *args, **kwargs):
-        if self.runner.plan is None:
-            return self.original(*args, **kwargs)
-        return self.runner.run_module(self.attr, self.original, args, kwargs)
+    def __init__(self, runner: Optional[BlockRunner], attr: str):
+        self.runner, self.attr = runner, attr
+        self.mode = "off"
+        self.value: Optional[torch.Tensor] = None
+
+    def install(self, module: torch.nn.Module) -> None:
+        module._duca_tap = self
+        module.forward = types.MethodType(_tapped_forward, module)
+
+    @staticmethod
+    def remove(module: torch.nn.Module) -> None:
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("_duca_tap", None)
+
+    def clear(self) -> None:
+        self.mode, self.value = "off", None
+
+
+def _tapped_forward(module, *args, **kwargs):
+    tap = module._duca_tap
+    if tap.mode == "reuse":
+        return tap.value
+    if tap.mode == "off" and tap.runner is not None and tap.runner.plan is not None:
+        return tap.runner.run_module(tap.attr, types.MethodType(type(module).forward, module),
+                                     args, kwargs)
+    out = type(module).forward(module, *args, **kwargs)
+    if tap.mode == "record":
+        tap.value = out
+    return out

@@ -43,8 +43,11 @@ def row_quotas(ratio: float, grid: TokenGrid, device=None) -> torch.Tensor:
 
 
 def selected_per_sample(ratio: float, grid: TokenGrid) -> int:
-    """Tokens per sample selected on this rank."""
-    return int(row_quotas(ratio, grid).sum()) * grid.frames
+    """Tokens per sample selected on this rank (host arithmetic, the quotas of
+    :func:`row_quotas`)."""
+    k, h = frame_quota(ratio, grid), grid.rows
+    rows = range(grid.row_offset, min(grid.row_offset + grid.local_rows, h))
+    return sum((r + 1) * k // h - r * k // h for r in rows) * grid.frames
 
 
 def normalise_rows(score: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
@@ -104,7 +107,10 @@ def random_scores(batch: int, grid: TokenGrid, seed: int, step: int, block: int,
     if hi > grid.rows:  # padding rows
         pad = torch.zeros(batch, grid.frames, hi - max(lo, grid.rows), grid.width)
         local = torch.cat([local, pad], 2)
-    return local.reshape(batch, -1).to(device)
+    local = local.reshape(batch, -1)
+    if torch.device(device).type == "cuda":  # a pageable copy would wait for the device
+        return local.pin_memory().to(device, non_blocking=True)
+    return local.to(device)
 
 
 def vnorm_from_qkv(qkv_out: torch.Tensor, batch: int, heads: int, temporal: bool,

@@ -6,6 +6,7 @@ Usage::
         [--repeat 3] [--warmup W] [--json F.json] [--plot F.png] [--device cpu|cuda]
         [--dtype fp32|fp16|bf16] [--ckpt-path PATH] [--steps N] [--tiny]
         [--latent C T H W] [--hidden N] [--depth N] [--batch N] [--seed S] [--threads N]
+        [--compile [--compile-backend inductor|aot_eager]]
     python tools/benchmark.py --preset demo            # the trained demo model (when shipped)
     python tools/benchmark.py --config CONFIG.py       # any inference config (text encoder+codec)
     python tools/benchmark.py --preset opensora-480p-51f --device cuda   # STDiT3-XL/2, bf16
@@ -29,7 +30,12 @@ Every policy runs the same model weights, initial noise and captions, through
 bitwise identical to the unpatched model) inside ``manager.session(num_steps)``, detached with
 ``remove_cache`` afterwards. Runs are interleaved (round r runs every policy once), so slow drift
 of a shared machine's load hits every policy alike; ``--warmup`` untimed rounds come first
-(default 1 on CUDA, 0 on a CPU, where one short untimed model call warms up instead).
+(default 1 on CUDA or with ``--compile``, whose first round compiles; 0 on a CPU, where one
+short untimed model call warms up instead). The session is given the sampler's timesteps on
+the host (``manager.session(n, timesteps=...)``), as the pipeline does.
+
+``--compile`` runs every policy with the per-block work compiled (torch.compile, static
+shapes; see README "Speed"); ``graphs_compiled_in_timed_runs`` (JSON top level) must be 0.
 
 Measured per policy (JSON ``results[]`` fields):
 
@@ -51,6 +57,13 @@ Measured per policy (JSON ``results[]`` fields):
   ``malloc_trim(0)``) minus the resident set at the start; it counts every page the process
   touched, so it is an upper bound of the tensors' bytes (``peak_mem_method`` says which was used;
   None where neither works).
+* ``step_kinds``: per step kind (full, full (cross-attn reused), conservative, aggressive, ...)
+  ``steps`` per run, ``median_s`` of one model call (per-step CUDA events, or
+  ``time.perf_counter`` on a CPU, around the model's forward including the cache's hooks),
+  ``flops_share`` (its analytic FLOPs / an uncached step's), ``ideal_s`` (that share of the
+  uncached step's median, ``full_step_s`` at the top level) and ``vs_ideal`` = median / ideal.
+* ``syncs_per_run``: host-device synchronisations of one extra, untimed run (``sync_method``
+  at the top level: CUDA's sync debug mode, or on a CPU the calls that would synchronise).
 * ``bookkeeping_s`` / ``bookkeeping_frac``: the manager's measured cache bookkeeping time of the
   last run and its fraction of that policy's median run time.
 * ``psnr`` / ``ssim``: the final latents against ``none``'s, both mapped to [0, 1] by the range of
@@ -74,7 +87,7 @@ import torch
 
 from ..bench.benches import PRESETS, build_bench, option_error
 from ..bench.measure import device_name, parse_policies, run_benchmark
-from ..bench.report import markdown_table, plot
+from ..bench.report import markdown_table, plot, step_kind_table
 from ..utils.atomic import write_json
 
 DEFAULT_POLICIES = "none,DuCa,ToCa,FORA,PAB"
@@ -103,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42, help="noise / caption seed")
     p.add_argument("--init-seed", type=int, default=0, help="random-weight seed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--compile", action="store_true",
+                   help="run the per-block work compiled (torch.compile, mode default)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend with --compile (e.g. aot_eager: no C++ needed)")
     p.add_argument("--allow-cpu", action="store_true", help="let the 480p preset run on a CPU")
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
     return p
@@ -120,14 +137,22 @@ def main(argv=None) -> int:
         raise option_error("--steps", args.steps, "an int >= 1")
     policies = parse_policies(args.policies)
     bench = build_bench(args)
-    warmup = args.warmup if args.warmup is not None else (1 if bench.device.type == "cuda" else 0)
+    compile_cfg = dict(backend=args.compile_backend) if args.compile else None
+    warmup = args.warmup if args.warmup is not None else (
+        1 if bench.device.type == "cuda" or args.compile else 0)
     log = (lambda *a, **k: None) if args.quiet else (lambda s: print(s, flush=True))
     info = bench.info
     print(f"benchmark {bench.name}: {info.get('tokens_per_sample')} tokens/sample, CFG batch "
           f"{info.get('cfg_batch')}, {bench.num_steps} steps, {bench.dtype}, "
           f"{device_name(bench.device)}", flush=True)
-    report = run_benchmark(bench, policies, args.repeat, warmup, log=log)
+    report = run_benchmark(bench, policies, args.repeat, warmup, log=log, compile=compile_cfg)
     print(markdown_table(report), flush=True)
+    print(f"\ntime per step kind (ideal: the kind's FLOPs share of the uncached step, "
+          f"{report['full_step_s'] * 1e3:.1f} ms)", flush=True)
+    print(step_kind_table(report), flush=True)
+    if args.compile:
+        print(f"graphs compiled during the timed runs: "
+              f"{report['graphs_compiled_in_timed_runs']}", flush=True)
     if args.json:
         write_json(args.json, report)
         print(f"[json] {args.json}")

@@ -123,7 +123,7 @@ class PositionEmbedding2D(nn.Module):
                              1.0 / 10000 ** (torch.arange(0, half, 2).float() / half),
                              persistent=False)
 
-    def forward(self, h: int, w: int, scale: float, base_size: Optional[int], dtype, device):
+    def forward(self, h: int, w: int, scale, base_size: Optional[int], dtype, device):
         gh = torch.arange(h, dtype=torch.float32, device=device) / scale
         gw = torch.arange(w, dtype=torch.float32, device=device) / scale
         if base_size is not None:

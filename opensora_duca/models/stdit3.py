@@ -302,10 +302,10 @@ class STDiT3(nn.Module):
         T, H, W = self.get_dynamic_size(x)
         S = H * W
         base_size = round(S ** 0.5)
-        if height is not None and width is not None:
-            h0 = float(torch.as_tensor(height).reshape(-1)[0])
-            w0 = float(torch.as_tensor(width).reshape(-1)[0])
-            scale = (h0 * w0) ** 0.5 / self.input_sq_size
+        if height is not None and width is not None:  # a 0-d tensor: no host-device sync
+            h0, w0 = (torch.as_tensor(v, device=x.device).reshape(-1)[0].float()
+                      for v in (height, width))
+            scale = (h0 * w0).sqrt() / self.input_sq_size
         else:
             scale = 1.0
         pos_emb = self.pos_embed(H, W, scale, base_size, x.dtype, x.device)
