@@ -32,6 +32,7 @@ import torch
 
 from .cache import apply_cache, get_cache_manager
 from .registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
+from .utils.compile import compile_options
 from .utils.dtype import resolve_dtype
 
 # ----------------------------------------------------------------- video size helpers
@@ -295,8 +296,10 @@ class Pipeline:
         t0 = time.perf_counter()
         kwargs = dict(mask=mask, additional_args=additional_args, height=height, width=width,
                       num_frames=num_frames, progress=progress)
-        if self.cache_manager is not None:
-            with self.cache_manager.session(num_steps=self.scheduler.num_sampling_steps):
+        if self.cache_manager is not None:  # the timesteps on the host: the cache reads none
+            host_ts = self.scheduler.timesteps(height, width, num_frames).tolist()
+            with self.cache_manager.session(num_steps=self.scheduler.num_sampling_steps,
+                                            timesteps=host_ts):
                 z = self.scheduler.sample(self.model, z, y, y_null, **kwargs)
         else:
             z = self.scheduler.sample(self.model, z, y, y_null, **kwargs)
@@ -385,13 +388,18 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
 
     manager = None
     cache_cfg = _as_dict(_cfg_get(cfg, "cache"))
+    compile_cfg = _as_dict(_cfg_get(cfg, "compile"))
     if cache_cfg is not None:
         if not isinstance(cache_cfg, dict) or "type" not in cache_cfg:
             raise ValueError(f"config key 'cache'={cache_cfg!r} is not accepted; accepted: "
                              f"dict(type=<a registered cache policy>, ...) or None")
-        manager = apply_cache(model, cache_cfg)
+        manager = apply_cache(model, cache_cfg, compile=compile_cfg)
     else:  # a manager attached by a model wrapper (type="DuCa"), or None
         manager = get_cache_manager(model)
+        if manager is not None:
+            manager.set_compile(compile_cfg)
+        elif compile_options(compile_cfg) is not None:  # compiled, uncached: policy "none"
+            manager = apply_cache(model, dict(type="none"), compile=compile_cfg)
 
     defaults = dict(num_frames=num_frames, image_size=image_size,
                     fps=_cfg_get(cfg, "fps", 24), seed=_cfg_get(cfg, "seed", 0),

@@ -16,7 +16,8 @@ from opensora_duca.bench.report import markdown_table
 from opensora_duca.cli.benchmark import main
 
 FIELDS = ("policy", "median_s", "times_s", "speedup", "flops_ratio", "peak_cache_bytes",
-          "peak_mem_bytes", "bookkeeping_s", "bookkeeping_frac", "psnr", "ssim")
+          "peak_mem_bytes", "bookkeeping_s", "bookkeeping_frac", "psnr", "ssim", "step_kinds",
+          "syncs_per_run")
 POLICIES = ["none", "DuCa", "ToCa", "FORA", "PAB"]
 
 
@@ -97,3 +98,29 @@ def test_demo_preset_decodes_frames(tmp_path):
     rows = {r["policy"]: r for r in json.load(open(js))["results"]}
     assert rows["none"]["psnr_frames"] == 100.0
     assert "ssim_frames" in rows["DuCa"]
+
+
+def test_compile_reports_per_kind_times_and_syncs(tmp_path):
+    """--compile (aot_eager here: the inductor regions are tested in test_compile.py): no graph
+    compiled in the timed runs, the time per step kind against its FLOPs share, no sync."""
+    js = str(tmp_path / "c.json")
+    assert main(["--preset", "cpu", "--tiny", "--steps", "6", "--repeat", "1", "--policies",
+                 "DuCa", "--compile", "--compile-backend", "aot_eager", "--json", js,
+                 "--threads", "1", "--quiet", "--device", "cpu"]) == 0
+    with open(js) as f:
+        rep = json.load(f)
+    assert rep["compile"]["backend"] == "aot_eager" and rep["warmup"] == 1
+    assert rep["graphs_compiled_in_timed_runs"] == 0
+    rows = {r["policy"]: r for r in rep["results"]}
+    none, duca = rows["none"]["step_kinds"], rows["DuCa"]["step_kinds"]
+    assert list(none) == ["full"] and none["full"]["steps"] == 6
+    assert none["full"]["flops_share"] == 1.0
+    assert {k: v["steps"] for k, v in duca.items()} == {
+        "full": 3, "full (cross-attn reused)": 1, "conservative": 1, "aggressive": 1}
+    assert duca["aggressive"]["flops_share"] == 0.0
+    assert 0 < duca["conservative"]["flops_share"] < duca["full (cross-attn reused)"][
+        "flops_share"] < 1.0
+    for k in duca.values():
+        assert k["median_s"] > 0
+        assert k["ideal_s"] == pytest.approx(k["flops_share"] * rep["full_step_s"])
+    assert rows["none"]["syncs_per_run"] == 0 and rows["DuCa"]["syncs_per_run"] == 0

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import parallel as sp
 from ..registry import CACHES, build_module, registered
-from ..utils.compile import CompileOptions, check_available, compile_options
+from ..utils.compile import check_available, compile_options
 from . import flops as fl
 from . import selection as sel
 from .plan import Action, Kind, StepKind, StepPlan
@@ -74,12 +74,11 @@ def _weak_method(method):
 class CacheManager:
     """Owns the policy, the per-block stored features and the step counter of one model."""
 
-    def __init__(self, model: nn.Module, policy: CachePolicy,
-                 compile: Optional[CompileOptions] = None):
+    def __init__(self, model: nn.Module, policy: CachePolicy):
         _check_model(model)
         self._model = weakref.ref(model)
         self.policy = policy
-        self.regions = Regions(compile)
+        self.regions = Regions()
         self.depth = len(model.spatial_blocks)
         self.codec = Codec(policy.stored_dtype)
         self.order, self.distance = policy.forecast_order, policy.forecast_distance
@@ -156,6 +155,17 @@ class CacheManager:
         self._handles.append(model.register_forward_hook(_weak_method(self._post_hook)))
         setattr(model, _ATTR, self)
         return self
+
+    def set_compile(self, cfg: Any) -> None:
+        """Run the per-block work compiled with torch.compile (``cfg``: None | True |
+        ``dict(mode=..., backend=..., fullgraph=...)``, see :mod:`opensora_duca.utils.compile`)
+        or, with None, eagerly. Token selection, the step plan and stored features stay in
+        eager Python, so compiling changes neither."""
+        opts = compile_options(cfg)
+        if opts is not None:
+            param = next(self.model.parameters(), None)
+            check_available(opts, param.device if param is not None else torch.device("cpu"))
+        self.regions = Regions(opts)
 
     def detach(self) -> None:
         self.reset()
@@ -537,17 +547,14 @@ def apply_cache(model: nn.Module, cfg: Any = None, compile: Any = None) -> Cache
     """Attach a cache policy (``dict(type=...)`` or a policy object) to ``model`` and return its
     manager. The model's blocks are patched per instance; :func:`remove_cache` undoes it.
 
-    ``compile`` (None | True | ``dict(mode=..., backend=..., fullgraph=...)``) runs the
-    per-block work compiled with torch.compile (:mod:`opensora_duca.utils.compile`); with
-    policy ``none`` that is the compiled uncached model."""
+    ``compile`` (see :meth:`CacheManager.set_compile`) runs the per-block work compiled with
+    torch.compile; with policy ``none`` that is the compiled uncached model."""
     if getattr(model, _ATTR, None) is not None:
         raise RuntimeError("this model already has a cache attached; call remove_cache(model) "
                            "first")
-    opts = compile_options(compile)
-    if opts is not None:
-        param = next(model.parameters(), None)
-        check_available(opts, param.device if param is not None else torch.device("cpu"))
-    return CacheManager(model, build_policy(cfg), opts).attach()
+    mgr = CacheManager(model, build_policy(cfg))
+    mgr.set_compile(compile)
+    return mgr.attach()
 
 
 def remove_cache(model: nn.Module) -> None:

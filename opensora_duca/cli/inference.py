@@ -6,12 +6,14 @@ Usage::
         [--num-frames N] [--resolution 480p] [--aspect-ratio 9:16] [--image-size H W]
         [--num-sampling-steps N] [--cfg-scale S] [--seed S] [--batch-size B]
         [--dtype fp32|fp16|bf16] [--save-dir DIR] [--ckpt-path PATH]
-        [--cfg-options key=value ...]
+        [--compile] [--cfg-options key=value ...]
     torchrun --nproc_per_node P tools/inference.py CONFIG ...   # sequence parallelism
 
 Flags override the config's keys of the same name; ``--cfg-options`` overrides any (nested)
 key, e.g. ``--cfg-options model.depth=2 cache.type=DuCa`` (values are parsed like mmengine's
 ``DictAction``: numbers, True/False/None, lists ``[1,2]`` and tuples ``(1,2)``).
+``--compile`` sets the config key ``compile = dict(mode="default")`` (unless the config has
+one): the per-block work runs compiled with torch.compile, cached or not (README "Speed").
 
 Prompts: ``--prompt`` wins over ``--prompt-path`` (one prompt per line; blank lines are
 dropped), then the config's ``prompt`` list, then its ``prompt_path``.
@@ -75,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--save-latents", action="store_true", help="also write {name}.latents.pt")
     p.add_argument("--ckpt-path", default=None, help="model weights (replaces from_pretrained)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="run the per-block work compiled (torch.compile); the config key "
+                        "compile=dict(mode=..., backend=...) sets the options")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None,
                    help="override config keys: key=value (nested keys with dots)")
     return p.parse_args(argv)
@@ -102,6 +107,8 @@ def merge_args(cfg, args):
         cfg.scheduler["cfg_scale"] = args.cfg_scale
     if args.ckpt_path is not None:
         cfg.model["from_pretrained"] = args.ckpt_path
+    if args.compile and not cfg.get("compile"):
+        cfg.compile = dict(mode="default")
     return cfg
 
 
