@@ -444,7 +444,14 @@ class STDiT3(nn.Module):
 
 
 # --------------------------------------------------------------------- presets
-def _build(preset: dict, from_pretrained: Optional[str] = None, **kwargs) -> STDiT3:
+def _build(preset: dict, from_pretrained: Optional[str] = None, force_huggingface: bool = False,
+           **kwargs) -> STDiT3:
+    """``force_huggingface`` (Open-Sora 1.3 configs): upstream then loads ``from_pretrained``
+    through transformers; here a local Hugging Face folder (config.json + model.safetensors)
+    is read the same way as any other checkpoint path, and nothing is downloaded."""
+    if force_huggingface and from_pretrained is None:
+        raise ValueError("model force_huggingface=True needs from_pretrained (a local Hugging "
+                         "Face folder); accepted: a path, or force_huggingface=False")
     cfg = dict(preset)
     cfg.update(kwargs)
     model = STDiT3(**cfg)
