@@ -250,3 +250,22 @@ def test_xl2_v13_key_table():
     assert sorted(set(got) ^ set(want)) == []
     assert {k: v for k, v in got.items() if want[k] != v} == {}
     assert len(got) == 25 + 2 * 28 * 17
+
+
+# -------------------------------------------------------------- FLOPs
+@pytest.mark.parametrize("kernel", [(2, 4, -1), (2, 2, 2), (-1, -1, -1)])
+def test_window_attention_flops_equal_counted_matmuls(kernel):
+    """models.window.window_attention_flops against torch's FLOP counter on one window
+    attention call (math backend: every product is a counted matmul)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from opensora_duca.models.window import window_attention_flops
+    m = make_model(kernel_size=kernel, attn_backend="math").float()
+    B, T, H, W, C = 2, 3, 3, 5, HIDDEN
+    x = torch.randn(B * H * W, T, C)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        m.temporal_blocks[0].attn(x, H=H, W=W, scale=1.0)
+    assert window_attention_flops(B, T, H, W, C, kernel) == counter.get_total_flops()
+    if kernel == (-1, -1, -1):  # one window: full attention over all T*H*W tokens
+        n = T * H * W
+        assert window_attention_flops(B, T, H, W, C, kernel) == B * (8 * n * C * C + 4 * n * n * C)
