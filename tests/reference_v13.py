@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 import reference_impl as ref
+import torch
 from reference_impl import F64, layer_norm, linear, rms_norm, sdp_attention
 
 

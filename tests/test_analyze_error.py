@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from opensora_duca.bench import error_analysis as ea
+from opensora_duca.bench.benches import build_bench
+from opensora_duca.cli.analyze_error import main
+from opensora_duca.cli.benchmark import build_parser
 
-import analyze_error as ae  # noqa: E402
-import benchmark as bm  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny", "inference.py")
 
@@ -22,7 +22,7 @@ TINY_CONFIG = os.path.join(ROOT, "configs", "tiny", "inference.py")
 def report(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("ae")
-    assert ae.main(["--preset", "cpu", "--tiny", "--steps", "6", "--samples", "2",
+    assert main(["--preset", "cpu", "--tiny", "--steps", "6", "--samples", "2",
                     "--policies", "none,DuCa,ToCa,FORA,PAB,TrunkReuse", "--out", str(out),
                     "--threads", "1", "--device", "cpu"]) == 0
     with open(out / "error_analysis.json") as f:
@@ -76,21 +76,21 @@ def test_claim_test(report):
 
 def test_stepper_matches_rflow_sample():
     torch.set_num_threads(1)
-    ns = bm.build_parser().parse_args(["--preset", "cpu", "--tiny", "--steps", "4",
+    ns = build_parser().parse_args(["--preset", "cpu", "--tiny", "--steps", "4",
                                        "--device", "cpu"])
-    bench = bm.build_bench(ns)
-    st = ae.Stepper(bench)
-    ref = ae.reference(bench, st)
+    bench = build_bench(ns)
+    st = ea.Stepper(bench)
+    ref = ea.reference(bench, st)
     assert torch.equal(ref["zs"][-1], bench.sample())
 
 
 def test_config_input_and_bad_args(tmp_path):
     torch.set_num_threads(1)
-    assert ae.main([TINY_CONFIG, "--steps", "4", "--samples", "2", "--policies", "none,DuCa",
+    assert main([TINY_CONFIG, "--steps", "4", "--samples", "2", "--policies", "none,DuCa",
                     "--no-claim", "--out", str(tmp_path), "--device", "cpu"]) == 0
     rep = json.load(open(tmp_path / "error_analysis.json"))
     assert "claim_test" not in rep and rep["policies"]["none"]["per_step"]["output_rel_l2"] == [0.0] * 4
     with pytest.raises(ValueError, match="--starts"):
-        ae.parse_starts("5", 6)
+        ea.parse_starts("5", 6)
     with pytest.raises(SystemExit, match="exactly one"):
-        ae.main(["--out", str(tmp_path)])
+        main(["--out", str(tmp_path)])

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from cache_utils import inputs, small_model, trajectory
+
 from opensora_duca.cache import Action, Kind, apply_cache, build_policy, remove_cache
 from opensora_duca.cache.plan import FULL_STEP, KINDS, StepPlan
 from opensora_duca.cache.policies import AdaptivePolicy, CachePolicy

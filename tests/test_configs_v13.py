@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 from mmengine.config import Config
+from test_stdit3_v13 import upstream_v13_xl2_keys
 
 from opensora_duca.cache import build_policy
 from opensora_duca.registry import MODELS, SCHEDULERS, build_module
-from test_stdit3_v13 import upstream_v13_xl2_keys
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     "configs", "opensora-v1-3")

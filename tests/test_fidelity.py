@@ -1,17 +1,13 @@
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from opensora_duca.eval import fidelity as fid  # noqa: E402
-from opensora_duca.utils.video import save_video  # noqa: E402
+from opensora_duca.eval import fidelity as fid
+from opensora_duca.utils.video import save_video
 
 
 # ---------------------------------------------------------------- independent reference for SSIM
@@ -191,11 +187,8 @@ def test_compare_dirs_lpips_missing_is_explicit(two_dirs, monkeypatch, tmp_path)
 
 
 def test_cli(two_dirs, tmp_path, capsys):
-    import importlib.util
+    from opensora_duca.cli import fidelity as cli
 
-    spec = importlib.util.spec_from_file_location("tools_fidelity_cli", os.path.join(ROOT, "tools", "fidelity.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     a, b = two_dirs
     out = tmp_path / "res" / "fid.json"
     assert cli.main([a, b, "--json", str(out)]) == 0

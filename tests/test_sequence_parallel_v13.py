@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
 from cache_utils import inputs, small_model, trajectory
 from dist_utils import run_distributed
 

@@ -9,12 +9,12 @@ are swapped for float64 versions (fixture ``float64_pieces``) for the TIGHT comp
 from __future__ import annotations
 
 import pytest
-import torch
-
 import reference_v13 as ref13
+import torch
+from test_stdit3_reference import float64_pieces, rel_err  # noqa: F401 (fixture)
+
 from opensora_duca.models.stdit3 import STDiT3
 from opensora_duca.registry import MODELS
-from test_stdit3_reference import float64_pieces, rel_err  # noqa: F401 (fixture)
 
 TIGHT = 1e-10
 HEADS, HIDDEN, CY, L = 2, 24, 12, 6  # head dim 12: thirds of 4 (two rotated pairs each)

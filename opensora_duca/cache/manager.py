@@ -484,7 +484,8 @@ class CacheManager:
         return "\n".join([
             f"cache policy   : {s['policy']['type']}",
             f"steps          : {s['steps']} ({kinds})",
-            f"FLOPs ratio    : {s['flops_ratio']:.2f}x fewer than uncached (analytic, trunk matmuls)",
+            f"FLOPs ratio    : {s['flops_ratio']:.2f}x fewer than uncached "
+            f"(analytic, trunk matmuls)",
             f"peak cache mem : {s['peak_stored_bytes'] / 2**20:.1f} MiB",
             f"bookkeeping    : {s['bookkeeping_s'] * 1e3:.1f} ms (host time)",
         ])

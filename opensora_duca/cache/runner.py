@@ -15,10 +15,10 @@ op order stay untouched; a reused module issues no collective because it is not 
 
 The only block math written here is the token-sparse conservative step (self- and
 cross-attention reused, MLP reused or on a token subset), for the Open-Sora 1.2 block layout
-(``TOKEN_SPARSE_BLOCKS``; other blocks take it through their own forward): the selected tokens are gathered first (LayerNorm
-and modulation are per token), only their trajectory is computed, and every token then takes
-x + g1 * A + CA + g2 * M in two fused passes. It needs the block's modulation, which
-``models.stdit3.block_modulation`` defines for the Open-Sora 1.2 block layout.
+(``TOKEN_SPARSE_BLOCKS``; other blocks take it through their own forward): the selected tokens
+are gathered first (LayerNorm and modulation are per token), only their trajectory is computed,
+and every token then takes x + g1 * A + CA + g2 * M in two fused passes. It needs the block's
+modulation, which ``models.stdit3.block_modulation`` defines for the Open-Sora 1.2 layout.
 """
 from __future__ import annotations
 

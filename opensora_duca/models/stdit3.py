@@ -18,10 +18,23 @@ from .. import parallel as sp
 from ..registry import MODELS
 from .attention import check_backend
 from .checkpoint import load_checkpoint
-from .layers import (Attention, CaptionEmbedder, DropPath, FramePositionEmbedding, Mlp,
-                     MultiHeadCrossAttention, PatchEmbed3D, PositionEmbedding2D, RotaryEmbedding,
-                     SeqParallelState, SizeEmbedder, T2IFinalLayer, TimestepEmbedder, modulate,
-                     select_by_frame)
+from .layers import (
+    Attention,
+    CaptionEmbedder,
+    DropPath,
+    FramePositionEmbedding,
+    Mlp,
+    MultiHeadCrossAttention,
+    PatchEmbed3D,
+    PositionEmbedding2D,
+    RotaryEmbedding,
+    SeqParallelState,
+    SizeEmbedder,
+    T2IFinalLayer,
+    TimestepEmbedder,
+    modulate,
+    select_by_frame,
+)
 from .window import check_kernel_size
 
 # Keyword arguments Open-Sora 1.2's pipeline passes to the model besides the ones forward uses
