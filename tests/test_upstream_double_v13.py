@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cache_utils import inputs, small_model, trajectory
 from upstream_double_v13 import UpstreamShapedSTDiT3V13, load_state_dict_v13
 
-from cache_utils import inputs, small_model, trajectory
 from opensora_duca.cache import apply_cache, remove_cache
 
 V13 = dict(kernel_size=(2, 4, -1), use_spatial_rope=True)

@@ -22,10 +22,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-
-from upstream_double import (CaptionEmbedder, FinalLayer, Mlp, MultiHeadCrossAttention, RMSNorm,
-                             TimestepEmbedder, pos_embed_2d, softmax_attention, t2i_modulate,
-                             t_mask_select)
+from upstream_double import (
+    CaptionEmbedder,
+    FinalLayer,
+    Mlp,
+    MultiHeadCrossAttention,
+    RMSNorm,
+    TimestepEmbedder,
+    pos_embed_2d,
+    softmax_attention,
+    t2i_modulate,
+    t_mask_select,
+)
 
 
 def rotate_3d(x, freqs, k1, k2, scale):
