@@ -437,8 +437,12 @@ class STDiT3(nn.Module):
         x = sp.split_rows(x, group, H, W)
         s_local = x.shape[2]
         x = x.reshape(b, T * s_local, -1)
-        args = (y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local, s_local // W, W, scale)
-        kw = dict(mask_index=mask_index, y_null=y_null)
+        # blocks get Open-Sora 1.3's extra arguments only where they matter, so a 1.2 model
+        # calls its blocks exactly as Open-Sora 1.2 does
+        args = (y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
+        if self.kernel_size is not None or self.use_spatial_rope:
+            args += (s_local // W, W, scale)
+        kw = {} if mask_index is None else dict(mask_index=mask_index, y_null=y_null)
         for i, spatial in enumerate(self.spatial_blocks):
             x = spatial(x, *args, **kw)
             if not self.skip_temporal:
