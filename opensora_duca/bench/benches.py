@@ -42,7 +42,7 @@ XL13_PRESET = dict(model=dict(type="STDiT3-XL/2", caption_channels=4096, model_m
                    scheduler=dict(transform_version="1.3", use_oscillation_guidance=True,
                                   use_flaw_fix=True))
 LARGE_PRESETS = {"opensora-480p-51f": (XL_PRESET, "480p/51-frame", 113),
-                 "opensora13-720p-113f": (XL13_PRESET, "720p/113-frame", 1100)}
+                 "opensora13-720p-113f": (XL13_PRESET, "720p/113-frame", 740)}
 
 
 @dataclass
