@@ -129,13 +129,10 @@ def test_reuse_after_full_equals_stored_value():
     _reuse_right_after_full(m, x, y, mask)
 
 
-I2V_RUNNER = ("i2v / v2v blocks call cross_attn twice (given frames with y_null, the rest "
-              "with y); the runner stores one output per module and reuses it for both calls")
-
-
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, AssertionError), reason=I2V_RUNNER)
 @pytest.mark.parametrize("frames", [(0,), (0, 2)])
 def test_i2v_reuse_after_full_equals_stored_value(frames):
+    """i2v / v2v blocks call cross_attn twice (the given frames with y_null, the rest with y):
+    the runner stores one output per call and reuses each for its own call."""
     m = model13()
     x, y, mask = inputs(h=H, w=W, frames=4 if len(frames) == 2 else 3)
     _reuse_right_after_full(m, x, y, mask, **i2v_args(x, y, frames))
@@ -183,3 +180,29 @@ def test_attention_scores_of_window_attention():
     # window of 2 x 4 over a 3 x 5 grid: tokens in row 2 / column 4 share windows with fewer
     # queries, so scores are not all equal
     assert score.std() > 1e-3
+
+
+@pytest.mark.parametrize("skip_temporal", [False, True])
+def test_runtime_flops_know_window_attention_and_skip_temporal(skip_temporal):
+    """The manager's FLOPs count equals the analytic count of the same plan on the same trunk
+    (window-attention temporal blocks, or none with skip_temporal), and every policy runs."""
+    from opensora_duca.cache.flops import TrunkShape, run_flops_ratio
+
+    m = model13(skip_temporal=skip_temporal)
+    x, y, mask = inputs(h=H, w=W)
+    for cfg in (dict(type="DuCa", scorer="random"), dict(type="FirstBlockCache", threshold=0.0)):
+        mgr = apply_cache(m, cfg)
+        with mgr.session(num_steps=STEPS):
+            trajectory(m, x, y, mask, steps=STEPS)
+            s = mgr.stats()
+        assert len(mgr.slots) == (2 if skip_temporal else 4)
+        remove_cache(m)
+        kernel = None if skip_temporal else tuple(V13["kernel_size"])
+        shape = TrunkShape(batch=2, frames=3, spatial=15, hidden=V13["hidden"], depth=2,
+                           caption_len=8, mlp_hidden=4 * V13["hidden"],
+                           temporal=not skip_temporal, temporal_kernel=kernel, rows=3, width=5)
+        if cfg["type"] == "DuCa":
+            ref = run_flops_ratio(build_policy(cfg), STEPS, shape, 3, 5)
+            assert abs(s["flops_ratio"] - ref["flops_ratio"]) < 1e-9
+        else:  # threshold 0: every step computes the whole trunk
+            assert s["flops_ratio"] == pytest.approx(1.0)

@@ -77,6 +77,7 @@ class BlockRunner:
         self.token_sparse = type(slot.block).__name__ in TOKEN_SPARSE_BLOCKS
         self.plan: Optional[StepPlan] = None  # armed while the block's own forward runs
         self.x_in: Optional[torch.Tensor] = None
+        self.calls: dict = {}  # calls of each tapped module in the current forward
 
     @property
     def m(self) -> "CacheManager":
@@ -109,14 +110,19 @@ class BlockRunner:
         if plan.skip_trunk:
             m.count_module("trunk", Action.REUSE)
             return m.trunk_output(x) if self.slot.is_last else x
+        bound = None
+        if (self.token_sparse and plan.actions[self.kind] == Action.REUSE
+                and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
+                and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
+            bound = self._bind(args, kwargs)
+            if bound.get("mask_index"):  # i2v / v2v: cross-attention per frame group
+                bound = None
         if plan.is_full() and not m.stores_modules():
             out = self.slot.original(*args, **kwargs)
-        elif (self.token_sparse and plan.actions[self.kind] == Action.REUSE
-              and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
-              and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
-            out = self._conservative(plan, **self._bind(args, kwargs))
+        elif bound is not None:
+            out = self._conservative(plan, **bound)
         else:
-            self.plan, self.x_in = plan, x
+            self.plan, self.x_in, self.calls = plan, x, {}
             try:
                 out = self.slot.original(*args, **kwargs)
             finally:
@@ -137,34 +143,37 @@ class BlockRunner:
         act = self.action(attr)
         kind = {"attn": self.kind, "cross_attn": Kind.CROSS_ATTN, "mlp": Kind.MLP}[attr]
         name = _TAPPED[attr]
+        call = self.calls.get(attr, 0)  # a module may be called more than once per forward
+        self.calls[attr] = call + 1
         inp = args[0] if args else next(iter(kwargs.values()))
         m.count_module(kind, act)
         if act == Action.FULL:
             out = self._self_attn(original, args, kwargs) if attr == "attn" else \
                 original(*args, **kwargs)
-            self._store(name, out, kind)
+            self._store(name, out, kind, call)
             if attr != "attn":
                 self._mark_full(kind)
             if attr == "mlp" and m.policy.scorer == Scorer.SIMILARITY and m.uses_selection(kind):
                 st.put("x_ref", self.x_in)
             return out
-        stored = self._stored(name, kind, inp.shape, inp.dtype)
+        stored = self._stored(name, kind, inp.shape, inp.dtype, call)
         if act == Action.REUSE:
             return stored
-        if attr == "attn":
-            raise ValueError(f"self-attention cannot be recomputed on a token subset (plan for "
-                             f"{kind} at step {m.step} is {act})")
         b, c = inp.shape[0], inp.shape[-1]
+        if attr == "attn" or inp.numel() != self.x_in.numel():
+            raise ValueError(f"{kind} of block {self.slot.name} cannot be recomputed on a token "
+                             f"subset at step {m.step}: it does not see every token of the block "
+                             f"(self-attention, or a call on a frame group)")
         idx = self._select(kind, self._ratio(kind))
         new = original(gather_tokens(inp.reshape(b, -1, c), idx), *args[1:], **kwargs)
-        return self._overwrite(name, stored, idx, new, inp.dtype)
+        return self._overwrite(name, stored, idx, new, inp.dtype, call)
 
     def _overwrite(self, name: str, stored: torch.Tensor, idx: torch.Tensor, new: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, call: int = 0) -> torch.Tensor:
         """The reused (or forecast) value ``stored`` with the recomputed tokens ``new`` at
         ``idx``. Plain reuse writes them into the stored feature, so they persist until the next
         full step; a forecast is a fresh tensor and takes them for this step only."""
-        m, feature = self.m, getattr(self.slot.state, name)
+        m, feature = self.m, self.slot.state.feature(name, call)
         t0 = time.perf_counter()
         if feature.order == 0:
             feature.scatter_(idx, new)
@@ -189,7 +198,7 @@ class BlockRunner:
                                                    m.frames))
             return out
         if scorer == Scorer.VNORM:
-            m.capturing = self.slot
+            m.capturing, m.capture_tokens = self.slot, self.x_in.shape[1]
             try:
                 return original(*args, **kwargs)
             finally:
@@ -201,9 +210,9 @@ class BlockRunner:
         return self.kind == Kind.TEMPORAL_ATTN
 
     # ------------------------------------------------------------ stored features
-    def _store(self, name: str, value: torch.Tensor, kind: Kind) -> None:
+    def _store(self, name: str, value: torch.Tensor, kind: Kind, call: int = 0) -> None:
         if self.m.stores(kind):
-            getattr(self.slot.state, name).update(value, self.m.at)
+            self.slot.state.feature(name, call).update(value, self.m.at)
 
     def _mark_full(self, kind: Kind) -> None:
         m = self.m
@@ -216,10 +225,15 @@ class BlockRunner:
             else:
                 last.fill_(m.step)
 
-    def _stored(self, name: str, kind: Kind, shape, dtype: torch.dtype) -> torch.Tensor:
-        """The stored (or forecast) feature ``name`` (it must have ``shape``) in ``dtype``."""
-        feature = getattr(self.slot.state, name)
-        if feature.shape is None or tuple(feature.shape) != tuple(shape):
+    def _stored(self, name: str, kind: Kind, shape, dtype: torch.dtype, call: int = 0,
+                same_size: bool = False) -> torch.Tensor:
+        """The stored (or forecast) feature ``name`` in ``dtype``; it must have ``shape`` (with
+        ``same_size``: as many elements, returned as stored)."""
+        feature = self.slot.state.feature(name, call)
+        ok = feature.shape is not None and (
+            tuple(feature.shape) == tuple(shape)
+            or (same_size and math.prod(feature.shape) == math.prod(shape)))
+        if not ok:
             raise RuntimeError(f"block {self.slot.name}: the plan reuses {kind} at step "
                                f"{self.m.step} but nothing of shape {tuple(shape)} was stored "
                                f"(policy {self.m.policy.name!r})")
@@ -268,16 +282,17 @@ class BlockRunner:
     def _conservative(self, plan: StepPlan, x, y, t, mask=None, x_mask=None, t0=None, T=None,
                       S=None, **_unused):
         """Self- and cross-attention reused, MLP reused or recomputed on the selected tokens."""
-        m, st, block = self.m, self.slot.state, self.block
+        m, block = self.m, self.block
         b, n, c = x.shape
         _, _, g1, sh2, sc2, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
+        # as many elements as [(B S), T, C] / [(B T), S, C], in that memory order (upstream
+        # 1.3's temporal window attention returns [B, H, W, T, C])
         attn_shape = (b * S, T, c) if self.temporal else (b * T, S, c)
-        A = self._attn_tokens(self._stored("attn", self.kind, attn_shape, x.dtype), b, T, S)
+        A = self._attn_tokens(self._stored("attn", self.kind, attn_shape, x.dtype,
+                                           same_size=True), b, T, S)
         CA = self._stored("cross", Kind.CROSS_ATTN, x.shape, x.dtype).view(b, T, S, c)
         xv = x.view(b, T, S, c)
-        mlp_shape = st.mlp.shape if st.mlp.shape is not None and \
-            math.prod(st.mlp.shape) == x.numel() else x.shape
-        M = self._stored("mlp", Kind.MLP, mlp_shape, x.dtype)
+        M = self._stored("mlp", Kind.MLP, x.shape, x.dtype, same_size=True)
         m.count_module(self.kind, Action.REUSE)
         m.count_module(Kind.CROSS_ATTN, Action.REUSE)
         m.count_module(Kind.MLP, plan.actions[Kind.MLP])
