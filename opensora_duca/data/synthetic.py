@@ -105,7 +105,8 @@ def caption_set(n: int | None = None) -> list[str]:
     order. It is not held out: the "train" split draws from the same captions (only the item
     seeds differ). It is ordered so that any prefix is balanced over colours and directions
     (the i-th prompt has colour i mod 7, direction i mod 5 and shape (i // 35) mod 3 — 7, 5 and
-    3 are coprime and 7*5*3 = 105, so all combinations appear once). ``n`` takes the first n (1..105)."""
+    3 are coprime and 7*5*3 = 105, so all combinations appear once). ``n`` takes the first n
+    (1..105)."""
     colors, n_all = list(COLORS), len(COLORS) * len(SHAPES) * len(DIRECTIONS)
     out = [caption_for(colors[i % 7], SHAPES[(i // 35) % 3], DIRECTIONS[i % 5])
            for i in range(n_all)]
