@@ -108,6 +108,38 @@ def test_ssim_matches_numpy_loop():
     assert fid.ssim(a, b) == pytest.approx(float(np.mean(ref_frames)), abs=1e-10)
 
 
+def _load_tool(name):
+    import importlib.util
+
+    path = os.path.join(ROOT, "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_frame_fidelity_values():
+    """tools/benchmark.py's psnr_frames / ssim_frames (decoded frames [B, 3, T, H, W] in [-1, 1])
+    against the float64 loops above, on frames mapped to [0, 1]."""
+    bm = _load_tool("benchmark")
+    rng = np.random.default_rng(2)
+    ref = rng.uniform(-1, 1, size=(2, 3, 3, 13, 12))
+    out = np.clip(ref + 0.2 * rng.standard_normal(ref.shape), -1, 1)
+    same = bm.frame_fidelity(torch.from_numpy(ref), torch.from_numpy(ref.copy()))
+    assert same["psnr_frames"] == 100.0 and same["ssim_frames"] == pytest.approx(1.0, abs=1e-12)
+    got = bm.frame_fidelity(torch.from_numpy(out), torch.from_numpy(ref))
+    a, b = (out + 1) / 2, (ref + 1) / 2
+    # equal frame counts: the per-frame-index aggregation is the plain mean over videos x frames
+    want_ssim = np.mean([ssim_numpy_loop(a[i, c, t], b[i, c, t])
+                         for i in range(2) for t in range(3) for c in range(3)])
+    mse = ((a - b) ** 2).mean(axis=(1, 3, 4))  # [B, T]
+    want_psnr = np.mean(10 * np.log10(1 / mse))
+    assert got["ssim_frames"] == pytest.approx(want_ssim, abs=1e-10)
+    assert got["psnr_frames"] == pytest.approx(want_psnr, abs=1e-9)
+    assert got["ssim_frames"] < 0.99  # a real difference
+
+
 def test_shape_errors():
     with pytest.raises(ValueError, match="shape mismatch"):
         fid.psnr(torch.zeros(2, 3, 16, 16), torch.zeros(3, 3, 16, 16))
@@ -191,11 +223,7 @@ def test_compare_dirs_lpips_missing_is_explicit(two_dirs, monkeypatch, tmp_path)
 
 
 def test_cli(two_dirs, tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tools_fidelity_cli", os.path.join(ROOT, "tools", "fidelity.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = _load_tool("fidelity")
     a, b = two_dirs
     out = tmp_path / "res" / "fid.json"
     assert cli.main([a, b, "--json", str(out)]) == 0
