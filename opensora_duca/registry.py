@@ -11,16 +11,13 @@ from typing import Any
 
 from mmengine.registry import Registry
 
-MODELS = Registry("model", scope="opensora_duca", locations=["opensora_duca.models"])
+MODELS = Registry("model", scope="opensora_duca",
+                  locations=["opensora_duca.models", "opensora_duca.cache"])
 SCHEDULERS = Registry("scheduler", scope="opensora_duca", locations=["opensora_duca.schedulers"])
 CACHES = Registry("cache", scope="opensora_duca", locations=["opensora_duca.cache"])
 TEXT_ENCODERS = Registry("text_encoder", scope="opensora_duca", locations=["opensora_duca.models"])
 VAES = Registry("vae", scope="opensora_duca", locations=["opensora_duca.models"])
 DATASETS = Registry("dataset", scope="opensora_duca", locations=["opensora_duca.data"])
-
-_ALL = dict(model=MODELS, scheduler=SCHEDULERS, cache=CACHES, text_encoder=TEXT_ENCODERS,
-            vae=VAES, dataset=DATASETS)
-
 
 def registered(registry: Registry) -> list[str]:
     """Sorted names registered in ``registry`` (imports its modules first)."""

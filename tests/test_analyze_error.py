@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from opensora_duca.bench import error_analysis as ea
+from opensora_duca.bench.benches import build_bench
+from opensora_duca.cli.analyze_error import main
+from opensora_duca.cli.benchmark import build_parser
 
-import analyze_error as ae  # noqa: E402
-import benchmark as bm  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny", "inference.py")
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "inference.py")
@@ -25,7 +25,7 @@ DEMO_CKPT = os.path.join(ROOT, "opensora_duca", "assets", "demo_stdit3.safetenso
 def report(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("ae")
-    assert ae.main(["--preset", "cpu", "--tiny", "--steps", "6", "--samples", "2",
+    assert main(["--preset", "cpu", "--tiny", "--steps", "6", "--samples", "2",
                     "--policies", "none,DuCa,ToCa,FORA,PAB,TrunkReuse", "--out", str(out),
                     "--threads", "1", "--device", "cpu"]) == 0
     with open(out / "error_analysis.json") as f:
@@ -87,8 +87,8 @@ def test_claim_ordering_on_the_shipped_demo_model(tmp_path):
     # A+C lower in 16 of 18 cases. The README's 4-sample run: 9.2e-3 vs 1.03e-2, 33/36.
     # The bounds leave room for other torch builds, not for the ordering to flip.
     torch.set_num_threads(1)
-    assert ae.main([DEMO_CONFIG, "--policies", "none", "--samples", "2", "--out",
-                    str(tmp_path), "--threads", "1", "--device", "cpu"]) == 0
+    assert main([DEMO_CONFIG, "--policies", "none", "--samples", "2", "--out",
+                str(tmp_path), "--threads", "1", "--device", "cpu"]) == 0
     c = json.load(open(tmp_path / "error_analysis.json"))["claim_test"]
     a, same = c["variants"]["A+C"]["err_mean"], c["variants"]["C+C same cost"]["err_mean"]
     assert c["comparison"]["lower_error_same_cost"] == "A+C"
@@ -99,21 +99,21 @@ def test_claim_ordering_on_the_shipped_demo_model(tmp_path):
 
 def test_stepper_matches_rflow_sample():
     torch.set_num_threads(1)
-    ns = bm.build_parser().parse_args(["--preset", "cpu", "--tiny", "--steps", "4",
+    ns = build_parser().parse_args(["--preset", "cpu", "--tiny", "--steps", "4",
                                        "--device", "cpu"])
-    bench = bm.build_bench(ns)
-    st = ae.Stepper(bench)
-    ref = ae.reference(bench, st)
+    bench = build_bench(ns)
+    st = ea.Stepper(bench)
+    ref = ea.reference(bench, st)
     assert torch.equal(ref["zs"][-1], bench.sample())
 
 
 def test_config_input_and_bad_args(tmp_path):
     torch.set_num_threads(1)
-    assert ae.main([TINY_CONFIG, "--steps", "4", "--samples", "2", "--policies", "none,DuCa",
+    assert main([TINY_CONFIG, "--steps", "4", "--samples", "2", "--policies", "none,DuCa",
                     "--no-claim", "--out", str(tmp_path), "--device", "cpu"]) == 0
     rep = json.load(open(tmp_path / "error_analysis.json"))
     assert "claim_test" not in rep and rep["policies"]["none"]["per_step"]["output_rel_l2"] == [0.0] * 4
     with pytest.raises(ValueError, match="--starts"):
-        ae.parse_starts("5", 6)
+        ea.parse_starts("5", 6)
     with pytest.raises(SystemExit, match="exactly one"):
-        ae.main(["--out", str(tmp_path)])
+        main(["--out", str(tmp_path)])

@@ -1,19 +1,19 @@
-"""tools/benchmark.py: every field for every policy on the (tiny) cpu preset, the reference
-row, DuCa's analytic saving, input validation, and the demo preset when its model is shipped."""
+"""tools/benchmark.py (opensora_duca.cli.benchmark): every field for every policy on the (tiny)
+cpu preset, the reference row, DuCa's analytic saving, input validation, and the demo preset
+when its model is shipped."""
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import benchmark as bm  # noqa: E402
+from opensora_duca.bench.benches import demo_available
+from opensora_duca.bench.measure import fidelity, parse_policies
+from opensora_duca.bench.report import markdown_table
+from opensora_duca.cli.benchmark import main
 
 FIELDS = ("policy", "median_s", "times_s", "speedup", "flops_ratio", "peak_cache_bytes",
           "peak_mem_bytes", "bookkeeping_s", "bookkeeping_frac", "psnr", "ssim")
@@ -25,7 +25,7 @@ def report(tmp_path_factory):
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("bench")
     js, png = str(d / "bench.json"), str(d / "bench.png")
-    assert bm.main(["--preset", "cpu", "--tiny", "--steps", "6", "--repeat", "2",
+    assert main(["--preset", "cpu", "--tiny", "--steps", "6", "--repeat", "2",
                     "--policies", ",".join(POLICIES), "--json", js, "--plot", png,
                     "--threads", "1", "--quiet", "--device", "cpu"]) == 0
     with open(js) as f:
@@ -63,35 +63,35 @@ def test_reference_and_duca_rows(report):
 
 
 def test_markdown_table(report):
-    table = bm.markdown_table(report[0])
+    table = markdown_table(report[0])
     assert table.count("\n") == 1 + len(POLICIES)
     assert "| DuCa |" in table
 
 
 def test_fidelity_ssim_on_large_latents():
     z = torch.randn(1, 4, 2, 12, 12)
-    f = bm.fidelity(z, z)
+    f = fidelity(z, z)
     assert f["psnr"] == 100.0 and abs(f["ssim"] - 1.0) < 1e-12 and f["rel_l2"] == 0.0
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="--policies.*Bogus.*registered"):
-        bm.parse_policies("none,Bogus")
-    assert bm.parse_policies("DuCa") == ["none", "DuCa"]  # the reference is always run
+        parse_policies("none,Bogus")
+    assert parse_policies("DuCa") == ["none", "DuCa"]  # the reference is always run
     with pytest.raises(ValueError, match="--preset.*nope"):
-        bm.main(["--preset", "nope", "--device", "cpu"])
+        main(["--preset", "nope", "--device", "cpu"])
     with pytest.raises(SystemExit, match="allow-cpu"):
-        bm.main(["--preset", "opensora-480p-51f", "--device", "cpu"])
+        main(["--preset", "opensora-480p-51f", "--device", "cpu"])
     with pytest.raises(ValueError, match="--repeat"):
-        bm.main(["--preset", "cpu", "--tiny", "--steps", "3", "--repeat", "0",
+        main(["--preset", "cpu", "--tiny", "--steps", "3", "--repeat", "0",
                  "--device", "cpu", "--quiet"])
 
 
-@pytest.mark.skipif(not bm.demo_available(), reason="demo config/checkpoint not shipped yet")
+@pytest.mark.skipif(not demo_available(), reason="demo config/checkpoint not shipped yet")
 def test_demo_preset_decodes_frames(tmp_path):
     torch.set_num_threads(1)
     js = str(tmp_path / "demo.json")
-    assert bm.main(["--preset", "demo", "--steps", "4", "--repeat", "1", "--policies",
+    assert main(["--preset", "demo", "--steps", "4", "--repeat", "1", "--policies",
                     "none,DuCa", "--json", js, "--threads", "1", "--quiet",
                     "--device", "cpu"]) == 0
     rows = {r["policy"]: r for r in json.load(open(js))["results"]}

@@ -1,17 +1,13 @@
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from opensora_duca.eval import fidelity as fid  # noqa: E402
-from opensora_duca.utils.video import save_video  # noqa: E402
+from opensora_duca.eval import fidelity as fid
+from opensora_duca.utils.video import save_video
 
 
 # ---------------------------------------------------------------- independent reference for SSIM
@@ -108,27 +104,17 @@ def test_ssim_matches_numpy_loop():
     assert fid.ssim(a, b) == pytest.approx(float(np.mean(ref_frames)), abs=1e-10)
 
 
-def _load_tool(name):
-    import importlib.util
-
-    path = os.path.join(ROOT, "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_benchmark_frame_fidelity_values():
-    """tools/benchmark.py's psnr_frames / ssim_frames (decoded frames [B, 3, T, H, W] in [-1, 1])
+    """The benchmark's psnr_frames / ssim_frames (decoded frames [B, 3, T, H, W] in [-1, 1])
     against the float64 loops above, on frames mapped to [0, 1]."""
-    bm = _load_tool("benchmark")
+    from opensora_duca.bench.measure import frame_fidelity
+
     rng = np.random.default_rng(2)
     ref = rng.uniform(-1, 1, size=(2, 3, 3, 13, 12))
     out = np.clip(ref + 0.2 * rng.standard_normal(ref.shape), -1, 1)
-    same = bm.frame_fidelity(torch.from_numpy(ref), torch.from_numpy(ref.copy()))
+    same = frame_fidelity(torch.from_numpy(ref), torch.from_numpy(ref.copy()))
     assert same["psnr_frames"] == 100.0 and same["ssim_frames"] == pytest.approx(1.0, abs=1e-12)
-    got = bm.frame_fidelity(torch.from_numpy(out), torch.from_numpy(ref))
+    got = frame_fidelity(torch.from_numpy(out), torch.from_numpy(ref))
     a, b = (out + 1) / 2, (ref + 1) / 2
     # equal frame counts: the per-frame-index aggregation is the plain mean over videos x frames
     want_ssim = np.mean([ssim_numpy_loop(a[i, c, t], b[i, c, t])
@@ -223,7 +209,8 @@ def test_compare_dirs_lpips_missing_is_explicit(two_dirs, monkeypatch, tmp_path)
 
 
 def test_cli(two_dirs, tmp_path, capsys):
-    cli = _load_tool("fidelity")
+    from opensora_duca.cli import fidelity as cli
+
     a, b = two_dirs
     out = tmp_path / "res" / "fid.json"
     assert cli.main([a, b, "--json", str(out)]) == 0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
 
 # float64 inside; STDiT3 returns float32, so equal results may still differ by one float32 ulp
@@ -95,7 +94,8 @@ def test_sequence_parallel_matches_single_process(single, world_size):
         assert res["all_to_all_calls"] > 0, "sequence parallelism was not active"
         for name in CASES:
             diff = (res[name] - single[name]).abs().max().item()
-            assert diff <= TOL * max(1.0, single[name].abs().max().item()), f"{name}: rank {rank}/{world_size} differs by {diff}"
+            assert diff <= TOL * max(1.0, single[name].abs().max().item()), \
+                f"{name}: rank {rank}/{world_size} differs by {diff}"
             assert res[name].shape == single[name].shape
 
 

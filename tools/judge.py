@@ -23,12 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-
-from opensora_duca.eval.judge import (caption_from_name, format_table, judge_files,  # noqa: E402
-                                      summarize, to_jsonable)
+from opensora_duca.eval.judge import (
+    caption_from_name,
+    format_table,
+    judge_files,
+    summarize,
+    to_jsonable,
+)
+from opensora_duca.utils.atomic import write_json
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
@@ -61,7 +64,6 @@ def run_caption_set(args) -> dict:
     from mmengine.config import Config
 
     from opensora_duca.data.synthetic import caption_set
-    from opensora_duca.eval.fidelity import write_json_atomic
     from opensora_duca.eval.caption_set import evaluate_policies, format_policy_table
     from opensora_duca.pipeline import build_from_config
 
@@ -76,7 +78,7 @@ def run_caption_set(args) -> dict:
                                progress=not args.quiet)
     print(format_policy_table(result))
     if args.json_out:
-        write_json_atomic(to_jsonable(result), args.json_out)
+        write_json(args.json_out, to_jsonable(result))
     return result
 
 
@@ -109,8 +111,7 @@ def main(argv=None) -> dict:
         print(format_table(results))
     print(json.dumps(summary, indent=2))
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(to_jsonable(dict(summary=summary, results=results)), f, indent=2)
+        write_json(args.json_out, to_jsonable(dict(summary=summary, results=results)))
     return summary
 
 

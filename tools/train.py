@@ -39,7 +39,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from typing import Any
 
@@ -47,11 +46,9 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-
-from opensora_duca.models.checkpoint import PARAMETER_FREE_OPTIONS  # noqa: E402
-from opensora_duca.registry import (DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS,  # noqa: E402
-                                    VAES, build_module)
+from opensora_duca.models.checkpoint import PARAMETER_FREE_OPTIONS
+from opensora_duca.registry import DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
+from opensora_duca.utils.atomic import atomic_write, save_torch, write_json
 
 REQUIRED_KEYS = ("model", "text_encoder", "vae", "dataset")
 DEFAULTS = dict(
@@ -225,23 +222,12 @@ def update_ema(ema: dict, module: nn.Module, decay: float) -> None:
             ema[k].copy_(v)
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def export_safetensors(ema: dict, path: str, dtype: torch.dtype, metadata: dict) -> None:
     from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
                for k, v in ema.items()}
-    tmp = f"{path}.tmp.{os.getpid()}"
-    save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp,
+                                             metadata={k: str(v) for k, v in metadata.items()}))
 
 
 class _StopFlag:
@@ -286,7 +272,6 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
     device = torch.device(cfg["device"])
     trainee.to(device)
     vae.to(device)
-    in_ch = vae.out_channels
     steps = cfg["steps"] or math.ceil(cfg["epochs"] * len(dataset) /
                                       (cfg["batch_size"] * world))
     planned_steps = steps
@@ -332,12 +317,12 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
     def checkpoint():
         gens = _gather(gen.get_state(), world)
         if rank == 0:
-            atomic_save(dict(step=step, trainee=trainee.state_dict(), ema=ema,
-                             optimizer=opt.state_dict(), history=history, world_size=world,
-                             wall_time=wall + (time.time() - t_start), config=_jsonable(cfg),
-                             rng=dict(generators=gens, torch=torch.get_rng_state(),
-                                      numpy=np.random.get_state(), python=random.getstate())),
-                        ckpt_path)
+            save_torch(ckpt_path, dict(
+                step=step, trainee=trainee.state_dict(), ema=ema, optimizer=opt.state_dict(),
+                history=history, world_size=world, wall_time=wall + (time.time() - t_start),
+                config=_jsonable(cfg), rng=dict(generators=gens, torch=torch.get_rng_state(),
+                                                numpy=np.random.get_state(),
+                                                python=random.getstate())))
         if world > 1:
             torch.distributed.barrier()
 
@@ -373,9 +358,9 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
             t = scheduler.sample_t(b, generator=gen).to(device)  # sigmoid(N(0,1)) * 1000
             noise = torch.randn(x0.shape, generator=gen).to(device)
             drop = (torch.rand(b, generator=gen) < cfg["caption_dropout"]).to(device)
-            x_t = scheduler.add_noise(x0, noise, t)  # (1 - t/1000) x0 + t/1000 noise
-            out = net(x_t, t, ids, mask, drop, **fps_kw)
-            loss = ((out[:, :in_ch].float() - (x0 - noise)) ** 2).mean()
+            # MSE of the first in_channels outputs at x_t = (1 - t/1000) x0 + t/1000 noise
+            loss = scheduler.training_loss(net, x0, dict(ids=ids, mask=mask, drop=drop, **fps_kw),
+                                           noise=noise, t=t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg["grad_clip"]:
@@ -448,8 +433,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
         print(f"exported EMA weights to {cfg['export']} "
               f"({os.path.getsize(cfg['export']) / 2**20:.1f} MiB)", flush=True)
     if rank == 0:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
 
 

@@ -1,10 +1,17 @@
 """CacheManager: attaches a cache policy to an STDiT3-like model, tracks denoising steps and
-keeps the stored features; ``apply_cache`` / ``remove_cache`` are the public entry points."""
+keeps the stored features; ``apply_cache`` / ``remove_cache`` are the public entry points.
+
+Ownership: the model holds its manager (an attribute) and its blocks hold their runners
+(instance-level ``forward``); every pointer back — runner to manager, manager to model, hooks to
+manager — is a weak reference, so dropping the model frees everything without the cyclic
+garbage collector.
+"""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -15,14 +22,16 @@ from .. import parallel as sp
 from ..registry import CACHES, build_module, registered
 from . import flops as fl
 from . import selection as sel
-from .plan import CROSS_ATTN, KINDS, MLP, PARTIAL, StepPlan
-from .policies import CachePolicy, NoCache
-from .runner import BlockRunner
-from .state import BlockState, StoredBytes
+from .plan import Action, Kind, StepKind, StepPlan
+from .policies import CachePolicy, NoCache, Scorer, accepted_keys
+from .runner import _TAPPED, BlockRunner, ModuleTap
+from .state import BlockState, Codec, Feature, StoredBytes
 
 _ATTR = "_duca_cache_manager"
 _BLOCK_PARTS = ("norm1", "attn", "cross_attn", "norm2", "mlp", "scale_shift_table")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# sessionless runs: a call whose input is not the previous input moved within the span of the
+# previous input and outputs (what any first-order or two-step sampler does) starts a new run
+CONTINUATION_TOL = 0.05
 
 
 @dataclass
@@ -34,7 +43,6 @@ class BlockSlot:
     is_last: bool
     original: Callable
     state: BlockState
-    capture: bool = False
     handles: List[Any] = field(default_factory=list)
 
 
@@ -53,31 +61,65 @@ def _check_model(model: nn.Module) -> None:
                                 f"needs blocks with {list(_BLOCK_PARTS)}")
 
 
+def _weak_method(method):
+    """A callable that calls ``method`` through a weak reference to its object."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        fn = ref()
+        return None if fn is None else fn(*args, **kwargs)
+    return call
+
+
 class CacheManager:
     """Owns the policy, the per-block stored features and the step counter of one model."""
 
     def __init__(self, model: nn.Module, policy: CachePolicy):
         _check_model(model)
-        self.model = model
+        self._model = weakref.ref(model)
         self.policy = policy
         self.depth = len(model.spatial_blocks)
-        self.stored_dtype = _DTYPES.get(getattr(policy, "stored_dtype", None))
+        self.codec = Codec(policy.stored_dtype)
+        self.order, self.distance = policy.forecast_order, policy.forecast_distance
         self.bytes = StoredBytes()
         self.slots: List[BlockSlot] = []
         self.plan: Optional[StepPlan] = None
         self.step = 0
         self.num_steps: Optional[int] = None
         self._session = False
-        self._last_t: Optional[float] = None
+        self._timesteps: List[float] = []
         self._last_shape = None
-        self._trunk: Optional[torch.Tensor] = None
+        self._prev_x: Optional[torch.Tensor] = None
+        self._prev_outs: List[torch.Tensor] = []
+        self._run_y: Optional[torch.Tensor] = None
+        self._trunk = Feature(self.codec, self.bytes, self.order)
         self._store_trunk = False
+        # adaptive policies: the stored residual of the blocks from the decision point on, the
+        # input at that point in this step, and the policy's run state (references, sums)
+        self._residual = Feature(self.codec, self.bytes)
+        self._residual_in: Optional[torch.Tensor] = None
+        self._trunk_in: Optional[torch.Tensor] = None
+        self.adaptive: Dict[str, Any] = {}
+        self._group = None
         self._grid: Optional[sel.TokenGrid] = None
         self._grid_key = None
         self._shape: Optional[fl.TrunkShape] = None
         self._handles: List[Any] = []
-        self._validate_scorer()
+        self._stores = {k: policy.reuses(k) for k in Kind}
+        self.capturing: Optional[BlockSlot] = None  # the slot whose vnorm scores are captured
+        self._validate_scorer(model)
         self._reset_stats()
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:  # pragma: no cover
+            raise RuntimeError("the model of this cache manager no longer exists")
+        return model
+
+    @property
+    def frames(self) -> int:
+        return self._shape.frames
 
     # ------------------------------------------------------------------ wiring
     def attach(self) -> "CacheManager":
@@ -86,19 +128,30 @@ class CacheManager:
         for i in range(self.depth):
             order.append((f"spatial_blocks.{i}", model.spatial_blocks[i], i))
             order.append((f"temporal_blocks.{i}", model.temporal_blocks[i], i))
+        tap = self.stores_modules()
         for k, (name, blk, layer) in enumerate(order):
-            if "forward" in blk.__dict__:
-                raise RuntimeError(f"{name} already has an instance-level forward (another cache "
-                                   f"or patch is attached); remove it first")
+            patched = [n for n, mod in [(name, blk)] + [(f"{name}.{a}", getattr(blk, a))
+                                                         for a in _TAPPED]
+                       if "forward" in mod.__dict__]
+            if patched:
+                raise RuntimeError(f"{patched[0]} already has an instance-level forward "
+                                   f"(another cache or patch is attached); remove it first")
             slot = BlockSlot(block=blk, name=name, index=k, layer=layer,
                              is_last=k == len(order) - 1, original=blk.forward,
-                             state=BlockState(self.bytes))
-            blk.forward = BlockRunner(self, slot)
-            if getattr(self.policy, "scorer", None) == "vnorm":
-                slot.handles.append(blk.attn.qkv.register_forward_hook(self._qkv_hook(slot)))
+                             state=BlockState(self.bytes, self.codec, self.order))
+            runner = BlockRunner(self, slot)
+            blk.forward = runner
+            if tap:
+                for attr in _TAPPED:
+                    sub = getattr(blk, attr)
+                    sub.forward = ModuleTap(runner, attr, sub.forward)
+            if self.policy.scorer == Scorer.VNORM and self.needs_scores():
+                slot.handles.append(blk.attn.qkv.register_forward_hook(
+                    _weak_method(self._vnorm_hook), with_kwargs=False))
             self.slots.append(slot)
-        self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._post_hook))
+        self._handles.append(model.register_forward_pre_hook(_weak_method(self._pre_hook),
+                                                             with_kwargs=True))
+        self._handles.append(model.register_forward_hook(_weak_method(self._post_hook)))
         setattr(model, _ATTR, self)
         return self
 
@@ -106,18 +159,21 @@ class CacheManager:
         self.reset()
         for slot in self.slots:
             slot.block.__dict__.pop("forward", None)
+            for attr in _TAPPED:
+                getattr(slot.block, attr).__dict__.pop("forward", None)
             for h in slot.handles:
                 h.remove()
         for h in self._handles:
             h.remove()
         self.slots, self._handles = [], []
-        if getattr(self.model, _ATTR, None) is self:
-            delattr(self.model, _ATTR)
+        model = self._model()
+        if model is not None and getattr(model, _ATTR, None) is self:
+            delattr(model, _ATTR)
 
-    def _validate_scorer(self):
-        if getattr(self.policy, "scorer", None) != "attention":
+    def _validate_scorer(self, model):
+        if self.policy.scorer != Scorer.ATTENTION:
             return
-        for blocks in (self.model.spatial_blocks, self.model.temporal_blocks):
+        for blocks in (model.spatial_blocks, model.temporal_blocks):
             for blk in blocks:
                 backend = getattr(blk.attn, "backend", None)
                 if not hasattr(blk.attn, "keep_attn_map") or backend != "math":
@@ -127,30 +183,29 @@ class CacheManager:
                         f"{backend!r} (build the model with attn_backend='math', or choose "
                         f"scorer 'vnorm' / 'random', which work with fused attention)")
 
-    def _qkv_hook(self, slot: BlockSlot):
-        def hook(module, args, out):
-            if slot.capture:
-                blk = slot.block
-                b = self._shape.batch
-                score = sel.vnorm_from_qkv(out, b, blk.attn.num_heads, blk.temporal,
-                                           self._shape.frames)
-                slot.state.put("score", score)
-        return hook
+    def _vnorm_hook(self, module, args, out):
+        slot = self.capturing
+        if slot is not None and slot.block.attn.qkv is module:
+            blk = slot.block
+            slot.state.put("score", sel.vnorm_from_qkv(
+                out, self._shape.batch, blk.attn.num_heads, bool(getattr(blk, "temporal", False)),
+                self._shape.frames))
 
     # ------------------------------------------------------------------ runs
     def reset(self) -> None:
         """Forget every stored feature and start counting steps from 0."""
         for slot in self.slots:
             slot.state.clear()
-        self._trunk = None
-        self.bytes.swap(None, None)
-        self.bytes.current = 0
+        self._trunk.clear()
+        self._residual.clear()
+        self._residual_in = self._trunk_in = None
+        self.adaptive = {}
         self.step = 0
         self.plan = None
-        self._last_t = None
+        self._timesteps = []
         self._last_shape = None
-        if hasattr(self.policy, "reset"):
-            self.policy.reset()
+        self._prev_x, self._prev_outs = None, []
+        self._run_y = None
 
     @contextlib.contextmanager
     def session(self, num_steps: int):
@@ -167,47 +222,103 @@ class CacheManager:
             self.reset()
             self.num_steps, self._session = None, False
 
+    def _continues(self, x: torch.Tensor) -> bool:
+        """Sessionless runs: whether ``x`` is the previous input moved within the span of the
+        previous input and the last two calls' outputs (per sample, least squares)."""
+        if self._prev_x is None or not self._prev_outs:
+            return False
+        b, cin = x.shape[0], x.shape[1]
+        prev = self._prev_x.double().reshape(b, -1)
+        delta = x.detach().double().reshape(b, -1) - prev
+        outs = [o[:, :cin].double().reshape(o.shape[0], -1) for o in self._prev_outs
+                if o.shape[0] == b and o.shape[1] >= cin and o[:, :cin].numel() == x.numel()]
+        if not outs:
+            return False
+        basis = torch.cat([prev[:, None]] + [o[None].expand(b, -1, -1) for o in outs], 1)
+        gram = basis @ basis.transpose(1, 2)                       # [B, K, K]
+        coef = torch.linalg.pinv(gram, hermitian=True) @ (basis @ delta[..., None])
+        resid = delta - (basis.transpose(1, 2) @ coef)[..., 0]
+        ratio = resid.norm(dim=1) / delta.norm(dim=1).clamp_min(1e-30)
+        return bool((ratio <= CONTINUATION_TOL).all())
+
+    def _check_grad(self, model):
+        if torch.is_grad_enabled() and self.storing_anything() and any(
+                p.requires_grad for p in model.parameters()):
+            raise RuntimeError(
+                f"cache policy {self.policy.name!r} reuses stored features and runs only for "
+                f"sampling: call the model under torch.no_grad() (or torch.inference_mode()), "
+                f"or use policy 'none' when gradients are needed")
+
     def _pre_hook(self, model, args, kwargs):
+        self._check_grad(model)
         x = args[0] if args else kwargs.get("x")
         ts = args[1] if len(args) > 1 else kwargs.get("timestep")
         t = float(torch.as_tensor(ts).reshape(-1)[0])
+        y = args[2] if len(args) > 2 else kwargs.get("y")
         shape = tuple(x.shape)
-        new_run = (self._last_shape is not None and shape != self._last_shape)
-        if not self._session:
-            new_run = new_run or self._last_t is None or t >= self._last_t
-        elif self.num_steps is not None and self.step >= self.num_steps:
-            new_run = True
+        last_t = self._timesteps[-1] if self._timesteps else None
+        new_run = self._last_shape is not None and shape != self._last_shape
+        same_y = self._run_y is None or y is self._run_y or (
+            y is not None and y.shape == self._run_y.shape and torch.equal(y, self._run_y))
+        if self._session:
+            done = self.num_steps is not None and self.step >= self.num_steps
+            if not (new_run or done) and last_t is not None and (t >= last_t or not same_y):
+                what = (f"has timestep {t:g}, not below the previous step's {last_t:g}"
+                        if t >= last_t else "has other captions than the run's previous steps")
+                raise RuntimeError(
+                    f"cache session: step {self.step} {what}; inside a session every model "
+                    f"call must be the next denoising step of the same batch. Batch the "
+                    f"conditional and unconditional passes into one call (a CFG batch), or run "
+                    f"each sampling run in its own session")
+            new_run = new_run or done
+        else:
+            new_run = new_run or not same_y
+            if last_t is not None and t == last_t and shape == self._last_shape:
+                warnings.warn("cache: two model calls with the same timestep: each starts a new "
+                              "run, so nothing is reused; batch the conditional and "
+                              "unconditional passes into one call to benefit from the cache",
+                              RuntimeWarning, stacklevel=2)
+            new_run = new_run or last_t is None or t >= last_t or not self._continues(x)
         if new_run:
             self.reset()
+        if not self._session:
+            self._prev_x = x.detach()
+        self._run_y = y
+        if not self._timesteps:
             self.runs += 1
-        elif self._last_t is None:
-            self.runs += 1
-        self._last_t, self._last_shape = t, shape
-        t0 = time.perf_counter()
+        self._timesteps.append(t)
+        self._last_shape = shape
+        tick = time.perf_counter()
         if self.num_steps is not None and self.step == 0:
             self.policy.validate_run(self.num_steps)
-        plan = self.policy.plan(self.step, self.num_steps, t)
-        if plan.skip_trunk and self._trunk is None:
+        plan = self.policy.plan(self.step, self.num_steps, self._timesteps)
+        if plan.skip_trunk and self._trunk.shape is None:
             raise RuntimeError(f"policy {self.policy.name!r} skips the trunk at step {self.step} "
                                f"but no trunk output was computed before it in this run")
         self.plan = plan
-        self._store_trunk = (self.policy.skips_trunk() and not plan.skip_trunk and
-                             self.policy.plan(self.step + 1, self.num_steps, t).skip_trunk)
-        y = args[2] if len(args) > 2 else kwargs.get("y")
+        # the trunk output is kept for the next step's skip, or, when forecasting, at every
+        # step that computes it (the anchors of its differences)
+        self._store_trunk = not plan.skip_trunk and (
+            (self.order > 0 and self.policy.skips_trunk()) or
+            self.policy.skips_trunk_at(self.step + 1, self.num_steps, self._timesteps + [t]))
         self._set_shapes(model, x, y)
-        self.bookkeeping_s += time.perf_counter() - t0
-        self.step_labels.append(plan.label)
-        self._account_flops(plan)
+        self.bookkeeping_s += time.perf_counter() - tick
         return None
 
     def _post_hook(self, model, args, out):
+        if self.plan is not None:  # the step's final plan (adaptive policies decide mid-step)
+            self.step_labels.append(self.plan.label)
+            self._account_flops(self.plan)
         self.step += 1
         self.plan = None
+        if not self._session and torch.is_tensor(out):
+            self._prev_outs = [out.detach()] + self._prev_outs[:1]
         if self.num_steps is not None and self.step >= self.num_steps:
             for slot in self.slots:  # the run is over: free everything
                 slot.state.clear()
-            self._trunk = None
-            self.bytes.current = 0
+            self._trunk.clear()
+            self._residual.clear()
+            self.adaptive = {}
         return None
 
     def _set_shapes(self, model, x, y):
@@ -218,6 +329,7 @@ class CacheManager:
         if getattr(model, "enable_sequence_parallelism", False):
             getter = getattr(model, "sequence_parallel_group", None)
             group = getter() if callable(getter) else sp.get_sequence_parallel_group()
+        self._group = group
         self._grid_key = (T, H, W, sp.group_size(group), sp.group_rank(group))
         self._grid = None
         blk = self.slots[0].block
@@ -240,34 +352,76 @@ class CacheManager:
         return self._grid
 
     # ----------------------------------------------------- runner callbacks
-    def stores(self, kind: str) -> bool:
-        return self.policy.reuses(kind)
+    def stores(self, kind: Kind) -> bool:
+        return self._stores[kind]
 
-    def uses_selection(self, kind: str) -> bool:
-        return kind in (MLP, CROSS_ATTN) and getattr(self.policy, "scorer", None) is not None
+    def uses_selection(self, kind: Kind) -> bool:
+        return kind in (Kind.MLP, Kind.CROSS_ATTN) and self.policy.scorer is not None
 
     def storing_anything(self) -> bool:
-        return self._store_trunk or any(self.policy.reuses(k) for k in KINDS)
+        return self.policy.skips_trunk() or self.stores_modules()
+
+    def stores_modules(self) -> bool:
+        return any(self._stores.values())
 
     def needs_scores(self) -> bool:
-        return getattr(self.policy, "scorer", None) in ("vnorm", "attention") and \
-            (self.policy.reuses(MLP) or self.policy.reuses(CROSS_ATTN))
+        return self.policy.scorer in (Scorer.VNORM, Scorer.ATTENTION) and \
+            (self._stores[Kind.MLP] or self._stores[Kind.CROSS_ATTN])
 
     def after_block(self, slot: BlockSlot, out: torch.Tensor) -> None:
         if slot.is_last and self._store_trunk:
-            dt = self.stored_dtype
-            old = self._trunk
-            self._trunk = out if dt is None else out.to(dt)
-            self.bytes.swap(old, self._trunk)
+            self._trunk.update(out, self.at)
+        if slot.is_last and self._residual_in is not None:
+            self._residual.update(out - self._residual_in, self.at)
+        if slot.is_last:
+            self._residual_in = self._trunk_in = None
+
+    # ----------------------------------------------------- adaptive policies
+    def decide(self, slot: BlockSlot, x: torch.Tensor, bound: Optional[dict]) -> StepPlan:
+        """At block ``plan.decide_at``: measure the change (one all_gather), let the policy
+        decide, and set this step's final plan."""
+        from .adaptive import relative_l1
+        from .runner import modulated_input
+
+        pol, st = self.policy, self.adaptive
+        if pol.measure == "modulated_input":
+            now = modulated_input(slot.block, **bound)
+        else:  # first_pair_residual: what the blocks before this one added
+            now = x - self._trunk_in
+        ref = st.get("reference")
+        change = None  # no reference, or nothing to reuse yet: the policy computes
+        if ref is not None and ref.shape == now.shape and self._residual.shape is not None:
+            change = relative_l1(now, ref, self.grid_for(x.shape[1]), self._group)
+        compute = pol.decide(self.step, self.num_steps, change, st)
+        self.changes.append(change)
+        if compute or pol.reference_every_step:
+            st["reference"] = now
+        if compute:
+            self._residual_in = x
+            self.plan = StepPlan(label=self.plan.label)
+        else:
+            self.plan = StepPlan(residual_from=slot.index, label=StepKind.RESIDUAL)
+        return self.plan
+
+    def residual_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Last block of a skipped step: its input (the input at the decision point, passed
+        through) plus the stored residual."""
+        return x + self._residual.value(self.at, x.dtype)
 
     def trunk_output(self, x: torch.Tensor) -> torch.Tensor:
-        if self._trunk is None or self._trunk.shape != x.shape:
+        if self._trunk.shape is None or tuple(self._trunk.shape) != tuple(x.shape):
             raise RuntimeError("aggressive step: no stored trunk output of this shape")
-        return self._trunk.to(x.dtype)
+        return self._trunk.value(self.at, x.dtype)
+
+    @property
+    def at(self) -> float:
+        """Where the current step sits for forecasting: its index, or its timestep."""
+        return float(self.step) if self.distance == "step" else self._timesteps[-1]
 
     # ------------------------------------------------------------------ stats
     def _reset_stats(self):
         self.runs = 0
+        self.changes: List[Optional[float]] = []  # adaptive policies: measured change per step
         self.step_labels: List[str] = []
         self.module_counts: Dict[str, Dict[str, int]] = {}
         self.partial_tokens = 0
@@ -276,7 +430,7 @@ class CacheManager:
         self.bookkeeping_s = 0.0
         self.bytes.peak = self.bytes.current
 
-    def count_module(self, kind: str, action: str) -> None:
+    def count_module(self, kind: str, action: Action) -> None:
         d = self.module_counts.setdefault(kind, {})
         d[action] = d.get(action, 0) + 1
 
@@ -290,7 +444,7 @@ class CacheManager:
         T, H, W = self._grid_key[:3]
         grid = sel.TokenGrid(frames=T, rows=H, width=W, local_rows=H, row_offset=0)
         part = {k: sel.selected_per_sample(plan.ratios[k], grid)
-                for k, a in plan.actions.items() if a == PARTIAL}
+                for k, a in plan.actions.items() if a == Action.PARTIAL}
         self.flops_uncached += fl.full_step_flops(shape)
         self.flops_actual += fl.step_flops(shape, plan, part)
 
@@ -303,15 +457,16 @@ class CacheManager:
         a CPU it is the real cost, on CUDA it is the launch overhead only (use
         ``tools/benchmark.py`` for device time)."""
         by_kind: Dict[str, int] = {}
-        for lab in self.step_labels:
+        for lab in map(str, self.step_labels):
             by_kind[lab] = by_kind.get(lab, 0) + 1
         return {
             "policy": self.policy.describe(),
             "steps": len(self.step_labels),
             "runs": self.runs,
             "steps_by_kind": by_kind,
-            "step_labels": list(self.step_labels),
-            "modules": {k: dict(v) for k, v in self.module_counts.items()},
+            "step_labels": [str(lab) for lab in self.step_labels],
+            "modules": {str(k): {str(a): n for a, n in v.items()}
+                        for k, v in self.module_counts.items()},
             "partial_tokens": self.partial_tokens,
             "flops_uncached": self.flops_uncached,
             "flops_actual": self.flops_actual,
@@ -320,6 +475,7 @@ class CacheManager:
             "peak_stored_bytes": self.bytes.peak,
             "stored_bytes": self.bytes.current,
             "bookkeeping_s": self.bookkeeping_s,
+            "changes": list(self.changes),
         }
 
     def report(self) -> str:
@@ -328,26 +484,11 @@ class CacheManager:
         return "\n".join([
             f"cache policy   : {s['policy']['type']}",
             f"steps          : {s['steps']} ({kinds})",
-            f"FLOPs ratio    : {s['flops_ratio']:.2f}x fewer than uncached (analytic, trunk matmuls)",
+            f"FLOPs ratio    : {s['flops_ratio']:.2f}x fewer than uncached "
+            f"(analytic, trunk matmuls)",
             f"peak cache mem : {s['peak_stored_bytes'] / 2**20:.1f} MiB",
             f"bookkeeping    : {s['bookkeeping_s'] * 1e3:.1f} ms (host time)",
         ])
-
-
-def _init_keys(cls) -> set:
-    """Keyword arguments ``cls(...)`` accepts: its ``__init__`` parameters and, where that
-    forwards ``**kwargs``, those of the base classes it forwards to."""
-    keys = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        keys |= {p.name for p in params if p.name != "self"
-                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return keys
 
 
 def build_policy(cfg: Any) -> CachePolicy:
@@ -365,7 +506,7 @@ def build_policy(cfg: Any) -> CachePolicy:
     names = registered(CACHES)
     if typ not in names:
         raise KeyError(f"unknown cache policy type {typ!r}; registered policies: {names}")
-    accepted = _init_keys(CACHES.get(typ))
+    accepted = accepted_keys(CACHES.get(typ))
     for k in cfg:
         if k != "type" and k not in accepted:
             raise ValueError(f"cache policy {typ!r}: unknown key {k!r}={cfg[k]!r}; "

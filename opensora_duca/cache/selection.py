@@ -11,7 +11,6 @@ and sliced. Padding rows (beyond H) get quota 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 

@@ -43,7 +43,8 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
                 sd = sd[key]
                 break
     if not isinstance(sd, dict):
-        raise ValueError(f"checkpoint {path!r} does not hold a state dict (got {type(sd).__name__})")
+        raise ValueError(f"checkpoint {path!r} does not hold a state dict (got "
+                         f"{type(sd).__name__})")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     if any(k.startswith("model.") for k in sd):  # a bundle with prefixed model keys
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}

@@ -8,7 +8,6 @@ torch.distributed is initialised with more than one rank; otherwise None (single
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -125,7 +125,10 @@ class RFlow:
         return (1 - tau) * x0 + tau * noise
 
     def training_loss(self, model, x0: torch.Tensor, model_kwargs: dict, noise=None, t=None):
-        """MSE between the model's first output half and the velocity x0 - noise."""
+        """Rectified-flow loss: ``model(x_t, t, **model_kwargs)`` at
+        ``x_t = (1 - t/1000) x0 + t/1000 noise``; the MSE (in float32) between its first
+        ``x0.shape[1]`` output channels and the velocity ``x0 - noise``. ``noise`` defaults to
+        standard normal, ``t`` to :meth:`sample_t`."""
         noise = torch.randn_like(x0) if noise is None else noise
         t = self.sample_t(x0.shape[0], x0.device) if t is None else t
         out = model(self.add_noise(x0, noise, t), t, **model_kwargs)
