@@ -31,7 +31,8 @@ def ssim_numpy_loop(x, y):
             vy = (w * (py - my) ** 2).sum()
             cxy = (w * (px - mx) * (py - my)).sum()
             c1, c2 = 0.01 ** 2, 0.03 ** 2
-            vals.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+            vals.append(((2 * mx * my + c1) * (2 * cxy + c2))
+                        / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
     return float(np.mean(vals))
 
 
@@ -70,7 +71,8 @@ def test_psnr_data_range_and_layouts():
     a5 = torch.from_numpy(a).permute(1, 0, 2, 3).unsqueeze(0)
     b5 = torch.from_numpy(b).permute(1, 0, 2, 3).unsqueeze(0)
     assert fid.psnr(a5, b5, data_range=255, layout="BCTHW") == pytest.approx(ref)
-    assert fid.ssim(a5, b5, data_range=255, layout="BCTHW") == pytest.approx(fid.ssim(a, b, data_range=255))
+    assert fid.ssim(a5, b5, data_range=255, layout="BCTHW") == pytest.approx(
+        fid.ssim(a, b, data_range=255))
 
 
 def test_batch_aggregation_per_frame_index():
@@ -90,7 +92,8 @@ def test_ssim_constant_images_by_hand():
     a = torch.full((1, 1, 16, 16), 0.5, dtype=torch.float64)
     b = torch.full((1, 1, 16, 16), 0.6, dtype=torch.float64)
     c1 = 0.01 ** 2
-    expected = (2 * 0.5 * 0.6 + c1) / (0.5 ** 2 + 0.6 ** 2 + c1)  # variances are 0: the C2 term is 1
+    # variances are 0: the C2 term is 1
+    expected = (2 * 0.5 * 0.6 + c1) / (0.5 ** 2 + 0.6 ** 2 + c1)
     assert fid.ssim(a, b) == pytest.approx(expected, abs=1e-12)
 
 
@@ -176,7 +179,8 @@ def test_compare_dirs_reports_everything(two_dirs):
     assert res["matched"] == ["broken-0.mp4", "diff-0.mp4", "same-0.mp4", "short-0.mp4"]
     assert res["only_in_a"] == ["only_a-0.mp4"]
     assert res["only_in_b"] == ["only_b-0.mp4"]
-    assert [(u["name"], u["dir"]) for u in res["unreadable"]] == [("broken-0.mp4", os.path.abspath(b))]
+    assert [(u["name"], u["dir"]) for u in res["unreadable"]] == [
+        ("broken-0.mp4", os.path.abspath(b))]
     assert res["unreadable"][0]["error"]
     assert [m["name"] for m in res["mismatched"]] == ["short-0.mp4"]
     assert res["mismatched"][0]["compared"] is True
@@ -195,7 +199,8 @@ def test_compare_dirs_reports_everything(two_dirs):
     for n in ["diff-0.mp4", "same-0.mp4", "short-0.mp4"]:
         fa, fb = read_video(os.path.join(a, n)), read_video(os.path.join(b, n))
         t = min(len(fa), len(fb))
-        series.append(fid.psnr_per_frame(fid.uint8_video_to_frames(fa[:t]), fid.uint8_video_to_frames(fb[:t])).tolist())
+        ta, tb = fid.uint8_video_to_frames(fa[:t]), fid.uint8_video_to_frames(fb[:t])
+        series.append(fid.psnr_per_frame(ta, tb).tolist())
     per_index = [np.mean([s[i] for s in series if len(s) > i]) for i in range(4)]
     assert res["aggregate"]["psnr"] == pytest.approx(float(np.mean(per_index)))
     assert res["aggregate"]["lpips"] is None

@@ -11,7 +11,6 @@ time and the cache statistics.
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
