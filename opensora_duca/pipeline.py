@@ -297,7 +297,7 @@ class Pipeline:
         kwargs = dict(mask=mask, additional_args=additional_args, height=height, width=width,
                       num_frames=num_frames, progress=progress)
         if self.cache_manager is not None:  # the timesteps on the host: the cache reads none
-            host_ts = self.scheduler.timesteps(height, width, num_frames).tolist()
+            host_ts = self.scheduler.timesteps(height, width, num_frames).to(self.dtype).tolist()
             with self.cache_manager.session(num_steps=self.scheduler.num_sampling_steps,
                                             timesteps=host_ts):
                 z = self.scheduler.sample(self.model, z, y, y_null, **kwargs)

@@ -97,7 +97,8 @@ def test_demo_preset_decodes_frames(tmp_path):
                     "--device", "cpu"]) == 0
     rows = {r["policy"]: r for r in json.load(open(js))["results"]}
     assert rows["none"]["psnr_frames"] == 100.0
-    assert "ssim_frames" in rows["DuCa"]
+    assert rows["none"]["ssim_frames"] == pytest.approx(1.0, abs=1e-12)
+    assert 0.0 < rows["DuCa"]["ssim_frames"] < 1.0
 
 
 def test_compile_reports_per_kind_times_and_syncs(tmp_path):

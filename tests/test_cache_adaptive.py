@@ -161,9 +161,11 @@ def test_teacache_calibration_file_and_validation(tmp_path):
     from opensora_duca.cache import build_policy
 
     path = tmp_path / "cal.json"
-    path.write_text(json.dumps({"coefficients": [2.0, 0.5, 0.0]}))
+    path.write_text(json.dumps({"coefficients": [2.0, 0.5, 0.0], "x_range": [0.0, 0.2]}))
     pol = build_policy(dict(type="TeaCache", calibration=str(path)))
     assert pol.coefficients == (2.0, 0.5, 0.0) and pol.rescale(0.1) == pytest.approx(0.07)
+    assert pol.rescale(0.5) == pytest.approx(pol.rescale(0.2))  # clamped to the fitted range
+    assert build_policy(dict(type="TeaCache", coefficients=[1.0, -1.0])).rescale(0.5) == 0.0
     assert build_policy(pol.describe()) == pol
     with pytest.raises(ValueError, match="calibration"):
         build_policy(dict(type="TeaCache", calibration=str(tmp_path / "missing.json")))

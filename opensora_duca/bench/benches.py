@@ -3,7 +3,8 @@ initial noise, captions) that every cache policy runs on.
 
 Presets: ``cpu`` (a random-weight STDiT3-S/2-class model), ``demo`` (the demo model through
 ``configs/demo/inference.py`` of a source checkout), ``opensora-480p-51f`` (STDiT3-XL/2 at the
-480p 51-frame latent shape), or any inference config (its text encoder and codec).
+480p 51-frame latent shape), ``opensora13-720p-113f`` (Open-Sora 1.3's STDiT3-XL/2 at its default
+720p 113-frame shape), or any inference config (its text encoder and codec).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ..utils.dtype import resolve_dtype
 #: the source checkout holding configs/ (the tools run from one)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo", "inference.py")
-PRESETS = ("cpu", "demo", "opensora-480p-51f")
+PRESETS = ("cpu", "demo", "opensora-480p-51f", "opensora13-720p-113f")
 
 CPU_PRESET = dict(model=dict(type="STDiT3-S/2", hidden_size=256, depth=4, num_heads=8,
                              caption_channels=64, model_max_length=16),
@@ -31,6 +32,17 @@ XL_PRESET = dict(model=dict(type="STDiT3-XL/2", caption_channels=4096, model_max
                             enable_flash_attn=True),
                  latent=(4, 15, 60, 106), video=(51, 480, 854), caption_len=300, steps=30,
                  cfg_scale=7.0, dtype="bf16")
+# Open-Sora 1.3 (configs/opensora-v1-3/inference/sample.py): 720p 9:16, 113 frames -> the 1.3
+# VAE's latent [16, 35, 90, 160]; window attention (8, 8, -1), 3-D rope, 1.3 sampler options
+XL13_PRESET = dict(model=dict(type="STDiT3-XL/2", caption_channels=4096, model_max_length=300,
+                              enable_flash_attn=True, cond_embedders=True,
+                              kernel_size=(8, 8, -1), use_spatial_rope=True),
+                   latent=(16, 35, 90, 160), video=(113, 720, 1280), caption_len=300, steps=30,
+                   cfg_scale=7.5, dtype="bf16",
+                   scheduler=dict(transform_version="1.3", use_oscillation_guidance=True,
+                                  use_flaw_fix=True))
+LARGE_PRESETS = {"opensora-480p-51f": (XL_PRESET, "480p/51-frame", 113),
+                 "opensora13-720p-113f": (XL13_PRESET, "720p/113-frame", 740)}
 
 
 @dataclass
@@ -124,7 +136,7 @@ def build_random_bench(name: str, preset: dict, device, dtype, steps=None, laten
     model = model.to(device, dtype).eval()
     steps = preset["steps"] if steps is None else steps
     sched = RFlow(num_sampling_steps=steps, cfg_scale=preset["cfg_scale"],
-                  use_timestep_transform=True)
+                  use_timestep_transform=True, **preset.get("scheduler", {}))
     inp = _inputs_common(model, sched, latent, preset["video"], preset["caption_len"], batch,
                          seed, device, dtype)
     n_tok = latent[1] * math.ceil(latent[2] / 2) * math.ceil(latent[3] / 2)
@@ -239,10 +251,10 @@ def build_bench(args) -> Bench:
         dtype = resolve_dtype(args.dtype or preset["dtype"])
         over = dict(TINY_OVERRIDES) if args.tiny else {}
     else:
-        preset = XL_PRESET
+        preset, shape, tflop = LARGE_PRESETS[args.preset]
         if device.type != "cuda" and not args.allow_cpu:
             raise SystemExit(
-                f"--preset {args.preset} is the 480p/51-frame STDiT3-XL/2 shape (~113 TFLOP per "
+                f"--preset {args.preset} is the {shape} STDiT3-XL/2 shape (~{tflop} TFLOP per "
                 f"step): on a CPU one run takes hours. Run it with --device cuda, or pass "
                 f"--allow-cpu to run it anyway (with --steps / --latent to shrink it).")
         dtype = resolve_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))

@@ -206,7 +206,8 @@ def run_benchmark(bench: Bench, policies: List[str], repeat: int, warmup: int,
         raise option_error("--warmup", warmup, "an int >= 0")
     n_steps = bench.num_steps
     copts = compile_options(compile)
-    host_ts = bench.timesteps().cpu().tolist()  # known on the host: the cache never reads them
+    # known on the host (rounded as the sampler passes them): the cache never reads them
+    host_ts = bench.timesteps().to(bench.dtype).cpu().tolist()
     if bench.device.type == "cpu" and warmup == 0:  # one untimed model call
         with torch.no_grad():
             bench.model(torch.cat([bench.z0, bench.z0]), bench.timesteps()[:1].expand(

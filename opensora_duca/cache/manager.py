@@ -9,6 +9,7 @@ garbage collector.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 import weakref
@@ -46,14 +47,25 @@ class BlockSlot:
     state: BlockState
 
 
+def _temporal_blocks(model: nn.Module) -> list:
+    """The model's temporal blocks; none for Open-Sora 1.3's ``skip_temporal`` (an empty list,
+    or no attribute at all on upstream's model)."""
+    blocks = getattr(model, "temporal_blocks", None)
+    return [] if blocks is None else list(blocks)
+
+
 def _check_model(model: nn.Module) -> None:
-    for name in ("spatial_blocks", "temporal_blocks"):
-        if not isinstance(getattr(model, name, None), nn.ModuleList):
-            raise TypeError(f"apply_cache needs a model with '{name}' (an nn.ModuleList of "
-                            f"STDiT3 blocks); {type(model).__name__} has none")
-    if len(model.spatial_blocks) != len(model.temporal_blocks):
-        raise TypeError("spatial_blocks and temporal_blocks must have the same length")
-    for blocks in (model.spatial_blocks, model.temporal_blocks):
+    if not isinstance(getattr(model, "spatial_blocks", None), nn.ModuleList):
+        raise TypeError(f"apply_cache needs a model with 'spatial_blocks' (an nn.ModuleList of "
+                        f"STDiT3 blocks); {type(model).__name__} has none")
+    temporal = getattr(model, "temporal_blocks", None)
+    if temporal is not None and not isinstance(temporal, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}.temporal_blocks must be an nn.ModuleList")
+    temporal = _temporal_blocks(model)
+    if temporal and len(model.spatial_blocks) != len(temporal):
+        raise TypeError("spatial_blocks and temporal_blocks must have the same length (or no "
+                        "temporal blocks, as Open-Sora 1.3's skip_temporal)")
+    for blocks in (model.spatial_blocks, temporal):
         for i, blk in enumerate(blocks):
             missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)]
             if missing:
@@ -126,9 +138,12 @@ class CacheManager:
     def attach(self) -> "CacheManager":
         model = self.model
         order = []
+        temporal = _temporal_blocks(model)
+        self._paired = bool(temporal)
         for i in range(self.depth):
             order.append((f"spatial_blocks.{i}", model.spatial_blocks[i], i))
-            order.append((f"temporal_blocks.{i}", model.temporal_blocks[i], i))
+            if temporal:
+                order.append((f"temporal_blocks.{i}", temporal[i], i))
         tap = self.stores_modules()
         for k, (name, blk, layer) in enumerate(order):
             patched = [n for n, mod in [(name, blk), (f"{name}.attn.qkv", blk.attn.qkv)]
@@ -183,7 +198,7 @@ class CacheManager:
     def _validate_scorer(self, model):
         if self.policy.scorer != Scorer.ATTENTION:
             return
-        for blocks in (model.spatial_blocks, model.temporal_blocks):
+        for blocks in (model.spatial_blocks, _temporal_blocks(model)):
             for blk in blocks:
                 backend = getattr(blk.attn, "backend", None)
                 if not hasattr(blk.attn, "keep_attn_map") or backend != "math":
@@ -308,6 +323,8 @@ class CacheManager:
         if self.num_steps is not None and self.step == 0:
             self.policy.validate_run(self.num_steps)
         plan = self.policy.plan(self.step, self.num_steps, self._timesteps)
+        if plan.decide_at and not self._paired:  # block pairs are single blocks here
+            plan = dataclasses.replace(plan, decide_at=plan.decide_at // 2)
         if plan.skip_trunk and self._trunk.shape is None:
             raise RuntimeError(f"policy {self.policy.name!r} skips the trunk at step {self.step} "
                                f"but no trunk output was computed before it in this run")
@@ -359,10 +376,15 @@ class CacheManager:
         self._grid_key = (T, H, W, sp.group_size(group), sp.group_rank(group))
         self._grid = None
         blk = self.slots[0].block
+        temporal = _temporal_blocks(model)
+        kernel = getattr(temporal[0].attn, "kernel_size", None) if temporal else None
         self._shape = fl.TrunkShape(batch=x.shape[0], frames=T, spatial=H * W,
                                     hidden=blk.scale_shift_table.shape[-1], depth=self.depth,
                                     caption_len=int(y.shape[-2]) if y is not None else 0,
-                                    mlp_hidden=blk.mlp.fc1.out_features)
+                                    mlp_hidden=blk.mlp.fc1.out_features,
+                                    temporal=bool(temporal),
+                                    temporal_kernel=None if kernel is None else tuple(kernel),
+                                    rows=H, width=W)
 
     def grid_for(self, n_local: int) -> sel.TokenGrid:
         """Token grid of this rank for blocks that see ``n_local`` tokens per sample."""

@@ -142,6 +142,7 @@ class BlockRunner:
         self.token_sparse = type(slot.block).__name__ in TOKEN_SPARSE_BLOCKS
         self.plan: Optional[StepPlan] = None  # armed while the block's own forward runs
         self.x_in: Optional[torch.Tensor] = None
+        self.calls: dict = {}  # calls of each tapped module in the current forward
         self.taps: Dict[str, "ModuleTap"] = {}    # installed by the manager
         self.qkv_tap: Optional["ModuleTap"] = None
 
@@ -178,17 +179,22 @@ class BlockRunner:
         if plan.skip_trunk:
             m.count_module("trunk", Action.REUSE)
             return m.trunk_output(x) if self.slot.is_last else x
+        bound = None
+        if (self.token_sparse and plan.actions[self.kind] == Action.REUSE
+                and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
+                and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
+            bound = self._bind(args, kwargs)
+            if bound.get("mask_index"):  # i2v / v2v: cross-attention per frame group
+                bound = None
         if plan.is_full() and not m.stores_modules():
             out = m.regions.block(self.block)(self.block, *args, **kwargs) \
                 if m.regions.compiled else self.slot.original(*args, **kwargs)
-        elif (self.token_sparse and plan.actions[self.kind] == Action.REUSE
-              and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
-              and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
-            out = self._conservative(plan, **self._bind(args, kwargs))
-        elif m.regions.compiled and self._dense_compiles(plan):
+        elif bound is not None:
+            out = self._conservative(plan, **bound)
+        elif m.regions.compiled and self._dense_compiles(plan, args, kwargs):
             out = self._dense(plan, x, args, kwargs)
         else:
-            self.plan, self.x_in = plan, x
+            self.plan, self.x_in, self.calls = plan, x, {}
             try:
                 out = self.slot.original(*args, **kwargs)
             finally:
@@ -196,12 +202,16 @@ class BlockRunner:
         m.after_block(self.slot, out)
         return out
 
-    def _dense_compiles(self, plan: StepPlan) -> bool:
+    def _dense_compiles(self, plan: StepPlan, args, kwargs) -> bool:
         """Whether the block's compiled forward can run this step with its taps recording or
-        reusing (no token subset; no attention-map scores, which the 'math' backend hands back
-        outside the graph)."""
-        return (self.m.policy.scorer != Scorer.ATTENTION
-                and all(plan.actions[self.kind_of(a)] != Action.PARTIAL for a in self.taps))
+        reusing: no token subset, no attention-map scores (the 'math' backend hands them back
+        outside the graph), each tapped module called once (not Open-Sora 1.3's cross-attention
+        per frame group, ``mask_index``)."""
+        if self.m.policy.scorer == Scorer.ATTENTION or any(
+                plan.actions[self.kind_of(a)] == Action.PARTIAL for a in self.taps):
+            return False
+        return "mask_index" not in self._signature.parameters or \
+            not self._bind(args, kwargs).get("mask_index")
 
     def _dense(self, plan: StepPlan, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         """The block's compiled forward, each tapped module computed (its output recorded) or
@@ -232,17 +242,24 @@ class BlockRunner:
             self.x_in = None
         return out
 
-    def _recorded(self, attr: str, out: torch.Tensor) -> None:
+    def _recorded(self, attr: str, out: torch.Tensor, call: int = 0) -> None:
         """Store a fully computed module output (and what token selection needs of it)."""
         m, kind = self.m, self.kind_of(attr)
-        self._store(_TAPPED[attr], out, kind)
+        self._store(_TAPPED[attr], out, kind, call)
         if attr != "attn":
             self._mark_full(kind)
         if attr == "mlp" and m.policy.scorer == Scorer.SIMILARITY and m.uses_selection(kind):
             self.slot.state.put("x_ref", self.x_in)
 
     def _vnorm(self, qkv_out: torch.Tensor) -> torch.Tensor:
-        shape = self.m._shape
+        """v-norm token scores from the recorded qkv projection output of the self-attention."""
+        shape, rows = self.m._shape, qkv_out.shape[0] * qkv_out.shape[1]
+        if rows != shape.batch * self.x_in.shape[1]:
+            raise RuntimeError(
+                f"scorer 'vnorm' reads value vectors from {self.slot.name}.attn.qkv, which must "
+                f"run once per token in the attention's input order; here it ran on {rows} rows "
+                f"for {shape.batch} x {self.x_in.shape[1]} tokens (e.g. upstream window "
+                f"attention on padded windows); choose scorer 'random', 'norm' or 'similarity'")
         return sel.vnorm_from_qkv(qkv_out, shape.batch, self.block.attn.num_heads,
                                   self.temporal, shape.frames)
 
@@ -259,30 +276,33 @@ class BlockRunner:
         act = self.action(attr)
         kind = self.kind_of(attr)
         name = _TAPPED[attr]
+        call = self.calls.get(attr, 0)  # a module may be called more than once per forward
+        self.calls[attr] = call + 1
         inp = args[0] if args else next(iter(kwargs.values()))
         m.count_module(kind, act)
         if act == Action.FULL:
             out = self._self_attn(original, args, kwargs) if attr == "attn" else \
                 original(*args, **kwargs)
-            self._recorded(attr, out)
+            self._recorded(attr, out, call)
             return out
-        stored = self._stored(name, kind, inp.shape, inp.dtype)
+        stored = self._stored(name, kind, inp.shape, inp.dtype, call)
         if act == Action.REUSE:
             return stored
-        if attr == "attn":
-            raise ValueError(f"self-attention cannot be recomputed on a token subset (plan for "
-                             f"{kind} at step {m.step} is {act})")
         b, c = inp.shape[0], inp.shape[-1]
+        if attr == "attn" or inp.numel() != self.x_in.numel():
+            raise ValueError(f"{kind} of block {self.slot.name} cannot be recomputed on a token "
+                             f"subset at step {m.step}: it does not see every token of the block "
+                             f"(self-attention, or a call on a frame group)")
         idx = self._select(kind, self._ratio(kind))
         new = original(gather_tokens(inp.reshape(b, -1, c), idx), *args[1:], **kwargs)
-        return self._overwrite(name, stored, idx, new, inp.dtype)
+        return self._overwrite(name, stored, idx, new, inp.dtype, call)
 
     def _overwrite(self, name: str, stored: torch.Tensor, idx: torch.Tensor, new: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, call: int = 0) -> torch.Tensor:
         """The reused (or forecast) value ``stored`` with the recomputed tokens ``new`` at
         ``idx``. Plain reuse writes them into the stored feature, so they persist until the next
         full step; a forecast is a fresh tensor and takes them for this step only."""
-        m, feature = self.m, getattr(self.slot.state, name)
+        m, feature = self.m, self.slot.state.feature(name, call)
         t0 = time.perf_counter()
         if feature.order == 0:
             feature.scatter_(idx, new)
@@ -321,9 +341,9 @@ class BlockRunner:
         return self.kind == Kind.TEMPORAL_ATTN
 
     # ------------------------------------------------------------ stored features
-    def _store(self, name: str, value: torch.Tensor, kind: Kind) -> None:
+    def _store(self, name: str, value: torch.Tensor, kind: Kind, call: int = 0) -> None:
         if self.m.stores(kind):
-            getattr(self.slot.state, name).update(value, self.m.at)
+            self.slot.state.feature(name, call).update(value, self.m.at)
 
     def _mark_full(self, kind: Kind) -> None:
         m = self.m
@@ -336,11 +356,15 @@ class BlockRunner:
             else:
                 last.fill_(m.step)
 
-    def _stored(self, name: str, kind: Kind, shape, dtype: torch.dtype) -> torch.Tensor:
-        """The stored (or forecast) feature ``name`` (it must have ``shape``, unless None) in
-        ``dtype``."""
-        feature = getattr(self.slot.state, name)
-        if feature.shape is None or (shape is not None and tuple(feature.shape) != tuple(shape)):
+    def _stored(self, name: str, kind: Kind, shape, dtype: torch.dtype, call: int = 0,
+                same_size: bool = False) -> torch.Tensor:
+        """The stored (or forecast) feature ``name`` in ``dtype``; it must have ``shape`` (with
+        ``same_size``: as many elements, returned as stored; None: any shape)."""
+        feature = self.slot.state.feature(name, call)
+        ok = feature.shape is not None and (
+            shape is None or tuple(feature.shape) == tuple(shape)
+            or (same_size and math.prod(feature.shape) == math.prod(shape)))
+        if not ok:
             what = "anything" if shape is None else f"anything of shape {tuple(shape)}"
             raise RuntimeError(f"block {self.slot.name}: the plan reuses {kind} at step "
                                f"{self.m.step} but {what} was not stored "
@@ -390,14 +414,15 @@ class BlockRunner:
     def _conservative(self, plan: StepPlan, x, y, t, mask=None, x_mask=None, t0=None, T=None,
                       S=None, **_unused):
         """Self- and cross-attention reused, MLP reused or recomputed on the selected tokens."""
-        m, st, block, regions = self.m, self.slot.state, self.block, self.m.regions
+        m, block, regions = self.m, self.block, self.m.regions
         b, n, c = x.shape
+        # as many elements as [(B S), T, C] / [(B T), S, C], in that memory order (upstream
+        # 1.3's temporal window attention returns [B, H, W, T, C])
         attn_shape = (b * S, T, c) if self.temporal else (b * T, S, c)
-        A = self._attn_tokens(self._stored("attn", self.kind, attn_shape, x.dtype), b, T, S)
+        A = self._attn_tokens(self._stored("attn", self.kind, attn_shape, x.dtype,
+                                           same_size=True), b, T, S)
         CA = self._stored("cross", Kind.CROSS_ATTN, x.shape, x.dtype).view(b, T, S, c)
-        mlp_shape = st.mlp.shape if st.mlp.shape is not None and \
-            math.prod(st.mlp.shape) == x.numel() else x.shape
-        M = self._stored("mlp", Kind.MLP, mlp_shape, x.dtype)
+        M = self._stored("mlp", Kind.MLP, x.shape, x.dtype, same_size=True)
         m.count_module(self.kind, Action.REUSE)
         m.count_module(Kind.CROSS_ATTN, Action.REUSE)
         m.count_module(Kind.MLP, plan.actions[Kind.MLP])

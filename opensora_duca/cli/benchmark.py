@@ -10,6 +10,7 @@ Usage::
     python tools/benchmark.py --preset demo            # the trained demo model (when shipped)
     python tools/benchmark.py --config CONFIG.py       # any inference config (text encoder+codec)
     python tools/benchmark.py --preset opensora-480p-51f --device cuda   # STDiT3-XL/2, bf16
+    python tools/benchmark.py --preset opensora13-720p-113f --device cuda  # Open-Sora 1.3
 
 Presets:
 
@@ -23,6 +24,10 @@ Presets:
 * ``opensora-480p-51f``: STDiT3-XL/2 on the latent [4, 15, 60, 106] of a 480p 9:16 51-frame video,
   caption length 300 x 4096 (random embeddings, all tokens attended), CFG batch 2, bf16 on CUDA;
   random weights unless ``--ckpt-path``. On a CPU it refuses unless ``--allow-cpu``.
+* ``opensora13-720p-113f``: Open-Sora 1.3's STDiT3-XL/2 (window attention (8, 8, -1), 3-D rope,
+  16 latent channels) on the latent [16, 35, 90, 160] of its default 720p 9:16 113-frame video,
+  with 1.3's sampler options (cfg 7.5, oscillation guidance, flaw fix, 1.3 timestep
+  transform); otherwise as ``opensora-480p-51f``.
 
 Every policy runs the same model weights, initial noise and captions, through
 ``opensora_duca.schedulers.rflow.RFlow.sample`` with the policy attached by
@@ -120,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the per-block work compiled (torch.compile, mode default)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile (e.g. aot_eager: no C++ needed)")
-    p.add_argument("--allow-cpu", action="store_true", help="let the 480p preset run on a CPU")
+    p.add_argument("--allow-cpu", action="store_true", help="let the XL presets run on a CPU")
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
     return p
 

@@ -9,7 +9,8 @@ Runs the config's model uncached (prompts: ``--prompt`` or the config's ``prompt
 run per seed, all prompts in one batch), records per step the relative L1 change of the first
 block's modulated input (as the TeaCache policy measures it) and of the model output, fits a
 least-squares polynomial of ``--degree`` and writes JSON ``{"coefficients": [...] (highest degree
-first), "degree", "rmse", "samples", "x", "y", "config", "prompts", "seeds", "steps"}``. Point
+first), "degree", "rmse", "samples", "x_range", "x", "y", "config", "prompts", "seeds",
+"steps"}``. Point
 the policy at it: ``cache = dict(type="TeaCache", calibration="calibration.json")``. Use seeds
 that the evaluation does not use (the defaults, 100 and 101, are not those of tools/frontier.py).
 Mistakes in the arguments are one line on stderr and exit code 2.
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"calibrate: error: {err}", file=sys.stderr)
         return 2
-    report = {**fit, "x": samples["x"], "y": samples["y"], "config": args.config,
+    report = {**fit, "x_range": [min(samples["x"]), max(samples["x"])],
+              "x": samples["x"], "y": samples["y"], "config": args.config,
               "prompts": prompts, "seeds": list(args.seeds),
               "steps": pipe.scheduler.num_sampling_steps}
     write_json(args.out, report)

@@ -113,7 +113,7 @@ def main(argv=None) -> int:
         print(f"| {r['run']} | {r['sample_s']:.2f} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x "
               f"| {r['peak_cache_mib']:.1f} | {sum(v['ok'] for v in r['verdicts'])}/{j['n']} "
               f"| {r['psnr']:.2f} | {r['ssim']:.4f} |")
-    print("\nJudge verdicts (colour and motion right?):")
+    print("\nJudge verdicts (colour and motion right, one object?):")
     for a, b in zip(rows[0]["verdicts"], rows[1]["verdicts"]):
         print(f"  {a['prompt']!r}: uncached {'ok' if a['ok'] else 'WRONG'} "
               f"({a['color']}, {a['direction']}); {policy} {'ok' if b['ok'] else 'WRONG'} "

@@ -72,6 +72,10 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
         if bad:
             lines.append("  shape mismatches: " + _fmt(
                 [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad]))
+        if any(k.startswith("x_embedder_cond") for k in unexpected):
+            lines.append("  (an Open-Sora 1.3 checkpoint: build STDiT3 with in_channels=16, "
+                         "cond_embedders=True and the run's kernel_size / use_spatial_rope, "
+                         "as configs/opensora-v1-3/inference/sample.py does)")
         raise RuntimeError("\n".join(lines))
     _check_recorded_options(model, path)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
