@@ -400,8 +400,10 @@ class STDiT3(nn.Module):
         T, H, W = self.get_dynamic_size(x)
         S = H * W
         base_size = round(S ** 0.5)
-        if height is not None and width is not None:  # a 0-d tensor: no host-device sync
-            h0, w0 = (torch.as_tensor(v, device=x.device).reshape(-1)[0].float()
+        if height is not None and width is not None:
+            # a 0-d float64 tensor on the device (no host-device sync), the value the host
+            # arithmetic (h * w) ** 0.5 / input_sq_size gives
+            h0, w0 = (torch.as_tensor(v, device=x.device).reshape(-1)[0].double()
                       for v in (height, width))
             scale = (h0 * w0).sqrt() / self.input_sq_size
         else:
