@@ -43,12 +43,9 @@ def default_sweep(calibration: Optional[str] = None) -> List[Point]:
     pts: List[Point] = []
     for ratio in (0.05, 0.1, 0.2):
         pts.append(("DuCa", dict(type="DuCa", fresh_ratio=ratio)))
-    for cycle in (2, 4):
-        pts.append(("DuCa", dict(type="DuCa", **_duca_tables(cycle))))
-    for ratio in (0.05, 0.1, 0.2):
+    pts.append(("DuCa", dict(type="DuCa", **_duca_tables(4))))
+    for ratio in (0.1, 0.2):
         pts.append(("ToCa", dict(type="ToCa", fresh_ratio=ratio)))
-    pts.append(("ToCa", dict(type="ToCa", cycles=dict(spatial_attn=4, temporal_attn=4, mlp=4,
-                                                      cross_attn=8))))
     for cycle in (3, 4):
         cfg = dict(type="DuCa", forecast=dict(order=1))
         if cycle != 3:
@@ -56,14 +53,15 @@ def default_sweep(calibration: Optional[str] = None) -> List[Point]:
         pts.append(("DuCa+forecast", cfg))
     for interval in (2, 3, 4, 5):
         pts.append(("FORA", dict(type="FORA", interval=interval)))
+    for interval in (2, 3, 4):
         pts.append(("TrunkReuse", dict(type="TrunkReuse", interval=interval)))
     for interval in (3, 4, 5, 6):
         pts.append(("FORA+forecast", dict(type="FORA", interval=interval,
                                           forecast=dict(order=1))))
-    for interval in (4, 5, 6):
+    for interval in (3, 4, 5):
         pts.append(("TrunkReuse+forecast", dict(type="TrunkReuse", interval=interval,
                                                 forecast=dict(order=1))))
-    for interval, order in ((3, 1), (4, 1), (5, 1), (5, 2), (6, 1)):
+    for interval, order in ((3, 1), (4, 1), (5, 1), (5, 2)):
         pts.append(("TaylorSeer", dict(type="TaylorSeer", interval=interval, order=order)))
     for thr in (0.05, 0.1, 0.2, 0.4):
         cfg = dict(type="TeaCache", threshold=thr)
