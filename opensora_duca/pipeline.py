@@ -12,8 +12,10 @@
 Config keys read (Open-Sora 1.2 names): ``model``, ``vae``, ``text_encoder``, ``scheduler``
 (each ``dict(type=...)``), ``resolution`` + ``aspect_ratio`` or ``image_size = (H, W)``,
 ``num_frames`` (an int or an Open-Sora name such as ``"2s"``), ``fps``, ``dtype``, ``seed``,
-``aes`` / ``flow`` (scores appended to prompts, as Open-Sora 1.2 does) and the optional
-top-level ``cache = dict(type=...)`` (attached with :func:`opensora_duca.cache.apply_cache`).
+``aes`` / ``flow`` (scores appended to prompts, as Open-Sora 1.2 does), the optional
+top-level ``cache = dict(type=...)`` (attached with :func:`opensora_duca.cache.apply_cache`) and
+``cfg_parallel`` (1, or 2: the two halves of the classifier-free-guidance batch on two groups
+of ranks, see :mod:`opensora_duca.parallel.cfg`).
 
 Seeding: the initial noise of prompt ``j`` of a :meth:`Pipeline.generate` call is drawn on the
 CPU from a ``torch.Generator`` seeded with ``seeds[j]`` (default ``seed + j``) and then moved
@@ -31,6 +33,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .cache import apply_cache, get_cache_manager
+from .parallel.cfg import check_cache_policy, check_degree, setup_cfg_parallel
 from .registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
 from .utils.compile import compile_options
 from .utils.dtype import resolve_dtype
@@ -180,13 +183,15 @@ class Pipeline:
     """
 
     def __init__(self, model, text_encoder, vae, scheduler, device, dtype,
-                 cache_manager=None, defaults: Optional[dict] = None, aes=None, flow=None):
+                 cache_manager=None, defaults: Optional[dict] = None, aes=None, flow=None,
+                 cfg_parallel=None):
         self.model, self.text_encoder = model, text_encoder
         self.vae, self.scheduler = vae, scheduler
         self.device, self.dtype = torch.device(device), dtype
         self.cache_manager = cache_manager
         self.defaults = dict(defaults or {})
         self.aes, self.flow = aes, flow
+        self.cfg_parallel = cfg_parallel  # a parallel.cfg.CFGParallel, or None
 
     def latent_size(self, num_frames: int, height: int, width: int) -> list[int]:
         return list(self.vae.get_latent_size((num_frames, height, width)))
@@ -295,7 +300,7 @@ class Pipeline:
             fps=torch.tensor([fps] * n, device=self.device, dtype=self.dtype))
         t0 = time.perf_counter()
         kwargs = dict(mask=mask, additional_args=additional_args, height=height, width=width,
-                      num_frames=num_frames, progress=progress)
+                      num_frames=num_frames, progress=progress, cfg_parallel=self.cfg_parallel)
         if self.cache_manager is not None:  # the timesteps on the host: the cache reads none
             host_ts = self.scheduler.timesteps(height, width, num_frames).to(self.dtype).tolist()
             with self.cache_manager.session(num_steps=self.scheduler.num_sampling_steps,
@@ -349,6 +354,9 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
     ``model_max_length=text_encoder.model_max_length`` and ``enable_sequence_parallelism``.
     The global torch RNG is seeded with ``init_seed`` (default: the config's ``seed``) before
     anything is built, so random initial weights are the same on every rank and every run.
+    With ``cfg_parallel=2`` (torch.distributed initialised, an even world size) the CFG groups
+    are created here, collectively, and this rank's half group becomes the process's
+    sequence-parallel group.
     """
     for key in ("model", "vae", "text_encoder", "scheduler"):
         val = _cfg_get(cfg, key)
@@ -358,6 +366,7 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
         if not isinstance(_as_dict(val), dict):
             raise ValueError(f"config key {key!r}={val!r} is not accepted; accepted: "
                              f"dict(type=...)")
+    check_degree(_cfg_get(cfg, "cfg_parallel"))
     device = torch.device(device if device is not None else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(_cfg_get(cfg, "dtype", "fp32") if dtype is None else dtype)
@@ -365,6 +374,7 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
     image_size = resolve_image_size(_cfg_get(cfg, "image_size"), _cfg_get(cfg, "resolution"),
                                     _cfg_get(cfg, "aspect_ratio"))
 
+    cfg_parallel = setup_cfg_parallel(_cfg_get(cfg, "cfg_parallel"))
     # random-weight parts (demo configs, tests) must be the same on every rank and every run
     torch.manual_seed(int(_cfg_get(cfg, "seed", 0) if init_seed is None else init_seed))
     text_encoder = build_module(_as_dict(_cfg_get(cfg, "text_encoder")), TEXT_ENCODERS,
@@ -401,11 +411,14 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
         elif compile_options(compile_cfg) is not None:  # compiled, uncached: policy "none"
             manager = apply_cache(model, dict(type="none"), compile=compile_cfg)
 
+    if cfg_parallel is not None and manager is not None:
+        check_cache_policy(manager.policy)
     defaults = dict(num_frames=num_frames, image_size=image_size,
                     fps=_cfg_get(cfg, "fps", 24), seed=_cfg_get(cfg, "seed", 0),
                     batch_size=_cfg_get(cfg, "batch_size", 1))
     return Pipeline(model, text_encoder, vae, scheduler, device, dtype, cache_manager=manager,
-                    defaults=defaults, aes=_cfg_get(cfg, "aes"), flow=_cfg_get(cfg, "flow"))
+                    defaults=defaults, aes=_cfg_get(cfg, "aes"), flow=_cfg_get(cfg, "flow"),
+                    cfg_parallel=cfg_parallel)
 
 
 __all__ = ["Pipeline", "build_from_config", "load_prompts", "append_scores", "get_image_size",

@@ -6,8 +6,9 @@ Usage::
         [--num-frames N] [--resolution 480p] [--aspect-ratio 9:16] [--image-size H W]
         [--num-sampling-steps N] [--cfg-scale S] [--seed S] [--batch-size B]
         [--dtype fp32|fp16|bf16] [--save-dir DIR] [--ckpt-path PATH]
-        [--compile] [--cfg-options key=value ...]
+        [--compile] [--cfg-parallel 1|2] [--cfg-options key=value ...]
     torchrun --nproc_per_node P tools/inference.py CONFIG ...   # sequence parallelism
+    torchrun --nproc_per_node 2P tools/inference.py CONFIG --cfg-parallel 2   # CFG x SP
 
 Flags override the config's keys of the same name; ``--cfg-options`` overrides any (nested)
 key, e.g. ``--cfg-options model.depth=2 cache.type=DuCa`` (values are parsed like mmengine's
@@ -31,6 +32,8 @@ with ``seed + i``, so a prompt's video does not depend on batching or on what wa
 
 Under torchrun every rank runs the same prompts with the same seed; the model shards tokens
 over the ranks (``enable_sequence_parallelism=True``); only rank 0 writes files and prints.
+With ``--cfg-parallel 2`` (config key ``cfg_parallel``) the conditional and unconditional halves
+of the guidance batch run on two groups of P = world / 2 ranks, each sequence-parallel.
 The process group uses NCCL on CUDA and gloo on the CPU, launched through colossalai when it
 is installed (as Open-Sora's script does), else through plain torch.distributed.
 """
@@ -80,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="run the per-block work compiled (torch.compile); the config key "
                         "compile=dict(mode=..., backend=...) sets the options")
+    p.add_argument("--cfg-parallel", type=int, default=None,
+                   help="2: the conditional and unconditional halves of the guidance batch on "
+                        "two groups of ranks (world size divisible by 2); 1: off")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None,
                    help="override config keys: key=value (nested keys with dots)")
     return p.parse_args(argv)
@@ -97,7 +103,7 @@ def merge_args(cfg, args):
     elif args.resolution is not None or args.aspect_ratio is not None:
         cfg.image_size = None  # the named size wins over the config's image_size
     for key in ("resolution", "aspect_ratio", "num_frames", "fps", "save_fps", "seed",
-                "batch_size", "dtype", "save_dir", "sample_name"):
+                "batch_size", "dtype", "save_dir", "sample_name", "cfg_parallel"):
         val = getattr(args, key)
         if val is not None:
             cfg[key] = val
@@ -143,6 +149,13 @@ def output_names(cfg, args, prompts: list[str]) -> list[str]:
     name = cfg.get("sample_name")
     prefix = "sample" if name is None else check_sample_name(name)
     return [f"{prefix}_{i:04d}" for i in range(len(prompts))]
+
+
+def parallel_layout(pipe, world: int) -> str:
+    """How the ranks share the work, for the summary."""
+    if pipe.cfg_parallel is None:
+        return f"sequence parallel: {'on' if world > 1 else 'off'}"
+    return pipe.cfg_parallel.describe()
 
 
 class OutputError(RuntimeError):
@@ -243,8 +256,8 @@ def run(cfg, args, rank, world, device, is_main, t_start) -> int:
             f"save fps {save_fps}",
             f"sampler: {type(sched).__name__} {sched.num_sampling_steps} steps, "
             f"cfg {sched.cfg_scale}, seed {seed}, batch size {batch_size}",
-            f"ranks: {world} (sequence parallel: {'on' if world > 1 else 'off'}), device "
-            f"{device}, dtype {str(pipe.dtype).replace('torch.', '')}",
+            f"ranks: {world} ({parallel_layout(pipe, world)}), device {device}, "
+            f"dtype {str(pipe.dtype).replace('torch.', '')}",
             f"wall time: {time.perf_counter() - t_start:.2f} s (build {t_build:.2f} s, "
             f"generate {sample_s:.2f} s)",
         ]

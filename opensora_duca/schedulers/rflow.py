@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
+from ..parallel.cfg import CFGParallel
 from ..registry import SCHEDULERS
 
 TRANSFORM_VERSIONS = ("1.2", "1.3")
@@ -130,19 +131,32 @@ class RFlow:
                x_cond: Optional[torch.Tensor] = None, cond_mask: Optional[torch.Tensor] = None,
                height=None, width=None, num_frames: int = 1, progress: bool = True,
                guidance_scale: Optional[float] = None,
-               on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+               on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+               cfg_parallel: Optional[CFGParallel] = None) -> torch.Tensor:
         """Denoise ``z`` [B, C, T, H, W] from noise; ``y``/``y_null`` [B, 1, L, Cy].
 
         ``x_cond`` [B, C, T, H, W] with ``cond_mask`` [B, T] in [0, 1] holds frame ``j`` at its
         reference latent while t > cond_mask[:, j] * 1000 (image-to-video / extension), and
         passes the matching ``x_mask`` to the model.
+
+        ``cfg_parallel`` (:mod:`opensora_duca.parallel.cfg`): the model runs on this rank's half
+        of the CFG batch only (``z`` with ``y`` or ``y_null``); the halves of its output are
+        gathered with one collective per step and every rank guides the same way.
         """
         cfg = self.cfg_scale if guidance_scale is None else guidance_scale
         additional_args = dict(additional_args or {})
         ts = self.timesteps(height, width, num_frames, device=z.device)
-        y_in = torch.cat([y, y_null], 0)
-        m_in = None if mask is None else torch.cat([mask, mask], 0) if mask.shape[0] == y.shape[0] \
-            else mask
+        copies = 2 if cfg_parallel is None else 1  # of z in the model's batch
+        b = z.shape[0]
+        if cfg_parallel is None:
+            y_in = torch.cat([y, y_null], 0)
+        else:
+            y_in = cfg_parallel.half(torch.cat([y, y_null], 0), b, "y")
+        m_in = mask
+        if mask is not None and mask.shape[0] == y.shape[0]:
+            m_in = torch.cat([mask] * copies, 0)
+        elif mask is not None and cfg_parallel is not None:
+            m_in = cfg_parallel.half(mask, b, "mask")
         noise_added = None
         if cond_mask is not None:
             if x_cond is None:
@@ -161,11 +175,13 @@ class RFlow:
                     z = torch.where(start[:, None, :, None, None], noisy, z)
                 noise_added = follow
                 z = torch.where(follow[:, None, :, None, None], z, x_cond)
-                additional_args["x_mask"] = torch.cat([follow, follow], 0)
-            z_in = torch.cat([z, z], 0)
+                additional_args["x_mask"] = torch.cat([follow] * copies, 0)
+            z_in = torch.cat([z] * copies, 0)
             t_in = t.expand(z_in.shape[0]).to(z.dtype)
             out = model(z_in, t_in, y_in, mask=m_in, **additional_args)
             v = out[:, : z.shape[1]] if out.shape[1] != z.shape[1] else out
+            if cfg_parallel is not None:
+                v = cfg_parallel.combine(v)
             v_c, v_u = v.chunk(2, dim=0)
             g = oscillation_scale(cfg, i, self.force_num) if self.use_oscillation_guidance \
                 else cfg
