@@ -14,8 +14,9 @@ import torch.distributed as dist
 from dist_utils import free_port, run_distributed
 
 from opensora_duca.cache import build_policy
-from opensora_duca.parallel.cfg import check_cache_policy, check_degree
+from opensora_duca.parallel.cfg import check_cache_policy, check_degree, setup_cfg_parallel
 from opensora_duca.pipeline import build_from_config
+from opensora_duca.schedulers.rflow import RFlow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red circle moving left", "a blue square staying still"]
@@ -49,6 +50,24 @@ def _pipe(cache, **over):
 
 def _generate(pipe):
     return pipe.generate(PROMPTS)["latents"]
+
+
+def _conditioned(cfg_parallel=None):
+    """The sampler alone with reference frames (x_cond, cond_mask: the model gets x_mask, and
+    noise is drawn when a frame starts following) and a caption mask given for the whole
+    guidance batch (2B rows, the null half different)."""
+    from cache_utils import inputs, small_model
+    model = small_model(enable_sequence_parallelism=True)
+    z, y, mask = inputs(h=8, w=10)
+    g = torch.Generator().manual_seed(4)
+    y_null, x_cond = torch.randn(y.shape, generator=g), torch.randn(z.shape, generator=g)
+    null_mask = torch.ones_like(mask)
+    null_mask[1, 3:] = 0
+    cond_mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.5, 1.0]])
+    torch.manual_seed(3)
+    return RFlow(num_sampling_steps=6, cfg_scale=4.0).sample(
+        model, z, y, y_null, mask=torch.cat([mask, null_mask]), x_cond=x_cond,
+        cond_mask=cond_mask, progress=False, cfg_parallel=cfg_parallel)
 
 
 _COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor",
@@ -90,6 +109,7 @@ def _count_collectives(pipe):
 
 def _worker(rank, world):
     out = {name: _generate(_pipe(cache, cfg_parallel=2)) for name, cache in CACHES.items()}
+    out["conditioned"] = _conditioned(setup_cfg_parallel(2))
     pipe = _pipe(dict(type="DuCa"), cfg_parallel=2)
     out["layout"] = (pipe.cfg_parallel.cfg_rank, pipe.cfg_parallel.sp_rank,
                      pipe.cfg_parallel.sp_degree)
@@ -106,7 +126,9 @@ def _worker(rank, world):
 @pytest.fixture(scope="module")
 def single():
     torch.set_num_threads(1)
-    return {name: _generate(_pipe(cache)) for name, cache in CACHES.items()}
+    out = {name: _generate(_pipe(cache)) for name, cache in CACHES.items()}
+    out["conditioned"] = _conditioned()
+    return out
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["cfg2", "cfg2xsp2"])
@@ -116,7 +138,7 @@ def results(request):
 
 def test_same_latents_as_one_process_on_every_rank(single, results):
     world, res = results
-    for name in CACHES:
+    for name in [*CACHES, "conditioned"]:
         for r in range(world):
             assert torch.equal(res[r][name], res[0][name]), (name, r)  # every rank guides alike
         err = (res[0][name] - single[name]).abs().max().item()
