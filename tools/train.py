@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -234,6 +235,42 @@ def atomic_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+def global_rng_states() -> dict:
+    """The torch, numpy and python RNG states as tensors, lists and numbers only, so that a
+    checkpoint holding them loads with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, py_gauss = random.getstate()
+    return dict(torch=torch.get_rng_state(),
+                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), gauss=float(gauss)),
+                python=dict(version=version, words=list(words), gauss=py_gauss))
+
+
+def set_global_rng_states(rng: dict) -> None:
+    """Inverse of :func:`global_rng_states`."""
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(p["words"]), p["gauss"]))
+
+
+def load_training_checkpoint(path: str, device: torch.device) -> dict:
+    """``torch.load(path, weights_only=True)``: a checkpoint whose pickle names anything but
+    tensors, containers and numbers (code to run, or the numpy objects of older checkpoints) is
+    refused with a one-line ValueError before any of it runs."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines()
+                       if "GLOBAL" in line or "Unsupported" in line), type(err).__name__)
+        raise ValueError(f"checkpoint {path!r} is refused: it holds more than tensors, "
+                         f"containers and numbers ({detail}); accepted: a checkpoint written by "
+                         "this tools/train.py — use --no-resume or another outputs folder to "
+                         "start a new run") from None
+
+
 def export_safetensors(ema: dict, path: str, dtype: torch.dtype, metadata: dict) -> None:
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -307,7 +344,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
     if resume:
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint")
-        ck = torch.load(resume, map_location=device, weights_only=False)
+        ck = load_training_checkpoint(resume, device)
         check_resume_config(ck.get("config", {}), cfg, resume)
         if ck["world_size"] != world:
             raise ValueError(f"checkpoint {resume!r} was written with world_size="
@@ -317,9 +354,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
         opt.load_state_dict(ck["optimizer"])
         ema = {k: v.to(device) for k, v in ck["ema"].items()}
         gen.set_state(ck["rng"]["generators"][rank])
-        torch.set_rng_state(ck["rng"]["torch"])
-        np.random.set_state(ck["rng"]["numpy"])
-        random.setstate(ck["rng"]["python"])
+        set_global_rng_states(ck["rng"])
         step, history, wall = ck["step"], ck["history"], ck.get("wall_time", 0.0)
         if rank == 0:
             print(f"resumed from {resume} at step {step}", flush=True)
@@ -335,8 +370,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
             atomic_save(dict(step=step, trainee=trainee.state_dict(), ema=ema,
                              optimizer=opt.state_dict(), history=history, world_size=world,
                              wall_time=wall + (time.time() - t_start), config=_jsonable(cfg),
-                             rng=dict(generators=gens, torch=torch.get_rng_state(),
-                                      numpy=np.random.get_state(), python=random.getstate())),
+                             rng=dict(global_rng_states(), generators=gens)),
                         ckpt_path)
         if world > 1:
             torch.distributed.barrier()
@@ -514,10 +548,14 @@ def main(argv=None) -> dict:
         overrides["outputs"] = args.outputs
     if args.steps:
         overrides.update(steps=args.steps, epochs=None)
-    cfg = load_config(args.config, overrides)
     resume = False if args.no_resume else (args.resume or None)
-    summary = train(cfg, resume=resume, stop_after=args.stop_after,
-                    progress=not args.no_progress)
+    try:
+        summary = train(load_config(args.config, overrides), resume=resume,
+                        stop_after=args.stop_after, progress=not args.no_progress)
+    except (KeyError, ValueError, FileNotFoundError) as err:  # settings / checkpoint: one line
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"train.py: error: {type(err).__name__}: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), flush=True)
     return summary
