@@ -255,13 +255,16 @@ class STDiT3(nn.Module):
         group = self.sequence_parallel_group()
         self.sp_state.group = group
         self.sp_state.valid_len = S
-        x = sp.split_rows(x, group, H, W)
-        s_local = x.shape[2]
-        x = x.reshape(b, T * s_local, -1)
-        for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
-            x = spatial(x, y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
-            x = temporal(x, y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
-        x = sp.gather_rows(x.view(b, T, s_local, -1), group, H, W).reshape(b, T * S, -1)
+        try:
+            x = sp.split_rows(x, group, H, W)
+            s_local = x.shape[2]
+            x = x.reshape(b, T * s_local, -1)
+            for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
+                x = spatial(x, y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
+                x = temporal(x, y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
+            x = sp.gather_rows(x.view(b, T, s_local, -1), group, H, W).reshape(b, T * S, -1)
+        finally:  # hold no process group between calls: it must be freed before shutdown
+            self.sp_state.group = self.sp_state.valid_len = None
 
         x = self.final_layer(x, t, x_mask, t0, T, S)
         return self.unpatchify(x, T, H, W, tx, hx, wx).float()
