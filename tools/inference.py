@@ -26,8 +26,13 @@ with ``seed + i``, so a prompt's video does not depend on batching or on what wa
 
 Under torchrun every rank runs the same prompts with the same seed; the model shards tokens
 over the ranks (``enable_sequence_parallelism=True``); only rank 0 writes files and prints.
-The process group uses NCCL on CUDA and gloo on the CPU, launched through colossalai when it
-is installed (as Open-Sora's script does), else through plain torch.distributed.
+The process group uses NCCL on CUDA and gloo on the CPU (torch.distributed; colossalai is not
+needed, and its launcher keeps references to the group after it is destroyed). Before
+anything is built the config is checked (``opensora_duca.config_check``: unknown keys, ranges,
+sizes that cannot fit) and every rank checks that all ranks share the same settings
+(``opensora_duca.parallel.agreement``); a mistake is one line on stderr and exit code 2.
+``--dist-timeout`` (config key ``dist_timeout``, seconds, default 600) bounds how long a rank
+waits for a stalled or dead one.
 """
 from __future__ import annotations
 
@@ -36,7 +41,9 @@ import time
 _T_PROCESS = time.perf_counter()  # wall time counts from here (imports included)
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
 import os  # noqa: E402
+import pickle  # noqa: E402
 import sys  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--save-latents", action="store_true", help="also write {name}.latents.pt")
     p.add_argument("--ckpt-path", default=None, help="model weights (replaces from_pretrained)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="seconds a rank waits for the others before failing (default 600)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None,
                    help="override config keys: key=value (nested keys with dots)")
     return p.parse_args(argv)
@@ -90,7 +99,7 @@ def merge_args(cfg: Config, args) -> Config:
     elif args.resolution is not None or args.aspect_ratio is not None:
         cfg.image_size = None  # the named size wins over the config's image_size
     for key in ("resolution", "aspect_ratio", "num_frames", "fps", "save_fps", "seed",
-                "batch_size", "dtype", "save_dir", "sample_name"):
+                "batch_size", "dtype", "save_dir", "sample_name", "dist_timeout"):
         val = getattr(args, key)
         if val is not None:
             cfg[key] = val
@@ -103,8 +112,9 @@ def merge_args(cfg: Config, args) -> Config:
     return cfg
 
 
-def init_distributed(device_arg):
-    """(rank, world_size, device); initialises torch.distributed under torchrun."""
+def init_distributed(device_arg, timeout_s: float = 600.0):
+    """(rank, world_size, device); initialises torch.distributed under torchrun, with
+    collectives and the start-up rendezvous failing after ``timeout_s`` seconds."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -114,18 +124,8 @@ def init_distributed(device_arg):
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        try:
-            import colossalai  # noqa: F401
-        except ImportError:
-            colossalai = None
-        backend = "nccl" if use_cuda else "gloo"
-        if colossalai is not None:
-            try:
-                colossalai.launch_from_torch(backend=backend)
-            except TypeError:  # colossalai 0.3.x takes a config dict first
-                colossalai.launch_from_torch({}, backend=backend)
-        else:
-            dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device
 
@@ -157,22 +157,39 @@ def _save_latents(latents: torch.Tensor, path: str) -> None:
 
 
 def main(argv=None) -> int:
+    from safetensors import SafetensorError
+
+    from opensora_duca.config_check import check_inference_config, dist_timeout, run_settings
+    from opensora_duca.parallel import release_process_group
+    from opensora_duca.parallel.agreement import check_ranks_agree
+
     args = parse_args(argv)
     t_start = _T_PROCESS
-    cfg = merge_args(Config.fromfile(args.config), args)
-    rank, world, device = init_distributed(args.device)
-    is_main = rank == 0
     try:
-        return run(cfg, args, rank, world, device, is_main, t_start)
-    except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
+        # every user mistake is found before anything is built or waits for other ranks
+        cfg = merge_args(Config.fromfile(args.config), args)
+        check_inference_config(cfg, args.start_index, args.end_index, device=args.device or (
+            "cuda" if torch.cuda.is_available() else "cpu"))
+        rank, world, device = init_distributed(args.device, dist_timeout(cfg))
+        check_ranks_agree(run_settings(cfg, args.start_index, args.end_index))
+        return run(cfg, args, rank, world, device, rank == 0, t_start)
+    except (KeyError, ValueError, TypeError, OSError, ImportError, SafetensorError,
+            pickle.UnpicklingError) as err:
         # configuration mistakes: one clear line (the message names the key and the accepted
         # values) instead of a traceback
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        msg = str(msg).strip().splitlines()[0] if str(msg).strip() else repr(err)
+        if isinstance(err, pickle.UnpicklingError):  # torch's text suggests an unsafe load
+            msg = "a weights file holds more than tensors (or is no checkpoint); refused"
         print(f"inference.py: error: {type(err).__name__}: {msg}", file=sys.stderr, flush=True)
         return 2
+    except dist.DistError as err:  # a rank died or stalled: fail instead of waiting forever
+        print(f"inference.py: error: {type(err).__name__} (ranks did not all answer within "
+              f"dist_timeout={dist_timeout(cfg)} s): {str(err).strip().splitlines()[0]}",
+              file=sys.stderr, flush=True)
+        return 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        release_process_group()  # after the pipeline is gone; collects cycles, then destroys
 
 
 def run(cfg, args, rank, world, device, is_main, t_start) -> int:
