@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     from opensora_duca.cache import apply_cache, remove_cache
     from opensora_duca.eval.fidelity import psnr, ssim, write_json_atomic
     from opensora_duca.eval.judge import judge, summarize
+    from opensora_duca.parallel.agreement import check_ranks_agree
     from opensora_duca.pipeline import build_from_config, prompt_to_filename
     from opensora_duca.utils.video import save_video, to_uint8_frames
 
@@ -60,6 +61,12 @@ def main(argv=None) -> int:
     save_dir = args.save_dir or cfg.get("save_dir", "./samples/demo")
 
     rank, world, device = init_distributed(None)
+    try:  # every rank must generate the same videos
+        check_ranks_agree(dict(config=cfg.to_dict(), cache=cache_cfg, prompts=prompts, seed=seed,
+                               steps=args.num_sampling_steps, save_dir=save_dir))
+    except ValueError as err:
+        print(f"demo.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
     is_main = rank == 0
     pipe = build_from_config(cfg, device=device, enable_sequence_parallelism=world > 1)
     steps = args.num_sampling_steps or pipe.scheduler.num_sampling_steps
@@ -129,4 +136,9 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    sys.exit(main())
+    from opensora_duca.parallel import release_process_group
+    try:
+        code = main()
+    finally:
+        release_process_group()  # after main's models are gone; then destroys the group
+    sys.exit(code)

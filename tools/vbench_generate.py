@@ -47,6 +47,7 @@ import torch.distributed as dist  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 
 from inference import init_distributed  # noqa: E402  (tools/inference.py)
+from opensora_duca.parallel import release_process_group  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -125,8 +126,7 @@ def main(argv=None) -> int:
     try:
         return run(cfg, args, rank, world, device)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        release_process_group()  # collects what still holds the group, then destroys it
 
 
 def run(cfg, args, rank, world, device) -> int:
