@@ -11,10 +11,10 @@
     results = run_distributed(worker, 2, arg)    # [result of rank 0, result of rank 1]
 
 Each worker process: ``torch.set_num_threads(1)``, ``dist.init_process_group("gloo")`` on
-127.0.0.1 with a free port, then ``fn(rank, world_size, *args)``. Afterwards what ``fn`` left (models in reference cycles,
-e.g. with a cache attached) is collected and only then is the process group destroyed, so no
-gloo worker thread outlives it (that aborted the process at exit now and then). A failure in
-any rank raises in the caller with that rank's traceback.
+127.0.0.1 with a free port, then ``fn(rank, world_size, *args)``. Afterwards what ``fn`` left
+(models in reference cycles, e.g. with a cache attached) is collected and only then is the
+process group destroyed, so no gloo worker thread outlives it (that aborted the process at
+exit now and then). A failure in any rank raises in the caller with that rank's traceback.
 ``world_size=1`` still runs in a child process with an initialised group of one rank (use
 the function directly for a plain single-process run).
 """
