@@ -25,9 +25,7 @@ except ImportError as err:  # pragma: no cover - exercised by tests with a missi
         f"it could not be imported ({err}). Without Open-Sora, use this project's own tools with "
         "a top-level `cache = dict(type=\"DuCa\")` in the config.") from err
 
-from .models.cached import build_cached
-from .registry import MODELS as _OWN  # noqa: F401  (our own "DuCa" wrapper is registered too)
-from .models import cached as _cached  # noqa: F401
+from .cache.wrapper import build_cached  # also registers our own "DuCa" wrapper type
 
 
 def _duca_for_opensora(model, cache=None, **kwargs):

@@ -11,7 +11,8 @@ from typing import Any
 
 from mmengine.registry import Registry
 
-MODELS = Registry("model", scope="opensora_duca", locations=["opensora_duca.models"])
+MODELS = Registry("model", scope="opensora_duca",
+                  locations=["opensora_duca.models", "opensora_duca.cache"])
 SCHEDULERS = Registry("scheduler", scope="opensora_duca", locations=["opensora_duca.schedulers"])
 CACHES = Registry("cache", scope="opensora_duca", locations=["opensora_duca.cache"])
 TEXT_ENCODERS = Registry("text_encoder", scope="opensora_duca", locations=["opensora_duca.models"])

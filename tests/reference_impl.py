@@ -1,4 +1,4 @@
-"""An independent float64 STDiT3, written from the equations of reference/stdit3.md.
+"""An independent float64 STDiT3, written from the equations of docs/stdit3.md.
 
 It uses nothing from ``opensora_duca``: only plain tensor arithmetic on a parameter dict
 ``P`` (state-dict name -> tensor), so it can check the package's model. Conventions are the
@@ -11,7 +11,6 @@ sinusoids with the cosine half first.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -172,6 +171,26 @@ def block(P, prefix, x, y, mask, t_mlp, t0_mlp, x_mask, temporal, heads):
     return x + g2 * mlp
 
 
+def final_layer(P, x, t_emb, t0_emb=None, x_mask=None):
+    """x [B, T, S, C] -> [B, T, S, patch outputs]. t_emb [B, C] (not t_mlp) is added to both
+    rows of the [2, C] table: shift = row 0 + t_emb, scale = row 1 + t_emb.
+
+    u = LN(x) * (1 + scale) + shift. With x_mask, frames where it is False take
+    u0 = LN(u) * (1 + scale0) + shift0 (the LayerNorm of the already modulated u, with the
+    table + t0_emb shift/scale), as Open-Sora 1.2.0 computes it."""
+    tab = P["final_layer.scale_shift_table"]
+    u = layer_norm(x) * (1 + (tab[1] + t_emb)[:, None, None]) + (tab[0] + t_emb)[:, None, None]
+    if x_mask is not None:
+        u0 = layer_norm(u) * (1 + (tab[1] + t0_emb)[:, None, None]) + \
+            (tab[0] + t0_emb)[:, None, None]
+        u = u.clone()
+        for b in range(x.shape[0]):
+            for t in range(x.shape[1]):
+                if not bool(x_mask[b, t]):
+                    u[b, t] = u0[b, t]
+    return linear(P, "final_layer.linear", u)
+
+
 def patch_embed(P, z, patch):
     """z [B, Cin, Tx, Hx, Wx] -> [B, T, H, W, C], right-padding to multiples of the patch."""
     pt, ph, pw = patch
@@ -224,11 +243,7 @@ def forward(P, z, timestep, y, mask=None, x_mask=None, fps=None, height=None, wi
         x = block(P, f"spatial_blocks.{i}.", x, yy, mask, t_mlp, t0_mlp, x_mask, False, heads)
         x = block(P, f"temporal_blocks.{i}.", x, yy, mask, t_mlp, t0_mlp, x_mask, True, heads)
 
-    # final layer: t_emb [B, C] (not t_mlp) is added to BOTH rows of the [2, C] table
-    shift, sc = per_frame(P["final_layer.scale_shift_table"], t_emb.repeat(1, 2),
-                          None if t0_emb is None else t0_emb.repeat(1, 2), x_mask, T, 2)
-    x = layer_norm(x) * (1 + sc) + shift
-    tokens = linear(P, "final_layer.linear", x)  # [B, T, S, pt*ph*pw*Cout]
+    tokens = final_layer(P, x, t_emb, t0_emb, x_mask)  # [B, T, S, pt*ph*pw*Cout]
     pt, ph, pw = patch
     cout = tokens.shape[-1] // (pt * ph * pw)
     out = tokens.reshape(B, T, H, W, pt, ph, pw, cout).permute(0, 7, 1, 4, 2, 5, 3, 6)
@@ -249,4 +264,5 @@ def block_reference(P, prefix, x_tokens, y, mask, t_mlp, t0_mlp, x_mask, T, S, t
     return out.reshape(B, N, C)
 
 
-__all__ = ["forward", "block_reference", "pos_embed_2d", "rotary", "rope_freqs", "sinusoid"]
+__all__ = ["forward", "block_reference", "final_layer", "pos_embed_2d", "rotary", "rope_freqs",
+           "sinusoid"]

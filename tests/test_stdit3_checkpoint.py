@@ -1,4 +1,4 @@
-"""STDiT3 checkpoints: the XL/2 state-dict table of reference/stdit3.md, and loading from
+"""STDiT3 checkpoints: the XL/2 state-dict table (names as in docs/stdit3.md), and loading from
 .safetensors, .pt and an HF-style folder with clear errors."""
 from __future__ import annotations
 

@@ -133,6 +133,34 @@ def test_one_block(float64_pieces, temporal, qk_norm, with_x_mask):
         assert rel_err(plain, want) > 1e-3
 
 
+def test_final_layer_x_mask_is_upstream_form():
+    """Frames where x_mask is False take LN(u) * (1 + scale0) + shift0 with u the already
+    modulated tokens (Open-Sora 1.2.0); normalising the block output once for both versions
+    gives different numbers there, and this test tells the two apart."""
+    m = make_model(depth=1)
+    P = params(m)
+    g = torch.Generator().manual_seed(7)
+    B, T, S, C = 2, 3, 4, 32
+    x = torch.randn(B, T, S, C, generator=g, dtype=torch.float64) * 2 + 0.5
+    t_emb = torch.randn(B, C, generator=g, dtype=torch.float64)
+    t0_emb = torch.randn(B, C, generator=g, dtype=torch.float64)
+    x_mask = torch.tensor([[True, False, True], [False, False, True]])
+    with torch.no_grad():
+        got = m.final_layer(x.reshape(B, T * S, C), t_emb, x_mask, t0_emb, T, S)
+    want = ref.final_layer(P, x, t_emb, t0_emb, x_mask).reshape(B, T * S, -1)
+    assert rel_err(got, want) < TIGHT
+    # the single-normalisation form: LN(x) with the t0 shift/scale on masked-off frames
+    tab = P["final_layer.scale_shift_table"]
+    once = ref.layer_norm(x) * (1 + (tab[1] + t0_emb)[:, None, None]) + \
+        (tab[0] + t0_emb)[:, None, None]
+    once = ref.linear(P, "final_layer.linear", once).reshape(B, T * S, -1)
+    off = ~x_mask.repeat_interleave(S, dim=1)  # tokens of masked-off frames
+    assert rel_err(got[off], once[off]) > 0.1
+    # frames where x_mask is True are the plain modulation
+    plain = ref.final_layer(P, x, t_emb).reshape(B, T * S, -1)
+    assert rel_err(got[~off], plain[~off]) < TIGHT and rel_err(got[off], plain[off]) > 0.1
+
+
 CASES = {
     # name: (z spatial size h, w; x_mask; caption mask given per sample; fps; size conditioning)
     "odd_hw_padding": dict(h=5, w=7, x_mask=False, fps=(24.0, 12.0), size=(96.0, 160.0)),

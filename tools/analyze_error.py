@@ -199,7 +199,7 @@ def _scripted_policy_cls():
             self.stored_dtype = None
             self.plans, self.label = list(plans), label
 
-        def plan(self, step, num_steps, timestep):
+        def plan(self, step, num_steps, timesteps):
             from opensora_duca.cache.plan import FULL_STEP
             return self.plans[step] if step < len(self.plans) else FULL_STEP
 
@@ -218,15 +218,17 @@ def _scripted_policy_cls():
 
 def claim_variants(num_steps: int) -> Dict[str, list]:
     """Scripted 3-step plans: a full step, then the two steps under test."""
-    from opensora_duca.cache.plan import FULL_STEP, MLP, TRUNK_SKIP, StepPlan
+    from opensora_duca.cache.plan import FULL_STEP, TRUNK_SKIP, Action, Kind, StepPlan
     from opensora_duca.cache.policies import DuCa
 
+    MLP = Kind.MLP
+
     duca = DuCa()
-    cons = next(p for p in (duca.plan(s, num_steps, 500.0) for s in range(3, 9))
-                if p.label == "conservative" and p.actions[MLP] == "partial")
+    cons = next(p for p in (duca.plan(s, num_steps, [500.0] * (s + 1)) for s in range(3, 9))
+                if p.label == "conservative" and p.actions[MLP] == Action.PARTIAL)
     half = StepPlan(actions=dict(cons.actions), ratios={MLP: cons.ratios[MLP] / 2},
                     label="conservative (half ratio)")
-    reuse = StepPlan(actions={k: "reuse" for k in cons.actions}, label="reuse")
+    reuse = StepPlan(actions={k: Action.REUSE for k in cons.actions}, label="reuse")
     return {"A+C": [FULL_STEP, TRUNK_SKIP, cons],
             "R+C": [FULL_STEP, reuse, cons],
             "C+C same cost": [FULL_STEP, half, half],

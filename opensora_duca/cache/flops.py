@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import CROSS_ATTN, FULL, MLP, PARTIAL, SPATIAL_ATTN, TEMPORAL_ATTN
+from .plan import Action, Kind
 
 
 @dataclass(frozen=True)
@@ -29,24 +29,27 @@ class TrunkShape:
         return self.frames * self.spatial
 
 
+# module kinds of one spatial + temporal block pair, with how often each runs in the pair
+_PER_PAIR = ((Kind.SPATIAL_ATTN, 1), (Kind.TEMPORAL_ATTN, 1), (Kind.CROSS_ATTN, 2), (Kind.MLP, 2))
+
+
 def module_flops(shape: TrunkShape, kind: str, tokens: int | None = None) -> float:
     """FLOPs of one module of one block on ``tokens`` query tokens per sample (default: all)."""
     n = shape.tokens if tokens is None else tokens
     b, c, L = shape.batch, shape.hidden, shape.caption_len
-    if kind == SPATIAL_ATTN:
+    if kind == Kind.SPATIAL_ATTN:
         return b * (2 * n * c * 3 * c + 4 * n * shape.spatial * c + 2 * n * c * c)
-    if kind == TEMPORAL_ATTN:
+    if kind == Kind.TEMPORAL_ATTN:
         return b * (2 * n * c * 3 * c + 4 * n * shape.frames * c + 2 * n * c * c)
-    if kind == CROSS_ATTN:
+    if kind == Kind.CROSS_ATTN:
         return b * (2 * n * c * c + 2 * L * c * 2 * c + 4 * n * L * c + 2 * n * c * c)
-    if kind == MLP:
+    if kind == Kind.MLP:
         return b * (2 * n * c * shape.mlp_hidden * 2)
     raise ValueError(f"unknown module kind {kind!r}")
 
 
 def full_step_flops(shape: TrunkShape) -> float:
-    per_pair = (module_flops(shape, SPATIAL_ATTN) + module_flops(shape, TEMPORAL_ATTN)
-                + 2 * module_flops(shape, CROSS_ATTN) + 2 * module_flops(shape, MLP))
+    per_pair = sum(n * module_flops(shape, kind) for kind, n in _PER_PAIR)
     return shape.depth * per_pair
 
 
@@ -56,11 +59,11 @@ def step_flops(shape: TrunkShape, plan, partial_tokens: dict | None = None) -> f
     if plan.skip_trunk:
         return 0.0
     total = 0.0
-    for kind, count in ((SPATIAL_ATTN, 1), (TEMPORAL_ATTN, 1), (CROSS_ATTN, 2), (MLP, 2)):
+    for kind, count in _PER_PAIR:
         act = plan.actions[kind]
-        if act == FULL:
+        if act == Action.FULL:
             total += count * module_flops(shape, kind)
-        elif act == PARTIAL:
+        elif act == Action.PARTIAL:
             k = (partial_tokens or {}).get(kind)
             if k is None:
                 k = round(plan.ratios[kind] * shape.tokens)
@@ -79,16 +82,15 @@ def run_flops_ratio(policy, num_steps: int, shape: TrunkShape, rows: int, width:
     grid = TokenGrid(frames=shape.frames, rows=rows, width=width, local_rows=rows, row_offset=0)
     if timesteps is None:
         timesteps = [(1 - i / num_steps) * 1000 for i in range(num_steps)]
-    if hasattr(policy, "reset"):
-        policy.reset()
     policy.validate_run(num_steps)
+    timesteps = [float(t) for t in timesteps]
     actual, labels = 0.0, []
     for s in range(num_steps):
-        plan = policy.plan(s, num_steps, float(timesteps[s]))
+        plan = policy.plan(s, num_steps, timesteps[:s + 1])
         part = {k: selected_per_sample(plan.ratios[k], grid)
-                for k, a in plan.actions.items() if a == PARTIAL}
+                for k, a in plan.actions.items() if a == Action.PARTIAL}
         actual += step_flops(shape, plan, part)
-        labels.append(plan.label)
+        labels.append(str(plan.label))
     full = num_steps * full_step_flops(shape)
     return {"flops_ratio": full / actual if actual else float("inf"),
             "full_step_equivalents": actual / full_step_flops(shape), "labels": labels}

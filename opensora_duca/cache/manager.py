@@ -1,10 +1,17 @@
 """CacheManager: attaches a cache policy to an STDiT3-like model, tracks denoising steps and
-keeps the stored features; ``apply_cache`` / ``remove_cache`` are the public entry points."""
+keeps the stored features; ``apply_cache`` / ``remove_cache`` are the public entry points.
+
+Ownership: the model holds its manager (an attribute) and its blocks hold their runners
+(instance-level ``forward``); every pointer back — runner to manager, manager to model, hooks to
+manager — is a weak reference, so dropping the model frees everything without the cyclic
+garbage collector.
+"""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -15,14 +22,17 @@ from .. import parallel as sp
 from ..registry import CACHES, build_module, registered
 from . import flops as fl
 from . import selection as sel
-from .plan import CROSS_ATTN, KINDS, MLP, PARTIAL, StepPlan
-from .policies import CachePolicy, NoCache
-from .runner import BlockRunner
+from .plan import Action, Kind, StepPlan
+from .policies import CachePolicy, NoCache, Scorer, accepted_keys
+from .runner import _TAPPED, BlockRunner, ModuleTap
 from .state import BlockState, StoredBytes
 
 _ATTR = "_duca_cache_manager"
 _BLOCK_PARTS = ("norm1", "attn", "cross_attn", "norm2", "mlp", "scale_shift_table")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# sessionless runs: a call whose input is not the previous input moved within the span of the
+# previous input and outputs (what any first-order or two-step sampler does) starts a new run
+CONTINUATION_TOL = 0.05
 
 
 @dataclass
@@ -34,7 +44,6 @@ class BlockSlot:
     is_last: bool
     original: Callable
     state: BlockState
-    capture: bool = False
     handles: List[Any] = field(default_factory=list)
 
 
@@ -53,31 +62,57 @@ def _check_model(model: nn.Module) -> None:
                                 f"needs blocks with {list(_BLOCK_PARTS)}")
 
 
+def _weak_method(method):
+    """A callable that calls ``method`` through a weak reference to its object."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args, **kwargs):
+        fn = ref()
+        return None if fn is None else fn(*args, **kwargs)
+    return call
+
+
 class CacheManager:
     """Owns the policy, the per-block stored features and the step counter of one model."""
 
     def __init__(self, model: nn.Module, policy: CachePolicy):
         _check_model(model)
-        self.model = model
+        self._model = weakref.ref(model)
         self.policy = policy
         self.depth = len(model.spatial_blocks)
-        self.stored_dtype = _DTYPES.get(getattr(policy, "stored_dtype", None))
+        self.stored_dtype = _DTYPES.get(policy.stored_dtype)
         self.bytes = StoredBytes()
         self.slots: List[BlockSlot] = []
         self.plan: Optional[StepPlan] = None
         self.step = 0
         self.num_steps: Optional[int] = None
         self._session = False
-        self._last_t: Optional[float] = None
+        self._timesteps: List[float] = []
         self._last_shape = None
+        self._prev_x: Optional[torch.Tensor] = None
+        self._prev_outs: List[torch.Tensor] = []
+        self._run_y: Optional[torch.Tensor] = None
         self._trunk: Optional[torch.Tensor] = None
         self._store_trunk = False
         self._grid: Optional[sel.TokenGrid] = None
         self._grid_key = None
         self._shape: Optional[fl.TrunkShape] = None
         self._handles: List[Any] = []
-        self._validate_scorer()
+        self._stores = {k: policy.reuses(k) for k in Kind}
+        self.capturing: Optional[BlockSlot] = None  # the slot whose vnorm scores are captured
+        self._validate_scorer(model)
         self._reset_stats()
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:  # pragma: no cover
+            raise RuntimeError("the model of this cache manager no longer exists")
+        return model
+
+    @property
+    def frames(self) -> int:
+        return self._shape.frames
 
     # ------------------------------------------------------------------ wiring
     def attach(self) -> "CacheManager":
@@ -86,19 +121,30 @@ class CacheManager:
         for i in range(self.depth):
             order.append((f"spatial_blocks.{i}", model.spatial_blocks[i], i))
             order.append((f"temporal_blocks.{i}", model.temporal_blocks[i], i))
+        tap = self.storing_anything()
         for k, (name, blk, layer) in enumerate(order):
-            if "forward" in blk.__dict__:
-                raise RuntimeError(f"{name} already has an instance-level forward (another cache "
-                                   f"or patch is attached); remove it first")
+            patched = [n for n, mod in [(name, blk)] + [(f"{name}.{a}", getattr(blk, a))
+                                                         for a in _TAPPED]
+                       if "forward" in mod.__dict__]
+            if patched:
+                raise RuntimeError(f"{patched[0]} already has an instance-level forward "
+                                   f"(another cache or patch is attached); remove it first")
             slot = BlockSlot(block=blk, name=name, index=k, layer=layer,
                              is_last=k == len(order) - 1, original=blk.forward,
                              state=BlockState(self.bytes))
-            blk.forward = BlockRunner(self, slot)
-            if getattr(self.policy, "scorer", None) == "vnorm":
-                slot.handles.append(blk.attn.qkv.register_forward_hook(self._qkv_hook(slot)))
+            runner = BlockRunner(self, slot)
+            blk.forward = runner
+            if tap:
+                for attr in _TAPPED:
+                    sub = getattr(blk, attr)
+                    sub.forward = ModuleTap(runner, attr, sub.forward)
+            if self.policy.scorer == Scorer.VNORM and self.needs_scores():
+                slot.handles.append(blk.attn.qkv.register_forward_hook(
+                    _weak_method(self._vnorm_hook), with_kwargs=False))
             self.slots.append(slot)
-        self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._post_hook))
+        self._handles.append(model.register_forward_pre_hook(_weak_method(self._pre_hook),
+                                                             with_kwargs=True))
+        self._handles.append(model.register_forward_hook(_weak_method(self._post_hook)))
         setattr(model, _ATTR, self)
         return self
 
@@ -106,18 +152,21 @@ class CacheManager:
         self.reset()
         for slot in self.slots:
             slot.block.__dict__.pop("forward", None)
+            for attr in _TAPPED:
+                getattr(slot.block, attr).__dict__.pop("forward", None)
             for h in slot.handles:
                 h.remove()
         for h in self._handles:
             h.remove()
         self.slots, self._handles = [], []
-        if getattr(self.model, _ATTR, None) is self:
-            delattr(self.model, _ATTR)
+        model = self._model()
+        if model is not None and getattr(model, _ATTR, None) is self:
+            delattr(model, _ATTR)
 
-    def _validate_scorer(self):
-        if getattr(self.policy, "scorer", None) != "attention":
+    def _validate_scorer(self, model):
+        if self.policy.scorer != Scorer.ATTENTION:
             return
-        for blocks in (self.model.spatial_blocks, self.model.temporal_blocks):
+        for blocks in (model.spatial_blocks, model.temporal_blocks):
             for blk in blocks:
                 backend = getattr(blk.attn, "backend", None)
                 if not hasattr(blk.attn, "keep_attn_map") or backend != "math":
@@ -127,15 +176,13 @@ class CacheManager:
                         f"{backend!r} (build the model with attn_backend='math', or choose "
                         f"scorer 'vnorm' / 'random', which work with fused attention)")
 
-    def _qkv_hook(self, slot: BlockSlot):
-        def hook(module, args, out):
-            if slot.capture:
-                blk = slot.block
-                b = self._shape.batch
-                score = sel.vnorm_from_qkv(out, b, blk.attn.num_heads, blk.temporal,
-                                           self._shape.frames)
-                slot.state.put("score", score)
-        return hook
+    def _vnorm_hook(self, module, args, out):
+        slot = self.capturing
+        if slot is not None and slot.block.attn.qkv is module:
+            blk = slot.block
+            slot.state.put("score", sel.vnorm_from_qkv(
+                out, self._shape.batch, blk.attn.num_heads, bool(getattr(blk, "temporal", False)),
+                self._shape.frames))
 
     # ------------------------------------------------------------------ runs
     def reset(self) -> None:
@@ -143,14 +190,13 @@ class CacheManager:
         for slot in self.slots:
             slot.state.clear()
         self._trunk = None
-        self.bytes.swap(None, None)
         self.bytes.current = 0
         self.step = 0
         self.plan = None
-        self._last_t = None
+        self._timesteps = []
         self._last_shape = None
-        if hasattr(self.policy, "reset"):
-            self.policy.reset()
+        self._prev_x, self._prev_outs = None, []
+        self._run_y = None
 
     @contextlib.contextmanager
     def session(self, num_steps: int):
@@ -167,35 +213,84 @@ class CacheManager:
             self.reset()
             self.num_steps, self._session = None, False
 
+    def _continues(self, x: torch.Tensor) -> bool:
+        """Sessionless runs: whether ``x`` is the previous input moved within the span of the
+        previous input and the last two calls' outputs (per sample, least squares)."""
+        if self._prev_x is None or not self._prev_outs:
+            return False
+        b, cin = x.shape[0], x.shape[1]
+        prev = self._prev_x.double().reshape(b, -1)
+        delta = x.detach().double().reshape(b, -1) - prev
+        outs = [o[:, :cin].double().reshape(o.shape[0], -1) for o in self._prev_outs
+                if o.shape[0] == b and o.shape[1] >= cin and o[:, :cin].numel() == x.numel()]
+        if not outs:
+            return False
+        basis = torch.cat([prev[:, None]] + [o[None].expand(b, -1, -1) for o in outs], 1)
+        gram = basis @ basis.transpose(1, 2)                       # [B, K, K]
+        coef = torch.linalg.pinv(gram, hermitian=True) @ (basis @ delta[..., None])
+        resid = delta - (basis.transpose(1, 2) @ coef)[..., 0]
+        ratio = resid.norm(dim=1) / delta.norm(dim=1).clamp_min(1e-30)
+        return bool((ratio <= CONTINUATION_TOL).all())
+
+    def _check_grad(self, model):
+        if torch.is_grad_enabled() and self.storing_anything() and any(
+                p.requires_grad for p in model.parameters()):
+            raise RuntimeError(
+                f"cache policy {self.policy.name!r} reuses stored features and runs only for "
+                f"sampling: call the model under torch.no_grad() (or torch.inference_mode()), "
+                f"or use policy 'none' when gradients are needed")
+
     def _pre_hook(self, model, args, kwargs):
+        self._check_grad(model)
         x = args[0] if args else kwargs.get("x")
         ts = args[1] if len(args) > 1 else kwargs.get("timestep")
         t = float(torch.as_tensor(ts).reshape(-1)[0])
+        y = args[2] if len(args) > 2 else kwargs.get("y")
         shape = tuple(x.shape)
-        new_run = (self._last_shape is not None and shape != self._last_shape)
-        if not self._session:
-            new_run = new_run or self._last_t is None or t >= self._last_t
-        elif self.num_steps is not None and self.step >= self.num_steps:
-            new_run = True
+        last_t = self._timesteps[-1] if self._timesteps else None
+        new_run = self._last_shape is not None and shape != self._last_shape
+        same_y = self._run_y is None or y is self._run_y or (
+            y is not None and y.shape == self._run_y.shape and torch.equal(y, self._run_y))
+        if self._session:
+            done = self.num_steps is not None and self.step >= self.num_steps
+            if not (new_run or done) and last_t is not None and (t >= last_t or not same_y):
+                what = (f"has timestep {t:g}, not below the previous step's {last_t:g}"
+                        if t >= last_t else "has other captions than the run's previous steps")
+                raise RuntimeError(
+                    f"cache session: step {self.step} {what}; inside a session every model "
+                    f"call must be the next denoising step of the same batch. Batch the "
+                    f"conditional and unconditional passes into one call (a CFG batch), or run "
+                    f"each sampling run in its own session")
+            new_run = new_run or done
+        else:
+            new_run = new_run or not same_y
+            if last_t is not None and t == last_t and shape == self._last_shape:
+                warnings.warn("cache: two model calls with the same timestep: each starts a new "
+                              "run, so nothing is reused; batch the conditional and "
+                              "unconditional passes into one call to benefit from the cache",
+                              RuntimeWarning, stacklevel=2)
+            new_run = new_run or last_t is None or t >= last_t or not self._continues(x)
         if new_run:
             self.reset()
+        if not self._session:
+            self._prev_x = x.detach()
+        self._run_y = y
+        if not self._timesteps:
             self.runs += 1
-        elif self._last_t is None:
-            self.runs += 1
-        self._last_t, self._last_shape = t, shape
-        t0 = time.perf_counter()
+        self._timesteps.append(t)
+        self._last_shape = shape
+        tick = time.perf_counter()
         if self.num_steps is not None and self.step == 0:
             self.policy.validate_run(self.num_steps)
-        plan = self.policy.plan(self.step, self.num_steps, t)
+        plan = self.policy.plan(self.step, self.num_steps, self._timesteps)
         if plan.skip_trunk and self._trunk is None:
             raise RuntimeError(f"policy {self.policy.name!r} skips the trunk at step {self.step} "
                                f"but no trunk output was computed before it in this run")
         self.plan = plan
-        self._store_trunk = (self.policy.skips_trunk() and not plan.skip_trunk and
-                             self.policy.plan(self.step + 1, self.num_steps, t).skip_trunk)
-        y = args[2] if len(args) > 2 else kwargs.get("y")
+        self._store_trunk = (not plan.skip_trunk and self.policy.skips_trunk_at(
+            self.step + 1, self.num_steps, self._timesteps + [t]))
         self._set_shapes(model, x, y)
-        self.bookkeeping_s += time.perf_counter() - t0
+        self.bookkeeping_s += time.perf_counter() - tick
         self.step_labels.append(plan.label)
         self._account_flops(plan)
         return None
@@ -203,6 +298,8 @@ class CacheManager:
     def _post_hook(self, model, args, out):
         self.step += 1
         self.plan = None
+        if not self._session and torch.is_tensor(out):
+            self._prev_outs = [out.detach()] + self._prev_outs[:1]
         if self.num_steps is not None and self.step >= self.num_steps:
             for slot in self.slots:  # the run is over: free everything
                 slot.state.clear()
@@ -240,18 +337,18 @@ class CacheManager:
         return self._grid
 
     # ----------------------------------------------------- runner callbacks
-    def stores(self, kind: str) -> bool:
-        return self.policy.reuses(kind)
+    def stores(self, kind: Kind) -> bool:
+        return self._stores[kind]
 
-    def uses_selection(self, kind: str) -> bool:
-        return kind in (MLP, CROSS_ATTN) and getattr(self.policy, "scorer", None) is not None
+    def uses_selection(self, kind: Kind) -> bool:
+        return kind in (Kind.MLP, Kind.CROSS_ATTN) and self.policy.scorer is not None
 
     def storing_anything(self) -> bool:
-        return self._store_trunk or any(self.policy.reuses(k) for k in KINDS)
+        return self.policy.skips_trunk() or any(self._stores.values())
 
     def needs_scores(self) -> bool:
-        return getattr(self.policy, "scorer", None) in ("vnorm", "attention") and \
-            (self.policy.reuses(MLP) or self.policy.reuses(CROSS_ATTN))
+        return self.policy.scorer in (Scorer.VNORM, Scorer.ATTENTION) and \
+            (self._stores[Kind.MLP] or self._stores[Kind.CROSS_ATTN])
 
     def after_block(self, slot: BlockSlot, out: torch.Tensor) -> None:
         if slot.is_last and self._store_trunk:
@@ -276,7 +373,7 @@ class CacheManager:
         self.bookkeeping_s = 0.0
         self.bytes.peak = self.bytes.current
 
-    def count_module(self, kind: str, action: str) -> None:
+    def count_module(self, kind: str, action: Action) -> None:
         d = self.module_counts.setdefault(kind, {})
         d[action] = d.get(action, 0) + 1
 
@@ -290,7 +387,7 @@ class CacheManager:
         T, H, W = self._grid_key[:3]
         grid = sel.TokenGrid(frames=T, rows=H, width=W, local_rows=H, row_offset=0)
         part = {k: sel.selected_per_sample(plan.ratios[k], grid)
-                for k, a in plan.actions.items() if a == PARTIAL}
+                for k, a in plan.actions.items() if a == Action.PARTIAL}
         self.flops_uncached += fl.full_step_flops(shape)
         self.flops_actual += fl.step_flops(shape, plan, part)
 
@@ -303,15 +400,16 @@ class CacheManager:
         a CPU it is the real cost, on CUDA it is the launch overhead only (use
         ``tools/benchmark.py`` for device time)."""
         by_kind: Dict[str, int] = {}
-        for lab in self.step_labels:
+        for lab in map(str, self.step_labels):
             by_kind[lab] = by_kind.get(lab, 0) + 1
         return {
             "policy": self.policy.describe(),
             "steps": len(self.step_labels),
             "runs": self.runs,
             "steps_by_kind": by_kind,
-            "step_labels": list(self.step_labels),
-            "modules": {k: dict(v) for k, v in self.module_counts.items()},
+            "step_labels": [str(lab) for lab in self.step_labels],
+            "modules": {str(k): {str(a): n for a, n in v.items()}
+                        for k, v in self.module_counts.items()},
             "partial_tokens": self.partial_tokens,
             "flops_uncached": self.flops_uncached,
             "flops_actual": self.flops_actual,
@@ -334,22 +432,6 @@ class CacheManager:
         ])
 
 
-def _init_keys(cls) -> set:
-    """Keyword arguments ``cls(...)`` accepts: its ``__init__`` parameters and, where that
-    forwards ``**kwargs``, those of the base classes it forwards to."""
-    keys = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        keys |= {p.name for p in params if p.name != "self"
-                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return keys
-
-
 def build_policy(cfg: Any) -> CachePolicy:
     """A policy object from ``dict(type=...)`` (validated), a policy object, or None -> none."""
     if cfg is None:
@@ -365,7 +447,7 @@ def build_policy(cfg: Any) -> CachePolicy:
     names = registered(CACHES)
     if typ not in names:
         raise KeyError(f"unknown cache policy type {typ!r}; registered policies: {names}")
-    accepted = _init_keys(CACHES.get(typ))
+    accepted = accepted_keys(CACHES.get(typ))
     for k in cfg:
         if k != "type" and k not in accepted:
             raise ValueError(f"cache policy {typ!r}: unknown key {k!r}={cfg[k]!r}; "

@@ -1,35 +1,87 @@
 """What a policy says for one denoising step: per module kind, full / reuse / partial, or skip
-the whole trunk (aggressive caching)."""
+the whole trunk (aggressive caching). Module kinds, actions and step kinds are string enums, so
+they compare equal to (and serialise as) their plain names."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from enum import Enum
+from typing import Dict, Mapping
 
-SPATIAL_ATTN, TEMPORAL_ATTN, CROSS_ATTN, MLP = "spatial_attn", "temporal_attn", "cross_attn", "mlp"
-KINDS = (SPATIAL_ATTN, TEMPORAL_ATTN, CROSS_ATTN, MLP)
 
-FULL, REUSE, PARTIAL = "full", "reuse", "partial"
-ACTIONS = (FULL, REUSE, PARTIAL)
+class _Name(str, Enum):
+    """A string enum whose str() and format() give the plain value ("mlp", not "Kind.MLP")."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def names(cls) -> list:
+        return [m.value for m in cls]
+
+
+class Kind(_Name):
+    """The cached module kinds of a spatial/temporal block pair."""
+
+    SPATIAL_ATTN = "spatial_attn"
+    TEMPORAL_ATTN = "temporal_attn"
+    CROSS_ATTN = "cross_attn"
+    MLP = "mlp"
+
+
+class Action(_Name):
+    """What a module does at a step: compute and store, reuse the stored value, or recompute a
+    token subset into the stored value."""
+
+    FULL = "full"
+    REUSE = "reuse"
+    PARTIAL = "partial"
+
+
+class StepKind(_Name):
+    """Label of a step in statistics and reports."""
+
+    FULL = "full"
+    CROSS_REUSED = "full (cross-attn reused)"
+    CONSERVATIVE = "conservative"
+    AGGRESSIVE = "aggressive"
+    REUSE = "reuse"
+    BROADCAST = "broadcast"
+
+
+KINDS = tuple(Kind)
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """``actions[kind]`` is FULL, REUSE or PARTIAL; ``ratios[kind]`` the fraction of tokens a
+    """``actions[kind]`` is an :class:`Action`; ``ratios[kind]`` the fraction of tokens a
     PARTIAL module recomputes; ``skip_trunk`` replaces the whole trunk by its stored output;
     ``label`` names the step kind in statistics."""
 
-    actions: Dict[str, str] = field(default_factory=lambda: {k: FULL for k in KINDS})
-    ratios: Dict[str, float] = field(default_factory=dict)
+    actions: Mapping[Kind, Action] = field(default_factory=lambda: {k: Action.FULL for k in Kind})
+    ratios: Mapping[Kind, float] = field(default_factory=dict)
     skip_trunk: bool = False
-    label: str = "full"
+    label: str = StepKind.FULL
 
-    @property
-    def computes_trunk(self) -> bool:
-        return not self.skip_trunk
+    def __post_init__(self):
+        acts: Dict[Kind, Action] = {Kind(k): Action(a) for k, a in self.actions.items()}
+        if set(acts) != set(Kind):
+            raise ValueError(f"StepPlan actions={dict(self.actions)!r}: needs one action for "
+                             f"each kind {Kind.names()}")
+        ratios = {Kind(k): float(r) for k, r in self.ratios.items()}
+        for k, a in acts.items():
+            if a == Action.PARTIAL and not 0.0 <= ratios.get(k, -1.0) <= 1.0:
+                raise ValueError(f"StepPlan: {k} is partial and needs a ratio in [0, 1], got "
+                                 f"{self.ratios.get(k)!r}")
+        object.__setattr__(self, "actions", acts)
+        object.__setattr__(self, "ratios", ratios)
 
     def is_full(self) -> bool:
-        return not self.skip_trunk and all(a == FULL for a in self.actions.values())
+        return not self.skip_trunk and all(a == Action.FULL for a in self.actions.values())
 
 
 FULL_STEP = StepPlan()
-TRUNK_SKIP = StepPlan(actions={k: REUSE for k in KINDS}, skip_trunk=True, label="aggressive")
+TRUNK_SKIP = StepPlan(actions={k: Action.REUSE for k in Kind}, skip_trunk=True,
+                      label=StepKind.AGGRESSIVE)

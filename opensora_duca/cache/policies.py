@@ -1,46 +1,124 @@
 """Cache policies, registered in CACHES: ``none``, ``DuCa``, ``ToCa``, ``FORA``, ``PAB`` and
-``TrunkReuse`` (aggressive-only). A policy maps a step index (and, for PAB, the timestep) to a
-:class:`StepPlan`; plans are deterministic, so every sequence-parallel rank computes the same
-plan with no communication.
+``TrunkReuse`` (aggressive-only).
+
+Each policy's configuration is one frozen dataclass validated in ``__post_init__`` (so
+``DuCa(fresh_ratio=0.2)`` and ``dict(type="DuCa", fresh_ratio=0.2)`` are the same thing, and a
+bad value fails when the config is built). A policy maps a step index, the run's number of
+steps and the timesteps seen so far in the run to a :class:`StepPlan`; it holds no run state,
+so plans are deterministic and every sequence-parallel rank computes the same plan with no
+communication.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..registry import CACHES
-from .plan import (CROSS_ATTN, FULL, FULL_STEP, KINDS, MLP, PARTIAL, REUSE, SPATIAL_ATTN,
-                   TEMPORAL_ATTN, TRUNK_SKIP, StepPlan)
+from .plan import FULL_STEP, TRUNK_SKIP, Action, Kind, StepKind, StepPlan, _Name
+
+
+class Scorer(_Name):
+    """How a token-subset step ranks tokens (highest first)."""
+
+    VNORM = "vnorm"            # sum over heads of (1 - ||v||), from the last full self-attention
+    RANDOM = "random"          # uniform, drawn for the global token grid
+    ATTENTION = "attention"    # attention received (needs the 'math' attention backend)
+    SIMILARITY = "similarity"  # 1 - cosine(block input, block input at the last full MLP)
+    NORM = "norm"              # L2 norm of the block input
+
+
+class Entry(_Name):
+    """An entry of a DuCa/ToCa cycle table."""
+
+    FULL = "full"
+    CONSERVATIVE = "conservative"
+    AGGRESSIVE = "aggressive"
+
 
 STORED_DTYPES = (None, "fp32", "fp16", "bf16")
-SCORERS = ("vnorm", "random", "attention", "similarity", "norm")
-CONSERVATIVE, AGGRESSIVE = "conservative", "aggressive"
-TABLE_ENTRIES = (FULL, CONSERVATIVE, AGGRESSIVE)
+RATIO_SCHEDULES = {"constant": {}, "linear": {"start": 1.0, "end": 1.0}, "exp": {"decay": 1.0},
+                   "layerwise": {"first": 1.0, "last": 1.0}}
 
 
 def _err(policy: str, key: str, value, accepted: str) -> ValueError:
     return ValueError(f"cache policy {policy!r}: {key}={value!r} is invalid; accepted: {accepted}")
 
 
+def _check_int(policy: str, key: str, v, lo: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise _err(policy, key, v, f"an integer >= {lo}")
+    return v
+
+
+def _check_number(policy: str, key: str, v, lo: float = 0.0, hi: float = math.inf) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        rng = f"a number >= {lo:g}" if hi == math.inf else f"a number in [{lo:g}, {hi:g}]"
+        raise _err(policy, key, v, rng)
+    return float(v)
+
+
+def _check_choice(policy: str, key: str, v, enum_or_choices):
+    choices = list(enum_or_choices)
+    if v not in choices:
+        shown = [c.value if isinstance(c, Enum) else c for c in choices]
+        raise _err(policy, key, v, f"one of {shown}")
+    return enum_or_choices(v) if isinstance(enum_or_choices, type) else v
+
+
+def _plain(v: Any) -> Any:
+    """Enums -> their values, tuples -> lists, recursively (for describe())."""
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, dict):
+        return {_plain(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
 class CachePolicy:
-    """Base class. Subclasses set ``name`` and implement :meth:`plan`."""
+    """Base of every policy. Registered policies are frozen dataclasses; the class attributes
+    here are the defaults of the settings a policy may not have (no scorer: no token subsets;
+    no stored dtype: features stored in the model's dtype)."""
 
-    name = "base"
-    scorer: Optional[str] = None
+    name: ClassVar[str] = "base"
+    scorer: Optional[Scorer] = None
     stored_dtype: Optional[str] = None
-    cfg_shared_selection = False
-    staleness_bonus = 0.0
-    seed = 0
-    min_steps = 1
+    cfg_shared_selection: bool = False
+    staleness_bonus: float = 0.0
+    seed: int = 0
+    warmup_steps: int = 0
 
-    def plan(self, step: int, num_steps: Optional[int], timestep: float) -> StepPlan:
+    def plan(self, step: int, num_steps: Optional[int], timesteps: Sequence[float]) -> StepPlan:
+        """The plan of step ``step`` (0-based) of a run of ``num_steps`` (None when unknown);
+        ``timesteps`` are the run's timesteps up to and including this step's."""
         raise NotImplementedError
 
-    def reuses(self, kind: str) -> bool:
-        """Whether any plan of this policy can reuse/partially recompute ``kind``."""
+    def reuses(self, kind: Kind) -> bool:
+        """Whether any plan of this policy can reuse or partially recompute ``kind``."""
         return False
 
+    def skips_trunk_at(self, step: int, num_steps: Optional[int],
+                       timesteps: Sequence[float] = ()) -> bool:
+        """Whether step ``step`` skips the trunk. The manager asks it one step ahead (to know
+        whether to store the trunk output), when that step's timestep is not known yet:
+        ``timesteps`` then repeats the current one. Fixed plans know it from the index alone."""
+        return self.skips_trunk() and self.plan(step, num_steps, timesteps).skip_trunk
+
     def skips_trunk(self) -> bool:
+        """Whether any step of any run skips the trunk."""
         return False
+
+    def ratio_factor(self, step: int, num_steps: Optional[int], layer: int, depth: int) -> float:
+        """Per-block multiplier of a PARTIAL module's ratio (1 unless a schedule says so)."""
+        return 1.0
+
+    @property
+    def min_steps(self) -> int:
+        return max(1, self.warmup_steps)
 
     def validate_run(self, num_steps: int) -> None:
         if num_steps < self.min_steps:
@@ -48,99 +126,57 @@ class CachePolicy:
                              f"sampling steps; the run has num_steps={num_steps}")
 
     def describe(self) -> dict:
-        return {"type": self.name}
+        """``{"type": name, **settings}`` with plain values (JSON-ready)."""
+        fields = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+        return {"type": self.name, **_plain(fields)}
+
+
+def accepted_keys(cls) -> list:
+    """The keyword arguments a registered policy class accepts (its dataclass fields)."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"cache policy class {cls.__name__} is not a dataclass; registered "
+                        f"policies must be frozen dataclasses")
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _check_stored_dtype(policy: str, v):
+    return _check_choice(policy, "stored_dtype", v, STORED_DTYPES)
 
 
 @CACHES.register_module("none")
+@dataclass(frozen=True)
 class NoCache(CachePolicy):
     """Every step full; the patched model is bitwise identical to the unpatched one."""
 
-    name = "none"
+    name: ClassVar[str] = "none"
 
-    def plan(self, step, num_steps, timestep):
+    def plan(self, step, num_steps, timesteps):
         return FULL_STEP
 
 
-def _check_ratio(policy, key, v):
-    if not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
-        raise _err(policy, key, v, "a number in [0, 1]")
-    return float(v)
-
-
-def _check_int(policy, key, v, lo):
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise _err(policy, key, v, f"an integer >= {lo}")
-    return v
-
-
-def _common(policy: str, scorer, stored_dtype, staleness_bonus, cfg_shared_selection, seed):
-    if scorer not in SCORERS:
-        raise _err(policy, "scorer", scorer, f"one of {list(SCORERS)}")
-    if stored_dtype not in STORED_DTYPES:
-        raise _err(policy, "stored_dtype", stored_dtype, f"one of {list(STORED_DTYPES)}")
-    if not isinstance(staleness_bonus, (int, float)) or staleness_bonus < 0:
-        raise _err(policy, "staleness_bonus", staleness_bonus, "a number >= 0")
-    if not isinstance(cfg_shared_selection, bool):
-        raise _err(policy, "cfg_shared_selection", cfg_shared_selection, "True or False")
-    _check_int(policy, "seed", seed, 0)
-
-
-RATIO_SCHEDULES = ("constant", "linear", "exp", "layerwise")
-
-
-class RatioSchedule:
-    """Fresh-ratio schedule. ``constant``; ``linear``: factor goes from ``start`` (step 0) to
-    ``end`` (last step); ``exp``: factor ``decay ** step``; ``layerwise``: factor goes from
-    ``first`` (block 0) to ``last`` (last block). The result is clipped to [0, 1]."""
-
-    def __init__(self, policy: str, cfg: Optional[dict]):
-        cfg = dict(cfg or {"type": "constant"})
-        self.type = cfg.pop("type", "constant")
-        if self.type not in RATIO_SCHEDULES:
-            raise _err(policy, "ratio_schedule.type", self.type, f"one of {list(RATIO_SCHEDULES)}")
-        allowed = {"constant": {}, "linear": {"start": 1.0, "end": 1.0},
-                   "exp": {"decay": 1.0}, "layerwise": {"first": 1.0, "last": 1.0}}[self.type]
-        for k in cfg:
-            if k not in allowed:
-                raise _err(policy, f"ratio_schedule.{k}", cfg[k],
-                           f"keys {sorted(allowed)} for type {self.type!r}")
-        self.params = {**allowed, **cfg}
-        for k, v in self.params.items():
-            if not isinstance(v, (int, float)) or v < 0:
-                raise _err(policy, f"ratio_schedule.{k}", v, "a number >= 0")
-
-    @property
-    def per_layer(self) -> bool:
-        return self.type == "layerwise"
-
-    def factor(self, step: int, num_steps: Optional[int], layer: int = 0, depth: int = 1) -> float:
-        p = self.params
-        if self.type == "linear":
-            frac = step / max((num_steps or step + 1) - 1, 1)
-            return p["start"] + (p["end"] - p["start"]) * frac
-        if self.type == "exp":
-            return p["decay"] ** step
-        if self.type == "layerwise":
-            return p["first"] + (p["last"] - p["first"]) * (layer / max(depth - 1, 1))
-        return 1.0
+_DUCA_CYCLES = {Kind.SPATIAL_ATTN: 3, Kind.TEMPORAL_ATTN: 3, Kind.CROSS_ATTN: 6, Kind.MLP: 3}
+_PARTIAL_KINDS = (Kind.MLP, Kind.CROSS_ATTN)
 
 
 @CACHES.register_module("DuCa")
+@dataclass(frozen=True)
 class DuCa(CachePolicy):
     """Dual feature caching (DuCa). Defaults reproduce the released Open-Sora preset.
 
     Args:
         warmup_steps: steps 0..warmup_steps-1 are fully computed (default 3).
         cycles: cycle length per module kind (spatial_attn 3, temporal_attn 3, cross_attn 6,
-            mlp 3). For step s >= warmup_steps the entry ``tables[kind][s % cycle]`` applies.
+            mlp 3; keys given override these). For step s >= warmup_steps the entry
+            ``tables[kind][s % cycle]`` applies.
         tables: per kind, a list of ``cycle`` entries among full / conservative / aggressive.
             Default: position 0 full, every position p with p % 3 == 2 aggressive, the others
-            conservative (this gives the released tables F C A and F C A C C A).
+            conservative (the released tables F C A and F C A C C A).
         fresh_ratio: base fraction of tokens a conservative MLP recomputes (0.1).
-        ratio_factors: per-kind multipliers of fresh_ratio (mlp 1.495).
-        ratio_schedule: dict(type=constant | linear | exp | layerwise, ...), see RatioSchedule.
+        ratio_factors: per-kind multipliers of fresh_ratio (mlp 1.495, cross_attn 1.0).
+        ratio_schedule: dict(type=constant | linear(start, end) | exp(decay) |
+            layerwise(first, last)); the factor is clipped so the ratio stays in [0, 1].
         scorer: vnorm | random | attention | similarity | norm (default vnorm).
-        staleness_bonus: lambda of score += lambda * c / 3 (0.25).
+        staleness_bonus: lambda of score += lambda * (steps since recomputed) / 3 (0.25).
         cfg_shared_selection: one token selection shared by the conditional and unconditional
             halves of the CFG batch (False: each sample selects its own, as the released code).
         stored_dtype: None (model dtype) | fp32 | fp16 | bf16.
@@ -151,223 +187,272 @@ class DuCa(CachePolicy):
     whole trunk when every kind is aggressive at that step (otherwise the module is reused).
     """
 
-    name = "DuCa"
-    default_cycles = {SPATIAL_ATTN: 3, TEMPORAL_ATTN: 3, CROSS_ATTN: 6, MLP: 3}
-    aggressive_entry = AGGRESSIVE
+    name: ClassVar[str] = "DuCa"
+    warmup_steps: int = 3
+    cycles: Mapping[Kind, int] = field(default_factory=dict)
+    tables: Mapping[Kind, Tuple[Entry, ...]] = field(default_factory=dict)
+    fresh_ratio: float = 0.1
+    ratio_factors: Mapping[Kind, float] = field(default_factory=dict)
+    ratio_schedule: Mapping[str, Any] = field(default_factory=lambda: {"type": "constant"})
+    scorer: Scorer = Scorer.VNORM
+    staleness_bonus: float = 0.25
+    cfg_shared_selection: bool = False
+    stored_dtype: Optional[str] = None
+    final_step: str = "plan"
+    seed: int = 0
 
-    def __init__(self, warmup_steps: int = 3, cycles: Optional[Dict[str, int]] = None,
-                 tables: Optional[Dict[str, Sequence[str]]] = None, fresh_ratio: float = 0.1,
-                 ratio_factors: Optional[Dict[str, float]] = None,
-                 ratio_schedule: Optional[dict] = None, scorer: str = "vnorm",
-                 staleness_bonus: float = 0.25, cfg_shared_selection: bool = False,
-                 stored_dtype: Optional[str] = None, final_step: str = "plan", seed: int = 0):
+    # ---------------------------------------------------------------- validation
+    def _default_entry(self, p: int) -> Entry:
+        if p == 0:
+            return Entry.FULL
+        return Entry.AGGRESSIVE if p % 3 == 2 else Entry.CONSERVATIVE
+
+    def _allowed_entries(self) -> tuple:
+        return tuple(Entry)
+
+    def _kind_map(self, key: str, value, check) -> Dict[Kind, Any]:
+        if not isinstance(value, Mapping):
+            raise _err(self.name, key, value, f"a dict with keys among {Kind.names()}")
+        out = {}
+        for k, v in value.items():
+            if k not in Kind.names():
+                raise _err(self.name, f"{key}.{k}", v, f"keys {Kind.names()}")
+            out[Kind(k)] = check(f"{key}.{k}", v)
+        return out
+
+    def __post_init__(self):
+        n, set_ = self.name, (lambda k, v: object.__setattr__(self, k, v))
+        _check_int(n, "warmup_steps", self.warmup_steps, 0)
+        cycles = dict(_DUCA_CYCLES)
+        cycles.update(self._kind_map("cycles", self.cycles, lambda k, v: _check_int(n, k, v, 1)))
+        set_("cycles", cycles)
+        given = self._kind_map("tables", self.tables, lambda k, v: v)
+        allowed = self._allowed_entries()
+        tables = {}
+        for k in Kind:
+            c = cycles[k]
+            table = given.get(k, [self._default_entry(p) for p in range(c)])
+            ok = (isinstance(table, (list, tuple)) and len(table) == c
+                  and all(e in [a.value for a in allowed] for e in table))
+            if not ok:
+                raise _err(n, f"tables.{k}", table, f"a list of {c} (cycles.{k}) entries among "
+                           f"{[a.value for a in allowed]}")
+            tables[k] = tuple(Entry(e) for e in table)
+        set_("tables", tables)
+        set_("fresh_ratio", _check_number(n, "fresh_ratio", self.fresh_ratio, 0.0, 1.0))
+        factors = {Kind.MLP: 1.495, Kind.CROSS_ATTN: 1.0}
+        for k, v in self._kind_map("ratio_factors", self.ratio_factors,
+                                   lambda k, v: _check_number(n, k, v)).items():
+            if k not in _PARTIAL_KINDS:
+                raise _err(n, f"ratio_factors.{k}", v, f"keys {[str(x) for x in _PARTIAL_KINDS]}")
+            factors[k] = v
+        set_("ratio_factors", factors)
+        set_("ratio_schedule", self._check_schedule(self.ratio_schedule))
+        set_("scorer", _check_choice(n, "scorer", self.scorer, Scorer))
+        set_("staleness_bonus", _check_number(n, "staleness_bonus", self.staleness_bonus))
+        if not isinstance(self.cfg_shared_selection, bool):
+            raise _err(n, "cfg_shared_selection", self.cfg_shared_selection, "True or False")
+        _check_stored_dtype(n, self.stored_dtype)
+        _check_choice(n, "final_step", self.final_step, ("plan", "full"))
+        _check_int(n, "seed", self.seed, 0)
+
+    def _check_schedule(self, cfg) -> dict:
         n = self.name
-        self.warmup_steps = _check_int(n, "warmup_steps", warmup_steps, 0)
-        self.min_steps = max(1, self.warmup_steps)
-        self.cycles = dict(self.default_cycles)
-        for k, v in (cycles or {}).items():
-            if k not in KINDS:
-                raise _err(n, f"cycles.{k}", v, f"keys {list(KINDS)}")
-            self.cycles[k] = _check_int(n, f"cycles.{k}", v, 1)
-        self.tables: Dict[str, List[str]] = {}
-        for k in KINDS:
-            c = self.cycles[k]
-            default = [FULL] + [AGGRESSIVE if p % 3 == 2 else CONSERVATIVE for p in range(1, c)]
-            default = [self._map_entry(e) for e in default]
-            table = list((tables or {}).get(k, default))
-            if len(table) != c or any(e not in TABLE_ENTRIES for e in table):
-                raise _err(n, f"tables.{k}", table,
-                           f"a list of {c} (cycles.{k}) entries among {list(TABLE_ENTRIES)}")
-            self.tables[k] = table
-        for k in (tables or {}):
-            if k not in KINDS:
-                raise _err(n, f"tables.{k}", tables[k], f"keys {list(KINDS)}")
-        self.fresh_ratio = _check_ratio(n, "fresh_ratio", fresh_ratio)
-        self.ratio_factors = {MLP: 1.495, CROSS_ATTN: 1.0}
-        for k, v in (ratio_factors or {}).items():
-            if k not in (MLP, CROSS_ATTN):
-                raise _err(n, f"ratio_factors.{k}", v, f"keys {[MLP, CROSS_ATTN]}")
-            if not isinstance(v, (int, float)) or v < 0:
-                raise _err(n, f"ratio_factors.{k}", v, "a number >= 0")
-            self.ratio_factors[k] = float(v)
-        self.ratio_schedule = RatioSchedule(n, ratio_schedule)
-        _common(n, scorer, stored_dtype, staleness_bonus, cfg_shared_selection, seed)
-        self.scorer, self.stored_dtype, self.seed = scorer, stored_dtype, seed
-        self.staleness_bonus = float(staleness_bonus)
-        self.cfg_shared_selection = cfg_shared_selection
-        if final_step not in ("plan", "full"):
-            raise _err(n, "final_step", final_step, "'plan' or 'full'")
-        self.final_step = final_step
+        if not isinstance(cfg, Mapping):
+            raise _err(n, "ratio_schedule", cfg, "a dict(type=..., ...)")
+        cfg = dict(cfg)
+        typ = _check_choice(n, "ratio_schedule.type", cfg.pop("type", "constant"),
+                            tuple(RATIO_SCHEDULES))
+        allowed = RATIO_SCHEDULES[typ]
+        for k, v in cfg.items():
+            if k not in allowed:
+                raise _err(n, f"ratio_schedule.{k}", v, f"keys {sorted(allowed)} for type {typ!r}")
+            _check_number(n, f"ratio_schedule.{k}", v)
+        return {"type": typ, **{k: float(v) for k, v in {**allowed, **cfg}.items()}}
 
-    @staticmethod
-    def _map_entry(entry: str) -> str:
-        return entry
+    # ---------------------------------------------------------------- plans
+    def _entries(self, step: int) -> Dict[Kind, Entry]:
+        return {k: self.tables[k][step % self.cycles[k]] for k in Kind}
 
-    def _conservative(self, kind: str) -> str:
-        return PARTIAL if kind == MLP else REUSE
+    def _computes_all(self, step: int, num_steps: Optional[int]) -> bool:
+        return step < self.warmup_steps or (self.final_step == "full" and num_steps is not None
+                                            and step == num_steps - 1)
 
-    def plan(self, step, num_steps, timestep):
-        if step < self.warmup_steps:
+    def _conservative(self, kind: Kind) -> Action:
+        return Action.PARTIAL if kind == Kind.MLP else Action.REUSE
+
+    def _schedule_factor(self, step: int, num_steps: Optional[int]) -> float:
+        s = self.ratio_schedule
+        if s["type"] == "linear":
+            frac = step / max((num_steps or step + 1) - 1, 1)
+            return s["start"] + (s["end"] - s["start"]) * frac
+        if s["type"] == "exp":
+            return s["decay"] ** step
+        return 1.0
+
+    def ratio_factor(self, step, num_steps, layer, depth):
+        s = self.ratio_schedule
+        if s["type"] != "layerwise":
+            return 1.0
+        return s["first"] + (s["last"] - s["first"]) * (layer / max(depth - 1, 1))
+
+    def skips_trunk_at(self, step, num_steps, timesteps=()):
+        return (not self._computes_all(step, num_steps)
+                and all(e == Entry.AGGRESSIVE for e in self._entries(step).values()))
+
+    def plan(self, step, num_steps, timesteps):
+        if self._computes_all(step, num_steps):
             return FULL_STEP
-        if self.final_step == "full" and num_steps is not None and step == num_steps - 1:
-            return FULL_STEP
-        entries = {k: self.tables[k][step % self.cycles[k]] for k in KINDS}
-        if all(e == AGGRESSIVE for e in entries.values()):
+        if self.skips_trunk_at(step, num_steps):
             return TRUNK_SKIP
         actions, ratios = {}, {}
-        for k, e in entries.items():
-            if e == FULL:
-                actions[k] = FULL
-            elif e == CONSERVATIVE:
+        for k, e in self._entries(step).items():
+            if e == Entry.FULL:
+                actions[k] = Action.FULL
+            elif e == Entry.CONSERVATIVE:
                 actions[k] = self._conservative(k)
-                if actions[k] == PARTIAL:
+                if actions[k] == Action.PARTIAL:
                     ratios[k] = min(1.0, self.fresh_ratio * self.ratio_factors[k]
-                                    * self.ratio_schedule.factor(step, num_steps))
+                                    * self._schedule_factor(step, num_steps))
             else:  # aggressive entry on a step that still computes the trunk: reuse the module
-                actions[k] = REUSE
-        if all(a == FULL for a in actions.values()):
-            label = "full"
-        elif all(actions[k] == FULL for k in (SPATIAL_ATTN, TEMPORAL_ATTN, MLP)):
-            label = "full (cross-attn reused)"
+                actions[k] = Action.REUSE
+        if all(a == Action.FULL for a in actions.values()):
+            label = StepKind.FULL
+        elif all(actions[k] == Action.FULL for k in (Kind.SPATIAL_ATTN, Kind.TEMPORAL_ATTN,
+                                                     Kind.MLP)):
+            label = StepKind.CROSS_REUSED
         else:
-            label = "conservative"
+            label = StepKind.CONSERVATIVE
         return StepPlan(actions=actions, ratios=ratios, label=label)
 
     def reuses(self, kind):
-        return any(e != FULL for e in self.tables[kind])
+        return any(e != Entry.FULL for e in self.tables[kind])
 
     def skips_trunk(self):
-        return any(all(self.tables[k][s % self.cycles[k]] == AGGRESSIVE for k in KINDS)
-                   for s in range(max(self.cycles.values()) * 6))
-
-    def describe(self):
-        return {"type": self.name, "warmup_steps": self.warmup_steps, "cycles": self.cycles,
-                "fresh_ratio": self.fresh_ratio, "ratio_factors": self.ratio_factors,
-                "ratio_schedule": {"type": self.ratio_schedule.type, **self.ratio_schedule.params},
-                "scorer": self.scorer, "staleness_bonus": self.staleness_bonus,
-                "cfg_shared_selection": self.cfg_shared_selection,
-                "stored_dtype": self.stored_dtype, "final_step": self.final_step}
+        # the entries repeat with the lcm of the cycles, and every residue occurs after warmup
+        period = math.lcm(*self.cycles.values())
+        return any(all(self.tables[k][s % self.cycles[k]] == Entry.AGGRESSIVE for k in Kind)
+                   for s in range(period))
 
 
 @CACHES.register_module("ToCa")
+@dataclass(frozen=True)
 class ToCa(DuCa):
     """Token-wise caching (ToCa) in the same harness: the DuCa preset with a conservative step
     wherever DuCa has an aggressive one (all other fields as DuCa). ToCa's own attention-map
     scorer is ``scorer="attention"`` (needs the ``math`` attention backend)."""
 
-    name = "ToCa"
+    name: ClassVar[str] = "ToCa"
 
-    def __init__(self, tables=None, **kwargs):
-        if tables is not None:
-            for k, t in tables.items():
-                if AGGRESSIVE in list(t):
-                    raise _err("ToCa", f"tables.{k}", t, f"entries among {[FULL, CONSERVATIVE]}"
-                               " (ToCa has no aggressive steps; use DuCa)")
-        super().__init__(tables=tables, **kwargs)
+    def _default_entry(self, p):
+        return Entry.FULL if p == 0 else Entry.CONSERVATIVE
 
-    @staticmethod
-    def _map_entry(entry):
-        return CONSERVATIVE if entry == AGGRESSIVE else entry
+    def _allowed_entries(self):
+        return (Entry.FULL, Entry.CONSERVATIVE)  # no aggressive steps: that is DuCa
 
 
+@dataclass(frozen=True)
 class _IntervalPolicy(CachePolicy):
     """Full every ``interval`` steps after ``warmup_steps`` full steps; cached in between."""
 
-    default_interval = 2
+    interval: int = 2
+    warmup_steps: int = 0
+    stored_dtype: Optional[str] = None
 
-    def __init__(self, interval: Optional[int] = None, warmup_steps: int = 0, stored_dtype=None):
-        interval = self.default_interval if interval is None else interval
-        self.interval = _check_int(self.name, "interval", interval, 1)
-        self.warmup_steps = _check_int(self.name, "warmup_steps", warmup_steps, 0)
-        self.min_steps = max(1, self.warmup_steps)
-        if stored_dtype not in STORED_DTYPES:
-            raise _err(self.name, "stored_dtype", stored_dtype, f"one of {list(STORED_DTYPES)}")
-        self.stored_dtype = stored_dtype
+    def __post_init__(self):
+        _check_int(self.name, "interval", self.interval, 1)
+        _check_int(self.name, "warmup_steps", self.warmup_steps, 0)
+        _check_stored_dtype(self.name, self.stored_dtype)
 
     def computes(self, step: int) -> bool:
         return step < self.warmup_steps or (step - self.warmup_steps) % self.interval == 0
 
-    def describe(self):
-        return {"type": self.name, "interval": self.interval, "warmup_steps": self.warmup_steps,
-                "stored_dtype": self.stored_dtype}
-
 
 @CACHES.register_module("FORA")
+@dataclass(frozen=True)
 class FORA(_IntervalPolicy):
     """FORA: every block's self-attention, cross-attention and MLP outputs are computed every
     ``interval`` steps (default 3, after ``warmup_steps`` full steps) and reused in between."""
 
-    name = "FORA"
-    default_interval = 3
+    name: ClassVar[str] = "FORA"
+    interval: int = 3
 
-    def plan(self, step, num_steps, timestep):
+    def plan(self, step, num_steps, timesteps):
         if self.computes(step):
             return FULL_STEP
-        return StepPlan(actions={k: REUSE for k in KINDS}, label="reuse")
+        return StepPlan(actions={k: Action.REUSE for k in Kind}, label=StepKind.REUSE)
 
     def reuses(self, kind):
         return self.interval > 1
 
 
-@CACHES.register_module("PAB")
-class PAB(CachePolicy):
-    """Pyramid attention broadcast: inside the timestep window (lo, hi), spatial self-attention,
-    temporal self-attention and cross-attention are computed once every ``spatial_range``,
-    ``temporal_range`` and ``cross_range`` steps (counted from the first step in the window)
-    and broadcast (reused) in between; MLPs always run. Open-Sora defaults 2 / 4 / 6 in
-    (450, 930)."""
-
-    name = "PAB"
-
-    def __init__(self, spatial_range: int = 2, temporal_range: int = 4, cross_range: int = 6,
-                 timestep_window: Sequence[float] = (450, 930), stored_dtype=None):
-        n = self.name
-        self.ranges = {SPATIAL_ATTN: _check_int(n, "spatial_range", spatial_range, 1),
-                       TEMPORAL_ATTN: _check_int(n, "temporal_range", temporal_range, 1),
-                       CROSS_ATTN: _check_int(n, "cross_range", cross_range, 1)}
-        w = list(timestep_window)
-        if len(w) != 2 or not all(isinstance(v, (int, float)) for v in w) or not w[0] < w[1]:
-            raise _err(n, "timestep_window", timestep_window, "(lo, hi) with lo < hi")
-        self.window = (float(w[0]), float(w[1]))
-        if stored_dtype not in STORED_DTYPES:
-            raise _err(n, "stored_dtype", stored_dtype, f"one of {list(STORED_DTYPES)}")
-        self.stored_dtype = stored_dtype
-        self._first_in_window: Optional[int] = None
-
-    def reset(self):
-        self._first_in_window = None
-
-    def plan(self, step, num_steps, timestep):
-        lo, hi = self.window
-        if not lo < timestep < hi:
-            return FULL_STEP
-        if self._first_in_window is None or step < self._first_in_window:
-            self._first_in_window = step
-        j = step - self._first_in_window
-        actions = {k: (FULL if j % r == 0 else REUSE) for k, r in self.ranges.items()}
-        actions[MLP] = FULL
-        label = "full" if all(a == FULL for a in actions.values()) else "broadcast"
-        return StepPlan(actions=actions, label=label)
-
-    def reuses(self, kind):
-        return kind != MLP and self.ranges[kind] > 1
-
-    def describe(self):
-        return {"type": self.name, "spatial_range": self.ranges[SPATIAL_ATTN],
-                "temporal_range": self.ranges[TEMPORAL_ATTN],
-                "cross_range": self.ranges[CROSS_ATTN], "timestep_window": list(self.window),
-                "stored_dtype": self.stored_dtype}
-
-
 @CACHES.register_module("TrunkReuse")
+@dataclass(frozen=True)
 class TrunkReuse(_IntervalPolicy):
     """Aggressive-only caching: the trunk is computed every ``interval`` steps (default 2, after
     ``warmup_steps`` full steps) and its stored output replaces it in between."""
 
-    name = "TrunkReuse"
+    name: ClassVar[str] = "TrunkReuse"
 
-    def plan(self, step, num_steps, timestep):
-        return FULL_STEP if self.computes(step) else TRUNK_SKIP
+    def plan(self, step, num_steps, timesteps):
+        return TRUNK_SKIP if self.skips_trunk_at(step, num_steps) else FULL_STEP
+
+    def skips_trunk_at(self, step, num_steps, timesteps=()):
+        return not self.computes(step)
 
     def skips_trunk(self):
         return self.interval > 1
+
+
+@CACHES.register_module("PAB")
+@dataclass(frozen=True)
+class PAB(CachePolicy):
+    """Pyramid attention broadcast: inside the timestep window (lo, hi), spatial self-attention,
+    temporal self-attention and cross-attention are computed once every ``spatial_range``,
+    ``temporal_range`` and ``cross_range`` steps (counted from the run's first step in the
+    window) and broadcast (reused) in between; MLPs always run. Open-Sora defaults 2 / 4 / 6 in
+    (450, 930)."""
+
+    name: ClassVar[str] = "PAB"
+    spatial_range: int = 2
+    temporal_range: int = 4
+    cross_range: int = 6
+    timestep_window: Tuple[float, float] = (450.0, 930.0)
+    stored_dtype: Optional[str] = None
+
+    def __post_init__(self):
+        n = self.name
+        for key in ("spatial_range", "temporal_range", "cross_range"):
+            _check_int(n, key, getattr(self, key), 1)
+        w = self.timestep_window
+        ok = (isinstance(w, (list, tuple)) and len(w) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in w)
+              and w[0] < w[1])
+        if not ok:
+            raise _err(n, "timestep_window", w, "(lo, hi) with lo < hi")
+        object.__setattr__(self, "timestep_window", (float(w[0]), float(w[1])))
+        _check_stored_dtype(n, self.stored_dtype)
+
+    @property
+    def ranges(self) -> Dict[Kind, int]:
+        return {Kind.SPATIAL_ATTN: self.spatial_range, Kind.TEMPORAL_ATTN: self.temporal_range,
+                Kind.CROSS_ATTN: self.cross_range}
+
+    def _in_window(self, t: float) -> bool:
+        lo, hi = self.timestep_window
+        return lo < t < hi
+
+    def plan(self, step, num_steps, timesteps):
+        if not self._in_window(timesteps[step]):
+            return FULL_STEP
+        first = next(i for i, t in enumerate(timesteps[:step + 1]) if self._in_window(t))
+        j = step - first
+        actions = {k: (Action.FULL if j % r == 0 else Action.REUSE)
+                   for k, r in self.ranges.items()}
+        actions[Kind.MLP] = Action.FULL
+        label = (StepKind.FULL if all(a == Action.FULL for a in actions.values())
+                 else StepKind.BROADCAST)
+        return StepPlan(actions=actions, label=label)
+
+    def reuses(self, kind):
+        return kind != Kind.MLP and self.ranges[kind] > 1

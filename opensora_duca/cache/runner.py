@@ -1,29 +1,50 @@
-"""The cache-aware block forward. It calls the block's own submodules (``norm1``, ``attn``,
-``cross_attn``, ``norm2``, ``mlp``, ``drop_path``, ``scale_shift_table``) and only decides,
-per module, whether to compute, reuse, or recompute a token subset; attention backends,
-sequence-parallel attention classes and checkpoint weights stay untouched.
+"""The cache-aware block forward.
 
-A conservative step (self- and cross-attention reused, MLP on a token subset) is token-sparse:
-the selected tokens are gathered first, only their trajectory is computed, and every token
-then takes x + g1 * A + CA + g2 * M in two fused passes.
+The block's own ``forward`` is the single definition of the block math. The cache installs two
+kinds of instance-level ``forward`` on a block (never on its class):
+
+* on the block, a :class:`BlockRunner`: outside a tracked model call it is the original
+  forward; inside one it skips the block on an aggressive step, takes the token-sparse path on a
+  conservative step, and otherwise runs the block's own forward with its taps armed;
+* on the block's ``attn``, ``cross_attn`` and ``mlp``, a :class:`ModuleTap`: when armed it
+  computes the module and stores its output (FULL), returns the stored output (REUSE), or
+  recomputes the module on a token subset and writes it into the stored output (PARTIAL).
+
+So attention backends, sequence-parallel attention classes, checkpoint weights and the block's
+op order stay untouched; a reused module issues no collective because it is not called.
+
+The only block math written here is the token-sparse conservative step (self- and
+cross-attention reused, MLP reused or on a token subset), for the Open-Sora 1.2 block layout
+(``TOKEN_SPARSE_BLOCKS``; other blocks take it through their own forward): the selected tokens are gathered first (LayerNorm
+and modulation are per token), only their trajectory is computed, and every token then takes
+x + g1 * A + CA + g2 * M in two fused passes. It needs the block's modulation, which
+``models.stdit3.block_modulation`` defines for the Open-Sora 1.2 block layout.
 """
 from __future__ import annotations
 
+import inspect
 import time
-from typing import TYPE_CHECKING
+import weakref
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from ..models.layers import modulate
-from ..models.stdit3 import block_modulation, run_self_attn
+from ..models.stdit3 import block_modulation
 from . import selection as sel
-from .plan import CROSS_ATTN, FULL, MLP, PARTIAL, REUSE, SPATIAL_ATTN, TEMPORAL_ATTN
+from .plan import Action, Kind, StepPlan
+from .policies import Scorer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .manager import BlockSlot, CacheManager
 
+_TAPPED = {"attn": "attn", "cross_attn": "cross", "mlp": "mlp"}  # submodule -> stored feature
+# block classes (ours and upstream Open-Sora 1.2's, by name) whose forward is the math that
+# BlockRunner._conservative reproduces; any other block runs conservative steps through its own
+# forward with the taps armed (same result, without the token-sparse saving)
+TOKEN_SPARSE_BLOCKS = ("STDiT3Block",)
 
-def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x [B, N, C] at idx [B, k] -> [B, k, C]."""
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
@@ -32,205 +53,257 @@ def _gather_mod(m: torch.Tensor, idx: torch.Tensor, s_local: int) -> torch.Tenso
     """Modulation [B, T|1, 1, C] at the frames of tokens idx [B, k] -> [B, k|1, C]."""
     if m.shape[1] == 1:
         return m[:, 0]
-    return _gather(m[:, :, 0], idx // s_local)
+    return gather_tokens(m[:, :, 0], idx // s_local)
+
+
+def _scatter(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """dst (any [B, ..., C] layout in token order) at idx [B, k] <- src [B, k, C], in place."""
+    b, c = dst.shape[0], dst.shape[-1]
+    dst.view(b, -1, c).scatter_(1, idx[..., None].expand(-1, -1, c), src.to(dst.dtype))
 
 
 class BlockRunner:
+    """Instance-level ``forward`` of one block. Holds its manager weakly (the model owns the
+    manager; a strong back-pointer would make a reference cycle through the block)."""
+
     def __init__(self, manager: "CacheManager", slot: "BlockSlot"):
-        self.m = manager
+        self._manager = weakref.ref(manager)
         self.slot = slot
+        self.block = slot.block
+        self.kind = Kind.TEMPORAL_ATTN if getattr(slot.block, "temporal", False) \
+            else Kind.SPATIAL_ATTN
+        self._signature = inspect.signature(slot.original)
+        self.token_sparse = type(slot.block).__name__ in TOKEN_SPARSE_BLOCKS
+        self.plan: Optional[StepPlan] = None  # armed while the block's own forward runs
+        self.x_in: Optional[torch.Tensor] = None
 
-    # ------------------------------------------------------------ scoring
-    def _select(self, kind: str, ratio: float, x_in: torch.Tensor, step: int) -> torch.Tensor:
-        m, st, pol = self.m, self.slot.state, self.m.policy
+    @property
+    def m(self) -> "CacheManager":
+        m = self._manager()
+        if m is None:  # pragma: no cover - the manager is detached before it dies
+            raise RuntimeError("the cache manager of this block no longer exists")
+        return m
+
+    def action(self, attr: str) -> Action:
+        kind = {"attn": self.kind, "cross_attn": Kind.CROSS_ATTN, "mlp": Kind.MLP}[attr]
+        return self.plan.actions[kind]
+
+    # ------------------------------------------------------------ forward
+    def __call__(self, *args, **kwargs):
+        m = self.m
+        plan = m.plan
+        if plan is None:  # not inside a tracked model call: behave as the original block
+            return self.slot.original(*args, **kwargs)
+        x = args[0] if args else kwargs["x"]
+        if plan.skip_trunk:
+            m.count_module("trunk", Action.REUSE)
+            return m.trunk_output(x) if self.slot.is_last else x
+        if plan.is_full() and not m.storing_anything():
+            out = self.slot.original(*args, **kwargs)
+        elif (self.token_sparse and plan.actions[self.kind] == Action.REUSE
+              and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
+              and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
+            bound = self._signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            out = self._conservative(plan, **bound.arguments)
+        else:
+            self.plan, self.x_in = plan, x
+            try:
+                out = self.slot.original(*args, **kwargs)
+            finally:
+                self.plan, self.x_in = None, None
+        m.after_block(self.slot, out)
+        return out
+
+    # ------------------------------------------------------------ the taps' work
+    def run_module(self, attr: str, original, args, kwargs):
+        """What a tapped submodule returns inside an armed block forward."""
+        m, st = self.m, self.slot.state
+        act = self.action(attr)
+        kind = {"attn": self.kind, "cross_attn": Kind.CROSS_ATTN, "mlp": Kind.MLP}[attr]
+        name = _TAPPED[attr]
+        inp = args[0] if args else next(iter(kwargs.values()))
+        m.count_module(kind, act)
+        if act == Action.FULL:
+            out = self._self_attn(original, args, kwargs) if attr == "attn" else \
+                original(*args, **kwargs)
+            self._store(name, out, kind)
+            if attr != "attn":
+                self._mark_full(kind)
+            if attr == "mlp" and m.policy.scorer == Scorer.SIMILARITY and m.uses_selection(kind):
+                st.put("x_ref", self.x_in)
+            return out
+        stored = self._stored(name, kind, inp.shape, inp.dtype)
+        if act == Action.REUSE:
+            return stored
+        if attr == "attn":
+            raise ValueError(f"self-attention cannot be recomputed on a token subset (plan for "
+                             f"{kind} at step {m.step} is {act})")
+        b, c = inp.shape[0], inp.shape[-1]
+        idx = self._select(kind, self._ratio(kind))
+        sub = gather_tokens(inp.reshape(b, -1, c), idx)
+        new = original(sub, *args[1:], **kwargs)
         t0 = time.perf_counter()
-        grid = m.grid_for(x_in.shape[1])
-        b = x_in.shape[0]
-        scorer = pol.scorer
-        if scorer in ("vnorm", "attention"):
-            if st.score is None:
-                raise RuntimeError(f"{scorer} scores of block {self.slot.name} are missing: a "
-                                   f"token-subset step needs a fully computed self-attention "
-                                   f"before it in the same run")
-            base = st.score
-        elif scorer == "random":
-            base = sel.random_scores(b, grid, pol.seed, step, self.slot.index, x_in.device)
-        elif scorer == "similarity":
-            if st.x_ref is None:
-                raise RuntimeError(f"similarity scores of block {self.slot.name} need a fully "
-                                   f"computed MLP step before the token-subset step")
-            base = 1 - torch.nn.functional.cosine_similarity(x_in.float(), st.x_ref.float(), dim=-1)
-        else:  # norm: feature norm of the block input
-            base = x_in.float().norm(dim=-1)
-        score = sel.normalise_rows(base, grid)
-        last = st.last_step.get(kind)
-        if pol.staleness_bonus and last is not None:
-            score = score + pol.staleness_bonus * (step - last).float() / 3.0
-        idx = sel.select_tokens(score, ratio, grid, pol.cfg_shared_selection)
-        if last is not None:
-            last.scatter_(1, idx, step)
-        m.count_partial(idx.shape[1])
+        _scatter(getattr(st, name), idx, new)
         m.bookkeeping_s += time.perf_counter() - t0
-        return idx
+        return self._stored(name, kind, inp.shape, inp.dtype)
 
-    def _ratio(self, plan, kind: str) -> float:
-        r = plan.ratios[kind]
-        sched = getattr(self.m.policy, "ratio_schedule", None)
-        if sched is not None and sched.per_layer:
-            r = min(1.0, r * sched.factor(self.m.step, self.m.num_steps, self.slot.layer,
-                                          self.m.depth))
-        return r
+    def _self_attn(self, original, args, kwargs):
+        """Full self-attention; captures this block's token scores when a selection needs them."""
+        m, st, block = self.m, self.slot.state, self.block
+        scorer = m.policy.scorer if m.needs_scores() else None
+        if scorer == Scorer.ATTENTION:
+            block.attn.keep_attn_map = True
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                block.attn.keep_attn_map = False
+            amap, block.attn.last_attn_map = block.attn.last_attn_map, None
+            st.put("score", sel.attention_received(amap, self.x_in.shape[0], self.temporal,
+                                                   m.frames))
+            return out
+        if scorer == Scorer.VNORM:
+            m.capturing = self.slot
+            try:
+                return original(*args, **kwargs)
+            finally:
+                m.capturing = None
+        return original(*args, **kwargs)
 
-    def _store(self, name: str, value: torch.Tensor, kind: str) -> None:
+    @property
+    def temporal(self) -> bool:
+        return self.kind == Kind.TEMPORAL_ATTN
+
+    # ------------------------------------------------------------ stored features
+    def _store(self, name: str, value: torch.Tensor, kind: Kind) -> None:
         if self.m.stores(kind):  # contiguous: later steps gather from it and scatter into it
             dt = self.m.stored_dtype
             value = value if dt is None or value.dtype == dt else value.to(dt)
             self.slot.state.put(name, value.contiguous())
 
-    def _mark_full(self, kind: str, x_in: torch.Tensor) -> None:
-        if self.m.stores(kind) and self.m.uses_selection(kind):
-            st = self.slot.state
-            last = st.last_step.get(kind)
-            if last is None or last.shape != x_in.shape[:2]:
-                st.last_step[kind] = torch.full(x_in.shape[:2], self.m.step, dtype=torch.long,
-                                                device=x_in.device)
-            else:
-                last.fill_(self.m.step)
-
-    def _stored(self, name: str, kind: str, like: torch.Tensor) -> torch.Tensor:
-        v = getattr(self.slot.state, name)
-        if v is None or v.shape != like.shape:
-            raise RuntimeError(f"block {self.slot.name}: the plan reuses {kind} at step "
-                               f"{self.m.step} but nothing matching {tuple(like.shape)} was "
-                               f"stored (policy {self.m.policy.name!r})")
-        return v if v.dtype == like.dtype else v.to(like.dtype)
-
-    def _self_attn(self, block, h: torch.Tensor) -> torch.Tensor:
-        """Full self-attention; captures this block's token scores when a selection needs them."""
-        m, st = self.m, self.slot.state
-        want = m.needs_scores()
-        scorer = m.policy.scorer
-        if want and scorer == "attention":
-            block.attn.keep_attn_map = True
-            try:
-                out = run_self_attn(block, h)
-            finally:
-                block.attn.keep_attn_map = False
-            amap, block.attn.last_attn_map = block.attn.last_attn_map, None
-            b, t = h.shape[:2]
-            st.put("score", sel.attention_received(amap, b, block.temporal, t))
-            return out
-        if want and scorer == "vnorm":
-            self.slot.capture = True
-            try:
-                return run_self_attn(block, h)
-            finally:
-                self.slot.capture = False
-        return run_self_attn(block, h)
-
-    # ------------------------------------------------------------ forward
-    def __call__(self, x, y, t, mask=None, x_mask=None, t0=None, T=None, S=None):
+    def _mark_full(self, kind: Kind) -> None:
         m = self.m
-        plan = m.plan
-        block = self.slot.block
-        if plan is None:  # not inside a tracked model call: behave as the original block
-            return self.slot.original(x, y, t, mask, x_mask, t0, T, S)
-        if plan.skip_trunk:
-            m.count_module("trunk", REUSE)
-            return m.trunk_output(x) if self.slot.is_last else x
-        if plan.is_full() and not m.storing_anything():
-            out = self.slot.original(x, y, t, mask, x_mask, t0, T, S)
-            m.after_block(self.slot, out)
-            return out
+        if m.stores(kind) and m.uses_selection(kind):
+            st, shape = self.slot.state, self.x_in.shape[:2]
+            last = st.last_step.get(kind)
+            if last is None or last.shape != shape:
+                st.last_step[kind] = torch.full(shape, m.step, dtype=torch.long,
+                                                device=self.x_in.device)
+            else:
+                last.fill_(m.step)
 
-        attn_kind = TEMPORAL_ATTN if block.temporal else SPATIAL_ATTN
-        a_act, c_act, m_act = plan.actions[attn_kind], plan.actions[CROSS_ATTN], plan.actions[MLP]
+    def _stored(self, name: str, kind: Kind, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The stored feature ``name`` (it must have ``shape``) in ``dtype``."""
+        v = getattr(self.slot.state, name)
+        if v is None or tuple(v.shape) != tuple(shape):
+            raise RuntimeError(f"block {self.slot.name}: the plan reuses {kind} at step "
+                               f"{self.m.step} but nothing of shape {tuple(shape)} was stored "
+                               f"(policy {self.m.policy.name!r})")
+        return v if v.dtype == dtype else v.to(dtype)
+
+    # ------------------------------------------------------------ token selection
+    def _ratio(self, kind: Kind) -> float:
+        m = self.m
+        r = m.plan.ratios[kind]
+        return min(1.0, r * m.policy.ratio_factor(m.step, m.num_steps, self.slot.layer, m.depth))
+
+    def _select(self, kind: Kind, ratio: float) -> torch.Tensor:
+        m, st, pol, x_in = self.m, self.slot.state, self.m.policy, self.x_in
+        t0 = time.perf_counter()
+        grid = m.grid_for(x_in.shape[1])
+        scorer = pol.scorer
+        if scorer in (Scorer.VNORM, Scorer.ATTENTION):
+            if st.score is None:
+                raise RuntimeError(f"{scorer} scores of block {self.slot.name} are missing: a "
+                                   f"token-subset step needs a fully computed self-attention "
+                                   f"before it in the same run")
+            base = st.score
+        elif scorer == Scorer.RANDOM:
+            base = sel.random_scores(x_in.shape[0], grid, pol.seed, m.step, self.slot.index,
+                                     x_in.device)
+        elif scorer == Scorer.SIMILARITY:
+            if st.x_ref is None:
+                raise RuntimeError(f"similarity scores of block {self.slot.name} need a fully "
+                                   f"computed MLP step before the token-subset step")
+            base = 1 - torch.nn.functional.cosine_similarity(x_in.float(), st.x_ref.float(),
+                                                             dim=-1)
+        else:  # norm: feature norm of the block input
+            base = x_in.float().norm(dim=-1)
+        score = sel.normalise_rows(base, grid)
+        last = st.last_step.get(kind)
+        if pol.staleness_bonus and last is not None:
+            score = score + pol.staleness_bonus * (m.step - last).float() / 3.0
+        idx = sel.select_tokens(score, ratio, grid, pol.cfg_shared_selection)
+        if last is not None:
+            last.scatter_(1, idx, m.step)
+        m.count_partial(idx.shape[1])
+        m.bookkeeping_s += time.perf_counter() - t0
+        return idx
+
+    # ------------------------------------------------------------ token-sparse step
+    def _conservative(self, plan: StepPlan, x, y, t, mask=None, x_mask=None, t0=None, T=None,
+                      S=None, **_unused):
+        """Self- and cross-attention reused, MLP reused or recomputed on the selected tokens."""
+        m, st, block = self.m, self.slot.state, self.block
         b, n, c = x.shape
-        sh1, sc1, g1, sh2, sc2, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
+        _, _, g1, sh2, sc2, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
+        attn_shape = (b * S, T, c) if self.temporal else (b * T, S, c)
+        A = self._attn_tokens(self._stored("attn", self.kind, attn_shape, x.dtype), b, T, S)
+        CA = self._stored("cross", Kind.CROSS_ATTN, x.shape, x.dtype).view(b, T, S, c)
         xv = x.view(b, T, S, c)
-        st = self.slot.state
-
-        if a_act == REUSE and c_act == REUSE and m_act in (REUSE, PARTIAL):
-            out = self._conservative(block, x, xv, (g1, sh2, sc2, g2), m_act, plan, T, S)
-            m.after_block(self.slot, out)
-            return out
-
-        # ---- general path, op order identical to the block's own forward
-        if a_act == FULL:
-            h = self._self_attn(block, modulate(block.norm1(xv), sh1, sc1))
-            self._store("attn", h, attn_kind)
-        elif a_act == REUSE:
-            h = self._stored("attn", attn_kind, xv)
-        else:
-            raise ValueError(f"self-attention cannot be recomputed on a token subset "
-                             f"(plan for {attn_kind} at step {m.step} is {a_act!r})")
-        m.count_module(attn_kind, a_act)
-        xv = xv + block.drop_path(g1 * h)
-
-        if c_act == FULL:
-            ca = block.cross_attn(xv.reshape(b, n, c), y, mask).view(b, T, S, c)
-            self._store("cross", ca, CROSS_ATTN)
-            self._mark_full(CROSS_ATTN, x)
-        else:
-            ca = self._stored("cross", CROSS_ATTN, xv)
-            if c_act == PARTIAL:
-                idx = self._select(CROSS_ATTN, self._ratio(plan, CROSS_ATTN), x, m.step)
-                self._scatter(st.cross, idx,
-                              block.cross_attn(_gather(xv.reshape(b, n, c), idx), y, mask))
-                ca = self._stored("cross", CROSS_ATTN, xv)
-        m.count_module(CROSS_ATTN, c_act)
-        xv = xv + ca
-
-        if m_act == FULL:
-            mo = block.mlp(modulate(block.norm2(xv), sh2, sc2))
-            self._store("mlp", mo, MLP)
-            self._mark_full(MLP, x)
-            if m.policy.scorer == "similarity" and m.uses_selection(MLP):
-                st.put("x_ref", x)
-        else:
-            mo = self._stored("mlp", MLP, xv)
-            if m_act == PARTIAL:
-                idx = self._select(MLP, self._ratio(plan, MLP), x, m.step)
-                xs = _gather(xv.reshape(b, n, c), idx)
-                hs = modulate(block.norm2(xs), _gather_mod(sh2, idx, S), _gather_mod(sc2, idx, S))
-                self._scatter(st.mlp, idx, block.mlp(hs))
-                mo = self._stored("mlp", MLP, xv)
-        m.count_module(MLP, m_act)
-        xv = xv + block.drop_path(g2 * mo)
-        out = xv.reshape(b, n, c)
-        m.after_block(self.slot, out)
-        return out
-
-    @staticmethod
-    def _scatter(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
-        b, n, c = dst.shape[0], idx.shape[1], dst.shape[-1]
-        dst.view(b, -1, c).scatter_(1, idx[..., None].expand(-1, -1, c), src.to(dst.dtype))
-
-    def _conservative(self, block, x, xv, mods, m_act, plan, T, S):
-        """Token-sparse step: attention outputs reused, MLP on the selected tokens only."""
-        g1, sh2, sc2, g2 = mods
-        m, st = self.m, self.slot.state
-        attn_kind = TEMPORAL_ATTN if block.temporal else SPATIAL_ATTN
-        A = self._stored("attn", attn_kind, xv)
-        CA = self._stored("cross", CROSS_ATTN, xv)
-        M = self._stored("mlp", MLP, xv)
-        b, n, c = x.shape
-        if m_act == PARTIAL:
-            idx = self._select(MLP, self._ratio(plan, MLP), x, m.step)
-            t_start = time.perf_counter()
-            ex = idx[..., None].expand(-1, -1, c)
-            gi = (lambda v: v.reshape(b, n, c).gather(1, ex))
-            x2 = gi(xv) + _gather_mod(g1, idx, S) * gi(A) + gi(CA)
-            m.bookkeeping_s += time.perf_counter() - t_start
-            hs = modulate(block.norm2(x2), _gather_mod(sh2, idx, S), _gather_mod(sc2, idx, S))
+        M = st.mlp
+        if M is None or M.numel() != x.numel():
+            raise RuntimeError(f"block {self.slot.name}: the plan reuses {Kind.MLP} at step "
+                               f"{m.step} but nothing matching {tuple(x.shape)} was stored "
+                               f"(policy {m.policy.name!r})")
+        m.count_module(self.kind, Action.REUSE)
+        m.count_module(Kind.CROSS_ATTN, Action.REUSE)
+        m.count_module(Kind.MLP, plan.actions[Kind.MLP])
+        if plan.actions[Kind.MLP] == Action.PARTIAL:
+            self.x_in = x
+            try:
+                idx = self._select(Kind.MLP, self._ratio(Kind.MLP))
+            finally:
+                self.x_in = None
+            tick = time.perf_counter()
+            x2 = (gather_tokens(x, idx) + _gather_mod(g1, idx, S) * self._gather_attn(A, idx, S)
+                  + gather_tokens(CA.reshape(b, n, c), idx))
+            m.bookkeeping_s += time.perf_counter() - tick
+            hs = block.norm2(x2) * (1 + _gather_mod(sc2, idx, S)) + _gather_mod(sh2, idx, S)
             new = block.mlp(hs)
-            t_start = time.perf_counter()
-            self._scatter(st.mlp, idx, new)
-            M = self._stored("mlp", MLP, xv)
-            m.bookkeeping_s += time.perf_counter() - t_start
-        m.count_module(attn_kind, REUSE)
-        m.count_module(CROSS_ATTN, REUSE)
-        m.count_module(MLP, m_act)
+            tick = time.perf_counter()
+            _scatter(M, idx, new)
+            m.bookkeeping_s += time.perf_counter() - tick
+        M = M.view(b, T, S, c)
+        M = M if M.dtype == x.dtype else M.to(x.dtype)
         out = torch.addcmul(xv + CA, g1, A)
         out.addcmul_(g2, M)
         return out.view(b, n, c)
+
+    def _attn_tokens(self, a: torch.Tensor, b: int, T: int, S: int) -> torch.Tensor:
+        """Stored self-attention output (as the attention module returned it) as [B, T, S, C]
+        (a view: temporal blocks keep [(B S), T, C])."""
+        c = a.shape[-1]
+        if self.temporal:
+            return a.view(b, S, T, c).transpose(1, 2)
+        return a.view(b, T, S, c)
+
+    def _gather_attn(self, A: torch.Tensor, idx: torch.Tensor, S: int) -> torch.Tensor:
+        b, T, _, c = A.shape
+        if self.temporal:  # token t*S + s sits at s*T + t in the [(B S), T, C] layout
+            native = A.transpose(1, 2).reshape(b, -1, c)  # a view of the stored tensor
+            return gather_tokens(native, (idx % S) * T + idx // S)
+        return gather_tokens(A.reshape(b, -1, c), idx)
+
+
+class ModuleTap:
+    """Instance-level ``forward`` of a block's ``attn`` / ``cross_attn`` / ``mlp``: the
+    original forward unless the block's runner is armed (see :meth:`BlockRunner.run_module`)."""
+
+    def __init__(self, runner: BlockRunner, attr: str, original):
+        self.runner, self.attr, self.original = runner, attr, original
+
+    def __call__(self, *args, **kwargs):
+        if self.runner.plan is None:
+            return self.original(*args, **kwargs)
+        return self.runner.run_module(self.attr, self.original, args, kwargs)

@@ -1,4 +1,4 @@
-"""STDiT3 building blocks, with the parameter names of Open-Sora 1.2 (see reference/stdit3.md)."""
+"""STDiT3 building blocks, with the parameter names of Open-Sora 1.2 (see docs/stdit3.md)."""
 from __future__ import annotations
 
 import math
@@ -72,7 +72,8 @@ class CaptionEmbedder(nn.Module):
     def __init__(self, in_channels: int, hidden_size: int, uncond_prob: float, token_num: int):
         super().__init__()
         self.y_proj = Mlp(in_channels, hidden_size, hidden_size)
-        self.register_buffer("y_embedding", torch.randn(token_num, in_channels) / in_channels ** 0.5)
+        self.register_buffer("y_embedding",
+                             torch.randn(token_num, in_channels) / in_channels ** 0.5)
         self.uncond_prob = uncond_prob
 
     def forward(self, caption: torch.Tensor, train: bool, force_drop_ids=None) -> torch.Tensor:
@@ -164,8 +165,8 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, theta: float = 10000.0):
         super().__init__()
-        self.freqs = nn.Parameter(1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim),
-                                  requires_grad=False)
+        exponents = torch.arange(0, dim, 2)[: dim // 2].float() / dim
+        self.freqs = nn.Parameter(1.0 / theta ** exponents, requires_grad=False)
 
     def rotate_queries_or_keys(self, x: torch.Tensor, seq_dim: int = -2) -> torch.Tensor:
         n = x.shape[seq_dim]
@@ -275,6 +276,14 @@ class MultiHeadCrossAttention(nn.Module):
 
 
 class T2IFinalLayer(nn.Module):
+    """LayerNorm, modulation by ``t`` (the timestep embedding, not ``t_mlp``) and a linear map
+    to the patch outputs.
+
+    With ``x_mask`` it follows Open-Sora 1.2.0 exactly: the modulated ``x`` is normalised and
+    modulated once more with the t0 shift/scale, and frames where ``x_mask`` is False take that
+    twice-modulated version (the released checkpoints were trained with this form).
+    """
+
     def __init__(self, hidden_size: int, num_patch: int, out_channels: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -283,14 +292,29 @@ class T2IFinalLayer(nn.Module):
 
     def forward(self, x, t, x_mask=None, t0=None, T=None, S=None):
         shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
+        x = modulate(self.norm_final(x), shift, scale)
         if x_mask is not None:
             shift0, scale0 = (self.scale_shift_table[None] + t0[:, None]).chunk(2, dim=1)
-            shift = select_by_frame(x_mask, shift, shift0)
-            scale = select_by_frame(x_mask, scale, scale0)
-            x = modulate(self.norm_final(x).unflatten(1, (T, S)), shift, scale).flatten(1, 2)
-        else:
-            x = modulate(self.norm_final(x), shift, scale)
+            x0 = modulate(self.norm_final(x), shift0, scale0)  # LN of the modulated x
+            x = torch.where(x_mask[:, :, None, None], x.unflatten(1, (T, S)),
+                            x0.unflatten(1, (T, S))).flatten(1, 2)
         return self.linear(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, each sample's residual branch is zeroed with probability
+    ``p`` and kept ones are scaled by 1 / (1 - p); the identity in eval mode."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
 
 
 def select_by_frame(x_mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,14 @@
 """STDiT3: Open-Sora 1.2's spatial-temporal video DiT, checkpoint compatible.
 
-Equations and parameter names follow ../shared/reference/stdit3.md. Differences from upstream
-that do not change results: captions are padded per sample with a key mask instead of packed
-into one block-diagonal sequence; cross-attention runs on local tokens under sequence
-parallelism (no all-to-all), which also makes B >= 2 classifier-free-guidance batches correct;
-H is padded to a multiple of the group size and padded rows are kept out of the keys.
+Equations, parameter names and the sequence-parallel scheme are in docs/stdit3.md. Differences
+from upstream that do not change results: captions are padded per sample with a key mask
+instead of packed into one block-diagonal sequence; cross-attention runs on local tokens under
+sequence parallelism (no all-to-all), which also makes B >= 2 classifier-free-guidance batches
+correct; H is padded to a multiple of the group size and padded rows are kept out of the keys.
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Sequence
 
 import torch
@@ -19,10 +18,22 @@ from .. import parallel as sp
 from ..registry import MODELS
 from .attention import check_backend
 from .checkpoint import load_checkpoint
-from .layers import (Attention, CaptionEmbedder, FramePositionEmbedding, Mlp,
+from .layers import (Attention, CaptionEmbedder, DropPath, FramePositionEmbedding, Mlp,
                      MultiHeadCrossAttention, PatchEmbed3D, PositionEmbedding2D, RotaryEmbedding,
                      SeqParallelState, SizeEmbedder, T2IFinalLayer, TimestepEmbedder, modulate,
                      select_by_frame)
+
+# Keyword arguments Open-Sora 1.2's pipeline passes to the model besides the ones forward uses
+# (y, mask, x_mask, fps, height, width): its inference script adds the multi-resolution info
+# ``num_frames`` and ``ar`` (aspect ratio) and its training loop forwards the same batch fields.
+# Upstream STDiT3.forward takes them through **kwargs and never reads them; so does this one.
+# Any other keyword is an error.
+UPSTREAM_IGNORED_ARGS = ("num_frames", "ar")
+
+# Boolean options of STDiT3.__init__ (validated as such).
+_BOOL_OPTIONS = ("pred_sigma", "qk_norm", "enable_flash_attn", "enable_layernorm_kernel",
+                 "enable_sequence_parallelism", "only_train_temporal", "freeze_y_embedder",
+                 "skip_y_embedder", "temporal_pos_embed")
 
 
 def block_modulation(table: torch.Tensor, t: torch.Tensor, x_mask=None, t0=None):
@@ -50,8 +61,6 @@ class STDiT3Block(nn.Module):
                  drop_path: float = 0.0, rope=None, qk_norm: bool = True, temporal: bool = False,
                  backend: str = "sdpa", sp_state: Optional[SeqParallelState] = None):
         super().__init__()
-        if drop_path:
-            raise ValueError(f"drop_path={drop_path}: only 0.0 is supported (inference/demo use)")
         self.temporal = temporal
         self.hidden_size = hidden_size
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
@@ -61,7 +70,7 @@ class STDiT3Block(nn.Module):
         self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads, backend=backend)
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.drop_path = nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size ** 0.5)
 
     def forward(self, x, y, t, mask=None, x_mask=None, t0=None, T=None, S=None):
@@ -88,6 +97,20 @@ class STDiT3(nn.Module):
     ``temporal_pos_embed=True`` (not upstream; the demo preset uses it) adds a fixed sin-cos
     embedding of the frame index to every token at the input, so the model knows each frame's
     absolute position in the clip; it adds no weights.
+
+    Upstream options, as Open-Sora 1.2 uses them:
+
+    - ``drop_path``: stochastic depth at training, rate growing linearly from 0 (first block)
+      to ``drop_path`` (last block), in spatial and temporal blocks alike; identity in eval.
+    - ``skip_y_embedder``: ``y`` is already embedded, ``[B, 1, L, hidden_size]``, and is used as
+      given (no y_proj, no caption dropout); ``mask`` is then the key mask ``[B', L]`` or, as
+      upstream passes it, the per-sample valid lengths (an int, B ints, or a 1-D tensor).
+    - ``only_train_temporal``: every parameter but the temporal blocks' is frozen
+      (``requires_grad=False``); ``freeze_y_embedder``: the caption projection is frozen.
+    - ``enable_layernorm_kernel``: upstream selects apex's fused LayerNorm with it, which
+      computes the same LayerNorm; torch's LayerNorm is used either way.
+    - ``input_size``: passed by Open-Sora's scripts; unused, as upstream (sizes come from x).
+    - ``forward`` also accepts the :data:`UPSTREAM_IGNORED_ARGS` and ignores them as upstream.
     """
 
     def __init__(self, input_size=(None, None, None), input_sq_size: int = 512,
@@ -101,6 +124,18 @@ class STDiT3(nn.Module):
                  freeze_y_embedder: bool = False, skip_y_embedder: bool = False,
                  temporal_pos_embed: bool = False):
         super().__init__()
+        options = dict(pred_sigma=pred_sigma, qk_norm=qk_norm, enable_flash_attn=enable_flash_attn,
+                       enable_layernorm_kernel=enable_layernorm_kernel,
+                       enable_sequence_parallelism=enable_sequence_parallelism,
+                       only_train_temporal=only_train_temporal,
+                       freeze_y_embedder=freeze_y_embedder, skip_y_embedder=skip_y_embedder,
+                       temporal_pos_embed=temporal_pos_embed)
+        for key in _BOOL_OPTIONS:
+            if not isinstance(options[key], bool):
+                raise ValueError(f"STDiT3 {key}={options[key]!r}: accepted: True or False")
+        if isinstance(drop_path, bool) or not isinstance(drop_path, (int, float)) or \
+                not 0 <= drop_path < 1:
+            raise ValueError(f"STDiT3 drop_path={drop_path!r}: accepted: a number in [0, 1)")
         for key, val in dict(in_channels=in_channels, hidden_size=hidden_size, depth=depth,
                              num_heads=num_heads, caption_channels=caption_channels,
                              model_max_length=model_max_length).items():
@@ -118,13 +153,12 @@ class STDiT3(nn.Module):
         self.patch_size = tuple(patch_size)
         self.input_sq_size = input_sq_size
         self.enable_sequence_parallelism = enable_sequence_parallelism
+        self.enable_layernorm_kernel = enable_layernorm_kernel  # torch's LayerNorm either way
+        self.skip_y_embedder = skip_y_embedder
         self.attn_backend = check_backend(attn_backend or ("auto" if enable_flash_attn else "sdpa"))
         self.sp_state = SeqParallelState()
 
         self.pos_embed = PositionEmbedding2D(hidden_size)
-        if not isinstance(temporal_pos_embed, bool):
-            raise ValueError(f"STDiT3 temporal_pos_embed={temporal_pos_embed!r}: accepted: "
-                             "True or False")
         # optional absolute frame index (not in upstream STDiT3; parameter-free)
         self.temporal_pos_embed = FramePositionEmbedding(hidden_size) if temporal_pos_embed \
             else None
@@ -136,13 +170,21 @@ class STDiT3(nn.Module):
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, class_dropout_prob,
                                           model_max_length)
         kw = dict(mlp_ratio=mlp_ratio, qk_norm=qk_norm, backend=self.attn_backend)
+        # stochastic-depth rate per layer: 0 for the first, drop_path for the last
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.spatial_blocks = nn.ModuleList(
-            [STDiT3Block(hidden_size, num_heads, sp_state=self.sp_state, **kw) for _ in range(depth)])
+            [STDiT3Block(hidden_size, num_heads, drop_path=r, sp_state=self.sp_state, **kw)
+             for r in rates])
         self.temporal_blocks = nn.ModuleList(
-            [STDiT3Block(hidden_size, num_heads, temporal=True,
-                         rope=self.rope.rotate_queries_or_keys, **kw) for _ in range(depth)])
+            [STDiT3Block(hidden_size, num_heads, drop_path=r, temporal=True,
+                         rope=self.rope.rotate_queries_or_keys, **kw) for r in rates])
         self.final_layer = T2IFinalLayer(hidden_size, math.prod(self.patch_size), self.out_channels)
         self.initialize_weights()
+        if only_train_temporal:
+            self.requires_grad_(False)
+            self.temporal_blocks.requires_grad_(True)
+        if freeze_y_embedder:
+            self.y_embedder.requires_grad_(False)
 
     # ------------------------------------------------------------------ init
     def initialize_weights(self):
@@ -174,13 +216,25 @@ class STDiT3(nn.Module):
         return -(-t // pt), -(-h // ph), -(-w // pw)
 
     def encode_text(self, y: torch.Tensor, mask: Optional[torch.Tensor] = None):
-        """y [B, 1, L, Cy] -> ([B, L, C], bool key mask [B, L] or None)."""
-        y = self.y_embedder(y, self.training).squeeze(1)
+        """y [B, 1, L, Cy] -> ([B, L, C], bool key mask [B, L] or None); with skip_y_embedder
+        y [B, 1, L, C] is already embedded."""
+        y = y.squeeze(1) if self.skip_y_embedder else self.y_embedder(y, self.training).squeeze(1)
         if mask is not None:
             if mask.shape[0] != y.shape[0]:
                 mask = mask.repeat(y.shape[0] // mask.shape[0], 1)
             mask = mask.reshape(y.shape[0], -1) != 0
         return y, mask
+
+    def _lengths_to_mask(self, lengths, y: torch.Tensor) -> torch.Tensor:
+        """skip_y_embedder: per-sample valid caption lengths (upstream's y_lens) -> [B, L] mask."""
+        b, n = y.shape[0], y.shape[2]
+        lens = torch.as_tensor(lengths, device=y.device).reshape(-1)
+        if lens.is_floating_point() or lens.dtype == torch.bool or lens.shape[0] not in (1, b) \
+                or bool(((lens < 1) | (lens > n)).any()):
+            raise ValueError(f"mask={lengths!r}: with skip_y_embedder, accepted: a key mask "
+                             f"[B or B/k, L={n}] or valid caption lengths (an int or {b} ints, "
+                             f"each in 1..{n})")
+        return torch.arange(n, device=y.device)[None] < lens.expand(b)[:, None]
 
     def _check_inputs(self, x, timestep, y, mask, x_mask):
         if x.ndim != 5 or x.shape[1] != self.in_channels:
@@ -189,9 +243,11 @@ class STDiT3(nn.Module):
         b = x.shape[0]
         if timestep.reshape(-1).shape[0] != b:
             raise ValueError(f"timestep: expected {b} values, got shape {tuple(timestep.shape)}")
-        if y.ndim != 4 or y.shape[0] != b or y.shape[1] != 1 or y.shape[3] != self.caption_channels:
-            raise ValueError(f"y: expected caption embedding [{b}, 1, L, {self.caption_channels}],"
-                             f" got shape {tuple(y.shape)}")
+        cy = self.hidden_size if self.skip_y_embedder else self.caption_channels
+        if y.ndim != 4 or y.shape[0] != b or y.shape[1] != 1 or y.shape[3] != cy:
+            what = " (already embedded: skip_y_embedder=True)" if self.skip_y_embedder else ""
+            raise ValueError(f"y: expected caption embedding [{b}, 1, L, {cy}]{what}, got "
+                             f"shape {tuple(y.shape)}")
         if mask is not None:
             m = mask.reshape(mask.shape[0], -1)
             if m.shape[1] != y.shape[2] or b % m.shape[0]:
@@ -216,8 +272,14 @@ class STDiT3(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None,
                 **kwargs):
-        if kwargs:
-            raise TypeError(f"STDiT3.forward got unexpected arguments {sorted(kwargs)}")
+        unexpected = sorted(k for k in kwargs if k not in UPSTREAM_IGNORED_ARGS)
+        if unexpected:
+            raise TypeError(f"STDiT3.forward got unexpected arguments {unexpected}; accepted "
+                            f"besides x, timestep, y, mask, x_mask, fps, height, width: "
+                            f"{list(UPSTREAM_IGNORED_ARGS)} (ignored, as upstream does)")
+        if self.skip_y_embedder and y.ndim == 4 and mask is not None and not (
+                isinstance(mask, torch.Tensor) and mask.ndim >= 2):
+            mask = self._lengths_to_mask(mask, y)
         self._check_inputs(x, timestep, y, mask, x_mask)
         dtype = self.x_embedder.proj.weight.dtype
         b = x.shape[0]
@@ -278,9 +340,6 @@ class STDiT3(nn.Module):
 
 
 # --------------------------------------------------------------------- presets
-_UPSTREAM_BUILD_KEYS = ("input_size",)
-
-
 def _build(preset: dict, from_pretrained: Optional[str] = None, **kwargs) -> STDiT3:
     cfg = dict(preset)
     cfg.update(kwargs)

@@ -4,19 +4,19 @@ Building it builds the inner model (forwarding every keyword argument the caller
 Open-Sora's inference script passes ``input_size``, ``in_channels``, ``caption_channels``,
 ``model_max_length``, ``enable_sequence_parallelism``), attaches the cache and returns the
 patched *inner* model, so ``model.y_embedder`` and every other attribute still work. The manager
-is reachable with :func:`opensora_duca.cache.get_cache_manager`.
+is reachable with :func:`opensora_duca.cache.get_cache_manager`. (Registered in MODELS, whose
+locations include this package.)
 """
 from __future__ import annotations
 
 from typing import Any, Optional
 
 from ..registry import MODELS
+from .manager import apply_cache
 
 
 def build_cached(registry, model: Any, cache: Optional[dict] = None, **kwargs):
     """Build ``model`` from ``registry`` with ``kwargs`` and attach ``cache`` (default DuCa)."""
-    from ..cache import apply_cache
-
     if not isinstance(model, dict) and not hasattr(model, "to_dict"):
         raise ValueError(f"DuCa wrapper: model={model!r} is not accepted; accepted: "
                          f"dict(type=<a registered model>, ...)")
