@@ -123,7 +123,7 @@ def test_a_stalled_rank_fails_the_job_after_dist_timeout(tmp_path):
     res = _torchrun([TOOL, str(cfg), "--save-dir", str(tmp_path / "out"), "--no-progress",
                      "--dist-timeout", "3"])
     assert res.returncode != 0
-    assert "ranks did not all answer within dist_timeout=3.0 s" in res.stderr, res.stderr
+    assert "did not answer within dist_timeout=3.0 s" in res.stderr, res.stderr
     assert time.perf_counter() - t0 < 120
 
 

@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = _T_PROCESS
     try:
-        # every user mistake is found before anything is built or waits for other ranks
+        # the settings are checked before anything is built or waits for other ranks
         cfg = merge_args(Config.fromfile(args.config), args)
         check_inference_config(cfg, args.start_index, args.end_index, device=args.device or (
             "cuda" if torch.cuda.is_available() else "cpu"))
@@ -184,8 +184,8 @@ def main(argv=None) -> int:
         print(f"inference.py: error: {type(err).__name__}: {msg}", file=sys.stderr, flush=True)
         return 2
     except dist.DistError as err:  # a rank died or stalled: fail instead of waiting forever
-        print(f"inference.py: error: {type(err).__name__} (ranks did not all answer within "
-              f"dist_timeout={dist_timeout(cfg)} s): {str(err).strip().splitlines()[0]}",
+        print(f"inference.py: error: {type(err).__name__} (a rank died or did not answer "
+              f"within dist_timeout={dist_timeout(cfg)} s): {str(err).strip().splitlines()[0]}",
               file=sys.stderr, flush=True)
         return 1
     finally:
