@@ -59,7 +59,8 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, **kwargs: Any) -> list:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned gloo ranks and
-    return the list of per-rank results (loaded with ``torch.load(weights_only=True)``)."""
+    return the list of per-rank results (loaded with ``torch.load(weights_only=False)``: they
+    are written by this harness's own child processes and may hold any picklable object)."""
     with tempfile.TemporaryDirectory(prefix="dist_utils_") as outdir:
         port = free_port()
         try:
@@ -74,5 +75,5 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, **kwargs: Any) ->
                         msgs.append(f"--- rank {r} ---\n{f.read()}")
             raise RuntimeError(f"distributed run of {getattr(fn, '__name__', fn)} on "
                                f"{world_size} ranks failed:\n" + "\n".join(msgs)) from err
-        return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True)
+        return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]
