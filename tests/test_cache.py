@@ -122,7 +122,7 @@ def test_reuse_after_full_equals_stored_value():
         mgr = apply_cache(m, Scripted({1: plan}))
         with mgr.session(num_steps=2), torch.no_grad():
             out0 = m(x, t, y, mask=mask)
-            stored = mgr.slots[2].state.mlp.clone()  # spatial block 1
+            stored = mgr.slots[2].state.mlp.terms[0].data.clone()  # spatial block 1
             out1 = m(x, t_next, y, mask=mask)
         remove_cache(m)
         assert torch.equal(out0, ref)
@@ -383,11 +383,11 @@ def test_partial_updates_persist_in_lower_precision_storage():
     stored = {}
     for name, plan in (("partial", _plan(cross_attn=(PARTIAL, 1.0))), ("full", FULL_STEP)):
         mgr = apply_cache(m, Low({1: plan}))
-        assert mgr.stored_dtype == torch.bfloat16
+        assert mgr.codec.cast == torch.bfloat16
         with mgr.session(num_steps=3), torch.no_grad():
             for i in range(2):
                 m(x * (1 - i / 4), torch.full((2,), 900.0 - 300 * i), y, mask=mask)
-                stored[(name, i)] = mgr.slots[1].state.cross.clone()
+                stored[(name, i)] = mgr.slots[1].state.cross.terms[0].data.clone()
         remove_cache(m)
     assert stored[("partial", 1)].dtype == torch.bfloat16
     assert not torch.equal(stored[("partial", 1)], stored[("partial", 0)])

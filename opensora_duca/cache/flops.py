@@ -58,6 +58,12 @@ def step_flops(shape: TrunkShape, plan, partial_tokens: dict | None = None) -> f
     module recomputes (default: round(ratio * N))."""
     if plan.skip_trunk:
         return 0.0
+    if plan.residual_from is not None:  # blocks before it computed in full, the rest skipped
+        k = plan.residual_from
+        spatial, temporal = (k + 1) // 2, k // 2
+        per_block = module_flops(shape, Kind.CROSS_ATTN) + module_flops(shape, Kind.MLP)
+        return (spatial * (module_flops(shape, Kind.SPATIAL_ATTN) + per_block)
+                + temporal * (module_flops(shape, Kind.TEMPORAL_ATTN) + per_block))
     total = 0.0
     for kind, count in _PER_PAIR:
         act = plan.actions[kind]

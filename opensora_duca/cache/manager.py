@@ -22,14 +22,13 @@ from .. import parallel as sp
 from ..registry import CACHES, build_module, registered
 from . import flops as fl
 from . import selection as sel
-from .plan import Action, Kind, StepPlan
+from .plan import Action, Kind, StepKind, StepPlan
 from .policies import CachePolicy, NoCache, Scorer, accepted_keys
 from .runner import _TAPPED, BlockRunner, ModuleTap
-from .state import BlockState, StoredBytes
+from .state import BlockState, Codec, Feature, StoredBytes
 
 _ATTR = "_duca_cache_manager"
 _BLOCK_PARTS = ("norm1", "attn", "cross_attn", "norm2", "mlp", "scale_shift_table")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # sessionless runs: a call whose input is not the previous input moved within the span of the
 # previous input and outputs (what any first-order or two-step sampler does) starts a new run
 CONTINUATION_TOL = 0.05
@@ -80,7 +79,8 @@ class CacheManager:
         self._model = weakref.ref(model)
         self.policy = policy
         self.depth = len(model.spatial_blocks)
-        self.stored_dtype = _DTYPES.get(policy.stored_dtype)
+        self.codec = Codec(policy.stored_dtype)
+        self.order, self.distance = policy.forecast_order, policy.forecast_distance
         self.bytes = StoredBytes()
         self.slots: List[BlockSlot] = []
         self.plan: Optional[StepPlan] = None
@@ -92,8 +92,15 @@ class CacheManager:
         self._prev_x: Optional[torch.Tensor] = None
         self._prev_outs: List[torch.Tensor] = []
         self._run_y: Optional[torch.Tensor] = None
-        self._trunk: Optional[torch.Tensor] = None
+        self._trunk = Feature(self.codec, self.bytes, self.order)
         self._store_trunk = False
+        # adaptive policies: the stored residual of the blocks from the decision point on, the
+        # input at that point in this step, and the policy's run state (references, sums)
+        self._residual = Feature(self.codec, self.bytes)
+        self._residual_in: Optional[torch.Tensor] = None
+        self._trunk_in: Optional[torch.Tensor] = None
+        self.adaptive: Dict[str, Any] = {}
+        self._group = None
         self._grid: Optional[sel.TokenGrid] = None
         self._grid_key = None
         self._shape: Optional[fl.TrunkShape] = None
@@ -121,7 +128,7 @@ class CacheManager:
         for i in range(self.depth):
             order.append((f"spatial_blocks.{i}", model.spatial_blocks[i], i))
             order.append((f"temporal_blocks.{i}", model.temporal_blocks[i], i))
-        tap = self.storing_anything()
+        tap = self.stores_modules()
         for k, (name, blk, layer) in enumerate(order):
             patched = [n for n, mod in [(name, blk)] + [(f"{name}.{a}", getattr(blk, a))
                                                          for a in _TAPPED]
@@ -131,7 +138,7 @@ class CacheManager:
                                    f"(another cache or patch is attached); remove it first")
             slot = BlockSlot(block=blk, name=name, index=k, layer=layer,
                              is_last=k == len(order) - 1, original=blk.forward,
-                             state=BlockState(self.bytes))
+                             state=BlockState(self.bytes, self.codec, self.order))
             runner = BlockRunner(self, slot)
             blk.forward = runner
             if tap:
@@ -189,8 +196,10 @@ class CacheManager:
         """Forget every stored feature and start counting steps from 0."""
         for slot in self.slots:
             slot.state.clear()
-        self._trunk = None
-        self.bytes.current = 0
+        self._trunk.clear()
+        self._residual.clear()
+        self._residual_in = self._trunk_in = None
+        self.adaptive = {}
         self.step = 0
         self.plan = None
         self._timesteps = []
@@ -283,19 +292,23 @@ class CacheManager:
         if self.num_steps is not None and self.step == 0:
             self.policy.validate_run(self.num_steps)
         plan = self.policy.plan(self.step, self.num_steps, self._timesteps)
-        if plan.skip_trunk and self._trunk is None:
+        if plan.skip_trunk and self._trunk.shape is None:
             raise RuntimeError(f"policy {self.policy.name!r} skips the trunk at step {self.step} "
                                f"but no trunk output was computed before it in this run")
         self.plan = plan
-        self._store_trunk = (not plan.skip_trunk and self.policy.skips_trunk_at(
-            self.step + 1, self.num_steps, self._timesteps + [t]))
+        # the trunk output is kept for the next step's skip, or, when forecasting, at every
+        # step that computes it (the anchors of its differences)
+        self._store_trunk = not plan.skip_trunk and (
+            (self.order > 0 and self.policy.skips_trunk()) or
+            self.policy.skips_trunk_at(self.step + 1, self.num_steps, self._timesteps + [t]))
         self._set_shapes(model, x, y)
         self.bookkeeping_s += time.perf_counter() - tick
-        self.step_labels.append(plan.label)
-        self._account_flops(plan)
         return None
 
     def _post_hook(self, model, args, out):
+        if self.plan is not None:  # the step's final plan (adaptive policies decide mid-step)
+            self.step_labels.append(self.plan.label)
+            self._account_flops(self.plan)
         self.step += 1
         self.plan = None
         if not self._session and torch.is_tensor(out):
@@ -303,8 +316,9 @@ class CacheManager:
         if self.num_steps is not None and self.step >= self.num_steps:
             for slot in self.slots:  # the run is over: free everything
                 slot.state.clear()
-            self._trunk = None
-            self.bytes.current = 0
+            self._trunk.clear()
+            self._residual.clear()
+            self.adaptive = {}
         return None
 
     def _set_shapes(self, model, x, y):
@@ -315,6 +329,7 @@ class CacheManager:
         if getattr(model, "enable_sequence_parallelism", False):
             getter = getattr(model, "sequence_parallel_group", None)
             group = getter() if callable(getter) else sp.get_sequence_parallel_group()
+        self._group = group
         self._grid_key = (T, H, W, sp.group_size(group), sp.group_rank(group))
         self._grid = None
         blk = self.slots[0].block
@@ -344,7 +359,10 @@ class CacheManager:
         return kind in (Kind.MLP, Kind.CROSS_ATTN) and self.policy.scorer is not None
 
     def storing_anything(self) -> bool:
-        return self.policy.skips_trunk() or any(self._stores.values())
+        return self.policy.skips_trunk() or self.stores_modules()
+
+    def stores_modules(self) -> bool:
+        return any(self._stores.values())
 
     def needs_scores(self) -> bool:
         return self.policy.scorer in (Scorer.VNORM, Scorer.ATTENTION) and \
@@ -352,19 +370,58 @@ class CacheManager:
 
     def after_block(self, slot: BlockSlot, out: torch.Tensor) -> None:
         if slot.is_last and self._store_trunk:
-            dt = self.stored_dtype
-            old = self._trunk
-            self._trunk = out if dt is None else out.to(dt)
-            self.bytes.swap(old, self._trunk)
+            self._trunk.update(out, self.at)
+        if slot.is_last and self._residual_in is not None:
+            self._residual.update(out - self._residual_in, self.at)
+        if slot.is_last:
+            self._residual_in = self._trunk_in = None
+
+    # ----------------------------------------------------- adaptive policies
+    def decide(self, slot: BlockSlot, x: torch.Tensor, bound: Optional[dict]) -> StepPlan:
+        """At block ``plan.decide_at``: measure the change (one all_gather), let the policy
+        decide, and set this step's final plan."""
+        from .adaptive import relative_l1
+        from .runner import modulated_input
+
+        pol, st = self.policy, self.adaptive
+        if pol.measure == "modulated_input":
+            now = modulated_input(slot.block, **bound)
+        else:  # first_pair_residual: what the blocks before this one added
+            now = x - self._trunk_in
+        ref = st.get("reference")
+        change = None  # no reference, or nothing to reuse yet: the policy computes
+        if ref is not None and ref.shape == now.shape and self._residual.shape is not None:
+            change = relative_l1(now, ref, self.grid_for(x.shape[1]), self._group)
+        compute = pol.decide(self.step, self.num_steps, change, st)
+        self.changes.append(change)
+        if compute or pol.reference_every_step:
+            st["reference"] = now
+        if compute:
+            self._residual_in = x
+            self.plan = StepPlan(label=self.plan.label)
+        else:
+            self.plan = StepPlan(residual_from=slot.index, label=StepKind.RESIDUAL)
+        return self.plan
+
+    def residual_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Last block of a skipped step: its input (the input at the decision point, passed
+        through) plus the stored residual."""
+        return x + self._residual.value(self.at, x.dtype)
 
     def trunk_output(self, x: torch.Tensor) -> torch.Tensor:
-        if self._trunk is None or self._trunk.shape != x.shape:
+        if self._trunk.shape is None or tuple(self._trunk.shape) != tuple(x.shape):
             raise RuntimeError("aggressive step: no stored trunk output of this shape")
-        return self._trunk.to(x.dtype)
+        return self._trunk.value(self.at, x.dtype)
+
+    @property
+    def at(self) -> float:
+        """Where the current step sits for forecasting: its index, or its timestep."""
+        return float(self.step) if self.distance == "step" else self._timesteps[-1]
 
     # ------------------------------------------------------------------ stats
     def _reset_stats(self):
         self.runs = 0
+        self.changes: List[Optional[float]] = []  # adaptive policies: measured change per step
         self.step_labels: List[str] = []
         self.module_counts: Dict[str, Dict[str, int]] = {}
         self.partial_tokens = 0
@@ -418,6 +475,7 @@ class CacheManager:
             "peak_stored_bytes": self.bytes.peak,
             "stored_bytes": self.bytes.current,
             "bookkeeping_s": self.bookkeeping_s,
+            "changes": list(self.changes),
         }
 
     def report(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 
 class _Name(str, Enum):
@@ -48,7 +48,9 @@ class StepKind(_Name):
     CONSERVATIVE = "conservative"
     AGGRESSIVE = "aggressive"
     REUSE = "reuse"
+    FORECAST = "forecast"
     BROADCAST = "broadcast"
+    RESIDUAL = "residual reused"  # adaptive: the rest of the trunk replaced by its residual
 
 
 KINDS = tuple(Kind)
@@ -58,12 +60,19 @@ KINDS = tuple(Kind)
 class StepPlan:
     """``actions[kind]`` is an :class:`Action`; ``ratios[kind]`` the fraction of tokens a
     PARTIAL module recomputes; ``skip_trunk`` replaces the whole trunk by its stored output;
-    ``label`` names the step kind in statistics."""
+    ``label`` names the step kind in statistics.
+
+    Adaptive policies: ``decide_at`` is the block (index in call order: spatial 0, temporal 0,
+    spatial 1, ...) before which the policy decides from a measured change whether to compute
+    the rest of the trunk; ``residual_from`` (the decision "skip") passes the blocks from that
+    index on and adds the stored residual of those blocks to their input."""
 
     actions: Mapping[Kind, Action] = field(default_factory=lambda: {k: Action.FULL for k in Kind})
     ratios: Mapping[Kind, float] = field(default_factory=dict)
     skip_trunk: bool = False
     label: str = StepKind.FULL
+    decide_at: Optional[int] = None
+    residual_from: Optional[int] = None
 
     def __post_init__(self):
         acts: Dict[Kind, Action] = {Kind(k): Action(a) for k, a in self.actions.items()}
@@ -79,7 +88,8 @@ class StepPlan:
         object.__setattr__(self, "ratios", ratios)
 
     def is_full(self) -> bool:
-        return not self.skip_trunk and all(a == Action.FULL for a in self.actions.values())
+        return (not self.skip_trunk and self.residual_from is None
+                and all(a == Action.FULL for a in self.actions.values()))
 
 
 FULL_STEP = StepPlan()

@@ -1,5 +1,6 @@
 """Cache policies, registered in CACHES: ``none``, ``DuCa``, ``ToCa``, ``FORA``, ``PAB`` and
-``TrunkReuse`` (aggressive-only).
+``TrunkReuse`` (aggressive-only), ``TaylorSeer`` (forecasting), and the adaptive ``TeaCache``
+and ``FirstBlockCache``; ``forecast=`` adds forecasting to DuCa, ToCa, FORA and TrunkReuse.
 
 Each policy's configuration is one frozen dataclass validated in ``__post_init__`` (so
 ``DuCa(fresh_ratio=0.2)`` and ``dict(type="DuCa", fresh_ratio=0.2)`` are the same thing, and a
@@ -11,7 +12,9 @@ communication.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
@@ -38,7 +41,9 @@ class Entry(_Name):
     AGGRESSIVE = "aggressive"
 
 
-STORED_DTYPES = (None, "fp32", "fp16", "bf16")
+STORED_DTYPES = (None, "fp32", "fp16", "bf16", "fp8")
+DISTANCES = ("step", "timestep")
+MAX_ORDER = 2
 RATIO_SCHEDULES = {"constant": {}, "linear": {"start": 1.0, "end": 1.0}, "exp": {"decay": 1.0},
                    "layerwise": {"first": 1.0, "last": 1.0}}
 
@@ -92,6 +97,16 @@ class CachePolicy:
     seed: int = 0
     warmup_steps: int = 0
 
+    @property
+    def forecast_order(self) -> int:
+        """0: a reused feature is its last computed value; k: a Taylor forecast of order k."""
+        return 0
+
+    @property
+    def forecast_distance(self) -> str:
+        """The variable of the forecast: the step index ("step") or the timestep."""
+        return "step"
+
     def plan(self, step: int, num_steps: Optional[int], timesteps: Sequence[float]) -> StepPlan:
         """The plan of step ``step`` (0-based) of a run of ``num_steps`` (None when unknown);
         ``timesteps`` are the run's timesteps up to and including this step's."""
@@ -143,6 +158,38 @@ def _check_stored_dtype(policy: str, v):
     return _check_choice(policy, "stored_dtype", v, STORED_DTYPES)
 
 
+def _check_forecast(policy: str, v) -> dict:
+    """``forecast=dict(order=0|1|2, distance="step"|"timestep")`` -> the full dict."""
+    if not isinstance(v, Mapping):
+        raise _err(policy, "forecast", v, "dict(order=0|1|2, distance='step'|'timestep')")
+    out = {"order": 0, "distance": "step"}
+    for k, x in v.items():
+        if k not in out:
+            raise _err(policy, f"forecast.{k}", x, "keys ['distance', 'order']")
+        out[k] = x
+    order = _check_int(policy, "forecast.order", out["order"], 0)
+    if order > MAX_ORDER:
+        raise _err(policy, "forecast.order", order, f"an integer in [0, {MAX_ORDER}]")
+    _check_choice(policy, "forecast.distance", out["distance"], DISTANCES)
+    return out
+
+
+class _Forecasting:
+    """Mixin of the policies with a ``forecast`` field."""
+
+    @property
+    def forecast_order(self) -> int:
+        return self.forecast["order"]
+
+    @property
+    def forecast_distance(self) -> str:
+        return self.forecast["distance"]
+
+
+def _forecast_field():
+    return field(default_factory=lambda: {"order": 0, "distance": "step"})
+
+
 @CACHES.register_module("none")
 @dataclass(frozen=True)
 class NoCache(CachePolicy):
@@ -160,7 +207,7 @@ _PARTIAL_KINDS = (Kind.MLP, Kind.CROSS_ATTN)
 
 @CACHES.register_module("DuCa")
 @dataclass(frozen=True)
-class DuCa(CachePolicy):
+class DuCa(_Forecasting, CachePolicy):
     """Dual feature caching (DuCa). Defaults reproduce the released Open-Sora preset.
 
     Args:
@@ -179,9 +226,13 @@ class DuCa(CachePolicy):
         staleness_bonus: lambda of score += lambda * (steps since recomputed) / 3 (0.25).
         cfg_shared_selection: one token selection shared by the conditional and unconditional
             halves of the CFG batch (False: each sample selects its own, as the released code).
-        stored_dtype: None (model dtype) | fp32 | fp16 | bf16.
+        stored_dtype: None (model dtype) | fp32 | fp16 | bf16 | fp8 (float8_e4m3fn, one scale
+            per token).
         final_step: "plan" (follow the cycle, as released) or "full" (compute the last step).
         seed: seed of the random scorer.
+        forecast: dict(order=0|1|2, distance="step"|"timestep"): order 0 reuses stored
+            outputs (the released method); order k forecasts every reused module output and the
+            skipped trunk's output by a Taylor polynomial of its last k finite differences.
     What the entries do: full computes a module and stores it; conservative reuses self- and
     cross-attention outputs and recomputes a token subset of the MLP; aggressive skips the
     whole trunk when every kind is aggressive at that step (otherwise the module is reused).
@@ -200,6 +251,7 @@ class DuCa(CachePolicy):
     stored_dtype: Optional[str] = None
     final_step: str = "plan"
     seed: int = 0
+    forecast: Mapping[str, Any] = _forecast_field()
 
     # ---------------------------------------------------------------- validation
     def _default_entry(self, p: int) -> Entry:
@@ -255,6 +307,7 @@ class DuCa(CachePolicy):
         _check_stored_dtype(n, self.stored_dtype)
         _check_choice(n, "final_step", self.final_step, ("plan", "full"))
         _check_int(n, "seed", self.seed, 0)
+        set_("forecast", _check_forecast(n, self.forecast))
 
     def _check_schedule(self, cfg) -> dict:
         n = self.name
@@ -352,17 +405,20 @@ class ToCa(DuCa):
 
 
 @dataclass(frozen=True)
-class _IntervalPolicy(CachePolicy):
-    """Full every ``interval`` steps after ``warmup_steps`` full steps; cached in between."""
+class _IntervalPolicy(_Forecasting, CachePolicy):
+    """Full every ``interval`` steps after ``warmup_steps`` full steps; cached (reused, or with
+    ``forecast=dict(order=k)`` forecast) in between."""
 
     interval: int = 2
     warmup_steps: int = 0
     stored_dtype: Optional[str] = None
+    forecast: Mapping[str, Any] = _forecast_field()
 
     def __post_init__(self):
         _check_int(self.name, "interval", self.interval, 1)
         _check_int(self.name, "warmup_steps", self.warmup_steps, 0)
         _check_stored_dtype(self.name, self.stored_dtype)
+        object.__setattr__(self, "forecast", _check_forecast(self.name, self.forecast))
 
     def computes(self, step: int) -> bool:
         return step < self.warmup_steps or (step - self.warmup_steps) % self.interval == 0
@@ -372,7 +428,8 @@ class _IntervalPolicy(CachePolicy):
 @dataclass(frozen=True)
 class FORA(_IntervalPolicy):
     """FORA: every block's self-attention, cross-attention and MLP outputs are computed every
-    ``interval`` steps (default 3, after ``warmup_steps`` full steps) and reused in between."""
+    ``interval`` steps (default 3, after ``warmup_steps`` full steps) and reused (or forecast)
+    in between."""
 
     name: ClassVar[str] = "FORA"
     interval: int = 3
@@ -380,7 +437,8 @@ class FORA(_IntervalPolicy):
     def plan(self, step, num_steps, timesteps):
         if self.computes(step):
             return FULL_STEP
-        return StepPlan(actions={k: Action.REUSE for k in Kind}, label=StepKind.REUSE)
+        label = StepKind.FORECAST if self.forecast_order else StepKind.REUSE
+        return StepPlan(actions={k: Action.REUSE for k in Kind}, label=label)
 
     def reuses(self, kind):
         return self.interval > 1
@@ -401,6 +459,50 @@ class TrunkReuse(_IntervalPolicy):
         return not self.computes(step)
 
     def skips_trunk(self):
+        return self.interval > 1
+
+
+@CACHES.register_module("TaylorSeer")
+@dataclass(frozen=True)
+class TaylorSeer(CachePolicy):
+    """TaylorSeer (Liu et al. 2025): every block's self-attention, cross-attention and MLP are
+    computed every ``interval`` steps after ``warmup_steps`` full steps and forecast in between
+    by a Taylor polynomial of order ``order`` in the step distance (``distance="timestep"``:
+    in the timestep). Defaults: the reference code's default mode (interval 5, order 2,
+    3 full first steps). The same plan as ``FORA(interval, warmup_steps,
+    forecast=dict(order=order))``."""
+
+    name: ClassVar[str] = "TaylorSeer"
+    interval: int = 5
+    order: int = 2
+    warmup_steps: int = 3
+    distance: str = "step"
+    stored_dtype: Optional[str] = None
+
+    def __post_init__(self):
+        n = self.name
+        _check_int(n, "interval", self.interval, 1)
+        _check_int(n, "warmup_steps", self.warmup_steps, 0)
+        if not isinstance(self.order, int) or isinstance(self.order, bool) or \
+                not 0 <= self.order <= MAX_ORDER:
+            raise _err(n, "order", self.order, f"an integer in [0, {MAX_ORDER}]")
+        _check_choice(n, "distance", self.distance, DISTANCES)
+        _check_stored_dtype(n, self.stored_dtype)
+
+    @property
+    def forecast_order(self) -> int:
+        return self.order
+
+    @property
+    def forecast_distance(self) -> str:
+        return self.distance
+
+    def plan(self, step, num_steps, timesteps):
+        if step < self.warmup_steps or (step - self.warmup_steps) % self.interval == 0:
+            return FULL_STEP
+        return StepPlan(actions={k: Action.REUSE for k in Kind}, label=StepKind.FORECAST)
+
+    def reuses(self, kind):
         return self.interval > 1
 
 
@@ -456,3 +558,147 @@ class PAB(CachePolicy):
 
     def reuses(self, kind):
         return kind != Kind.MLP and self.ranges[kind] > 1
+
+
+class AdaptivePolicy(CachePolicy):
+    """Base of the policies that decide at run time, from a measured relative change, whether
+    to compute the trunk from block ``decide_at`` on or to reuse that part's stored residual.
+
+    ``measure`` names what is compared between steps: ``"modulated_input"`` (block 0's
+    timestep-modulated, normalised input) or ``"first_pair_residual"`` (what the first spatial
+    and temporal blocks add to the trunk input). ``reference_every_step``: the measure compares
+    with the previous step (True) or with the last step that computed the trunk (False). The
+    run state (accumulators, references) lives in the cache manager; ``decide`` reads and
+    updates the ``state`` dict it is given."""
+
+    measure: ClassVar[str] = "modulated_input"
+    decide_at: ClassVar[int] = 0
+    reference_every_step: ClassVar[bool] = True
+
+    def plan(self, step, num_steps, timesteps):
+        return StepPlan(decide_at=self.decide_at, label=StepKind.FULL)
+
+    def skips_trunk(self):
+        return True
+
+    def skips_trunk_at(self, step, num_steps, timesteps=()):
+        return False  # decided at run time; the residual, not the output, is stored
+
+    def decide(self, step: int, num_steps: Optional[int], change: Optional[float],
+               state: dict) -> bool:
+        """True: compute the trunk from ``decide_at`` on. ``change`` is None when there is no
+        reference yet (the run's first step)."""
+        raise NotImplementedError
+
+    def _forced(self, step: int, num_steps: Optional[int], change: Optional[float]) -> bool:
+        last = num_steps is not None and step == num_steps - 1 and self.final_step == "full"
+        return change is None or step < self.warmup_steps or last
+
+
+def _load_calibration(policy: str, path: str) -> Tuple[float, ...]:
+    if not isinstance(path, str) or not os.path.isfile(path):
+        raise _err(policy, "calibration", path, "the path of a JSON file written by "
+                   "tools/calibrate.py")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        coeffs = tuple(float(c) for c in data["coefficients"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _err(policy, "calibration", path, f"a JSON file with a 'coefficients' list ({err})")
+    if not coeffs:
+        raise _err(policy, "calibration", path, "a non-empty 'coefficients' list")
+    return coeffs
+
+
+@CACHES.register_module("TeaCache")
+@dataclass(frozen=True)
+class TeaCache(AdaptivePolicy):
+    """TeaCache (Liu et al. 2024): the relative L1 change of the first block's
+    timestep-modulated input from the previous step, rescaled by a polynomial fitted on the
+    model in use, is accumulated over steps; while the sum stays under ``threshold`` the trunk
+    is skipped and its stored residual (output minus input at the last computed step) added to
+    the input; when it reaches the threshold the trunk is computed and the sum restarts.
+
+    Args:
+        threshold: accumulated rescaled change that forces a computation (0.1).
+        calibration: path of the JSON that ``tools/calibrate.py`` writes (its ``coefficients``,
+            highest degree first); or ``coefficients`` given directly; neither: the raw change
+            (the identity polynomial).
+        warmup_steps: steps always computed at the start (1); final_step: "full" computes
+            the last step (as TeaCache does) or "plan".
+        stored_dtype: None | fp32 | fp16 | bf16 | fp8 for the stored residual.
+    """
+
+    name: ClassVar[str] = "TeaCache"
+    threshold: float = 0.1
+    calibration: Optional[str] = None
+    coefficients: Optional[Tuple[float, ...]] = None
+    warmup_steps: int = 1
+    final_step: str = "full"
+    stored_dtype: Optional[str] = None
+
+    def __post_init__(self):
+        n = self.name
+        _check_number(n, "threshold", self.threshold)
+        coeffs = self.coefficients
+        if self.calibration is not None:
+            loaded = _load_calibration(n, self.calibration)
+            if coeffs is not None and tuple(coeffs) != loaded:  # describe() gives both
+                raise _err(n, "coefficients", coeffs, "None when 'calibration' is set")
+            coeffs = loaded
+        elif coeffs is not None:
+            if not isinstance(coeffs, (list, tuple)) or not coeffs:
+                raise _err(n, "coefficients", coeffs, "a non-empty list of numbers")
+            coeffs = tuple(_check_number(n, "coefficients", c, -math.inf) for c in coeffs)
+        object.__setattr__(self, "coefficients", coeffs)
+        _check_int(n, "warmup_steps", self.warmup_steps, 0)
+        _check_choice(n, "final_step", self.final_step, ("plan", "full"))
+        _check_stored_dtype(n, self.stored_dtype)
+
+    def rescale(self, change: float) -> float:
+        if self.coefficients is None:
+            return change
+        out = 0.0
+        for c in self.coefficients:  # Horner, highest degree first
+            out = out * change + c
+        return out
+
+    def decide(self, step, num_steps, change, state):
+        if self._forced(step, num_steps, change):
+            state["accumulated"] = 0.0
+            return True
+        state["accumulated"] = state.get("accumulated", 0.0) + self.rescale(change)
+        if state["accumulated"] < self.threshold:
+            return False
+        state["accumulated"] = 0.0
+        return True
+
+
+@CACHES.register_module("FirstBlockCache")
+@dataclass(frozen=True)
+class FirstBlockCache(AdaptivePolicy):
+    """First-Block Cache (ParaAttention, diffusers): the first spatial and temporal blocks are
+    always computed; while what they add to the trunk input changes, relative to the last step
+    that computed the whole trunk, by less than ``threshold`` (relative L1), the other blocks
+    are skipped and their stored residual is added.
+
+    Args: threshold (0.05), warmup_steps (1), final_step ("plan" | "full"), stored_dtype."""
+
+    name: ClassVar[str] = "FirstBlockCache"
+    measure: ClassVar[str] = "first_pair_residual"
+    decide_at: ClassVar[int] = 2
+    reference_every_step: ClassVar[bool] = False
+    threshold: float = 0.05
+    warmup_steps: int = 1
+    final_step: str = "plan"
+    stored_dtype: Optional[str] = None
+
+    def __post_init__(self):
+        n = self.name
+        _check_number(n, "threshold", self.threshold)
+        _check_int(n, "warmup_steps", self.warmup_steps, 0)
+        _check_choice(n, "final_step", self.final_step, ("plan", "full"))
+        _check_stored_dtype(n, self.stored_dtype)
+
+    def decide(self, step, num_steps, change, state):
+        return self._forced(step, num_steps, change) or change >= self.threshold

@@ -23,6 +23,7 @@ x + g1 * A + CA + g2 * M in two fused passes. It needs the block's modulation, w
 from __future__ import annotations
 
 import inspect
+import math
 import time
 import weakref
 from typing import TYPE_CHECKING, Optional
@@ -95,17 +96,25 @@ class BlockRunner:
         if plan is None:  # not inside a tracked model call: behave as the original block
             return self.slot.original(*args, **kwargs)
         x = args[0] if args else kwargs["x"]
+        index = self.slot.index
+        if plan.decide_at is not None:
+            if index == 0:
+                m._trunk_in = x
+            if index == plan.decide_at:
+                plan = m.decide(self.slot, x, self._bind(args, kwargs)
+                                if m.policy.measure == "modulated_input" else None)
+        if plan.residual_from is not None and index >= plan.residual_from:
+            m.count_module("trunk", Action.REUSE)
+            return m.residual_output(x) if self.slot.is_last else x
         if plan.skip_trunk:
             m.count_module("trunk", Action.REUSE)
             return m.trunk_output(x) if self.slot.is_last else x
-        if plan.is_full() and not m.storing_anything():
+        if plan.is_full() and not m.stores_modules():
             out = self.slot.original(*args, **kwargs)
         elif (self.token_sparse and plan.actions[self.kind] == Action.REUSE
               and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
               and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
-            bound = self._signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            out = self._conservative(plan, **bound.arguments)
+            out = self._conservative(plan, **self._bind(args, kwargs))
         else:
             self.plan, self.x_in = plan, x
             try:
@@ -114,6 +123,12 @@ class BlockRunner:
                 self.plan, self.x_in = None, None
         m.after_block(self.slot, out)
         return out
+
+    def _bind(self, args, kwargs) -> dict:
+        """The block's forward arguments by name (defaults filled in)."""
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
 
     # ------------------------------------------------------------ the taps' work
     def run_module(self, attr: str, original, args, kwargs):
@@ -141,12 +156,23 @@ class BlockRunner:
                              f"{kind} at step {m.step} is {act})")
         b, c = inp.shape[0], inp.shape[-1]
         idx = self._select(kind, self._ratio(kind))
-        sub = gather_tokens(inp.reshape(b, -1, c), idx)
-        new = original(sub, *args[1:], **kwargs)
+        new = original(gather_tokens(inp.reshape(b, -1, c), idx), *args[1:], **kwargs)
+        return self._overwrite(name, stored, idx, new, inp.dtype)
+
+    def _overwrite(self, name: str, stored: torch.Tensor, idx: torch.Tensor, new: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+        """The reused (or forecast) value ``stored`` with the recomputed tokens ``new`` at
+        ``idx``. Plain reuse writes them into the stored feature, so they persist until the next
+        full step; a forecast is a fresh tensor and takes them for this step only."""
+        m, feature = self.m, getattr(self.slot.state, name)
         t0 = time.perf_counter()
-        _scatter(getattr(st, name), idx, new)
+        if feature.order == 0:
+            feature.scatter_(idx, new)
+            stored = feature.value(m.at, dtype)
+        else:
+            _scatter(stored, idx, new)
         m.bookkeeping_s += time.perf_counter() - t0
-        return self._stored(name, kind, inp.shape, inp.dtype)
+        return stored
 
     def _self_attn(self, original, args, kwargs):
         """Full self-attention; captures this block's token scores when a selection needs them."""
@@ -176,10 +202,8 @@ class BlockRunner:
 
     # ------------------------------------------------------------ stored features
     def _store(self, name: str, value: torch.Tensor, kind: Kind) -> None:
-        if self.m.stores(kind):  # contiguous: later steps gather from it and scatter into it
-            dt = self.m.stored_dtype
-            value = value if dt is None or value.dtype == dt else value.to(dt)
-            self.slot.state.put(name, value.contiguous())
+        if self.m.stores(kind):
+            getattr(self.slot.state, name).update(value, self.m.at)
 
     def _mark_full(self, kind: Kind) -> None:
         m = self.m
@@ -193,13 +217,13 @@ class BlockRunner:
                 last.fill_(m.step)
 
     def _stored(self, name: str, kind: Kind, shape, dtype: torch.dtype) -> torch.Tensor:
-        """The stored feature ``name`` (it must have ``shape``) in ``dtype``."""
-        v = getattr(self.slot.state, name)
-        if v is None or tuple(v.shape) != tuple(shape):
+        """The stored (or forecast) feature ``name`` (it must have ``shape``) in ``dtype``."""
+        feature = getattr(self.slot.state, name)
+        if feature.shape is None or tuple(feature.shape) != tuple(shape):
             raise RuntimeError(f"block {self.slot.name}: the plan reuses {kind} at step "
                                f"{self.m.step} but nothing of shape {tuple(shape)} was stored "
                                f"(policy {self.m.policy.name!r})")
-        return v if v.dtype == dtype else v.to(dtype)
+        return feature.value(self.m.at, dtype)
 
     # ------------------------------------------------------------ token selection
     def _ratio(self, kind: Kind) -> float:
@@ -251,11 +275,9 @@ class BlockRunner:
         A = self._attn_tokens(self._stored("attn", self.kind, attn_shape, x.dtype), b, T, S)
         CA = self._stored("cross", Kind.CROSS_ATTN, x.shape, x.dtype).view(b, T, S, c)
         xv = x.view(b, T, S, c)
-        M = st.mlp
-        if M is None or M.numel() != x.numel():
-            raise RuntimeError(f"block {self.slot.name}: the plan reuses {Kind.MLP} at step "
-                               f"{m.step} but nothing matching {tuple(x.shape)} was stored "
-                               f"(policy {m.policy.name!r})")
+        mlp_shape = st.mlp.shape if st.mlp.shape is not None and \
+            math.prod(st.mlp.shape) == x.numel() else x.shape
+        M = self._stored("mlp", Kind.MLP, mlp_shape, x.dtype)
         m.count_module(self.kind, Action.REUSE)
         m.count_module(Kind.CROSS_ATTN, Action.REUSE)
         m.count_module(Kind.MLP, plan.actions[Kind.MLP])
@@ -270,12 +292,8 @@ class BlockRunner:
                   + gather_tokens(CA.reshape(b, n, c), idx))
             m.bookkeeping_s += time.perf_counter() - tick
             hs = block.norm2(x2) * (1 + _gather_mod(sc2, idx, S)) + _gather_mod(sh2, idx, S)
-            new = block.mlp(hs)
-            tick = time.perf_counter()
-            _scatter(M, idx, new)
-            m.bookkeeping_s += time.perf_counter() - tick
+            M = self._overwrite("mlp", M, idx, block.mlp(hs), x.dtype)
         M = M.view(b, T, S, c)
-        M = M if M.dtype == x.dtype else M.to(x.dtype)
         out = torch.addcmul(xv + CA, g1, A)
         out.addcmul_(g2, M)
         return out.view(b, n, c)
@@ -294,6 +312,15 @@ class BlockRunner:
             native = A.transpose(1, 2).reshape(b, -1, c)  # a view of the stored tensor
             return gather_tokens(native, (idx % S) * T + idx // S)
         return gather_tokens(A.reshape(b, -1, c), idx)
+
+
+def modulated_input(block, x, y=None, t=None, mask=None, x_mask=None, t0=None, T=None, S=None,
+                    **_unused) -> torch.Tensor:
+    """The block's normalised input modulated by the timestep (TeaCache's measured signal),
+    [B, T*S, C], with the Open-Sora 1.2 modulation layout."""
+    b, n, c = x.shape
+    sh1, sc1 = block_modulation(block.scale_shift_table, t, x_mask, t0)[:2]
+    return (block.norm1(x.view(b, T, S, c)) * (1 + sc1) + sh1).view(b, n, c)
 
 
 class ModuleTap:

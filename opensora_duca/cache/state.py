@@ -1,9 +1,23 @@
-"""What one block keeps between steps, and the byte accounting of everything stored."""
+"""What the cache keeps between steps: stored features (optionally as a short history of finite
+differences, for forecasting), how they are encoded (``stored_dtype``), and the byte accounting.
+
+A :class:`Feature` is updated at the steps where its module is computed and read at the steps
+where it is reused. With forecasting order 0 it is the last computed value (reuse). With order k
+it keeps the value and its first k finite differences with respect to the distance variable (the
+step index or the timestep): at an anchor ``a`` with gap ``h`` to the previous anchor,
+``D0 = f(a)``, ``D(i+1) = (Di(a) - Di(previous)) / h``; a read at ``a + d`` returns the Taylor
+polynomial ``sum_i Di d^i / i!`` (TaylorSeer's expansion). Fewer anchors than k + 1 give a lower
+order.
+"""
 from __future__ import annotations
 
-from typing import Dict, Optional
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 class StoredBytes:
@@ -13,36 +27,149 @@ class StoredBytes:
         self.current = 0
         self.peak = 0
 
-    def swap(self, old: Optional[torch.Tensor], new: Optional[torch.Tensor]) -> None:
-        if old is not None:
-            self.current -= old.numel() * old.element_size()
-        if new is not None:
-            self.current += new.numel() * new.element_size()
+    def add(self, nbytes: int) -> None:
+        self.current += nbytes
         self.peak = max(self.peak, self.current)
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Forecast arithmetic runs in float32 at least (float64 for float64 models)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _nbytes(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+@dataclass
+class Encoded:
+    """A stored tensor: ``data`` in the store's dtype, and for fp8 a per-token scale."""
+
+    data: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.data) + _nbytes(self.scale)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+
+class Codec:
+    """How features are stored. ``None`` keeps the model's tensors as they are; ``fp32`` /
+    ``fp16`` / ``bf16`` cast; ``fp8`` stores float8_e4m3fn with one float32 scale per token
+    (amax over channels / 448), kept as bytes so gathers and scatters work on every device."""
+
+    CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+    def __init__(self, stored_dtype: Optional[str]):
+        self.name = stored_dtype
+        self.fp8 = stored_dtype == "fp8"
+        self.cast = self.CASTS.get(stored_dtype)
+        if self.fp8 and not hasattr(torch, "float8_e4m3fn"):  # pragma: no cover - torch < 2.1
+            raise ValueError("stored_dtype='fp8' needs torch >= 2.1 (float8_e4m3fn)")
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        if self.fp8:
+            scale = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+            q = (x.float() / scale).to(torch.float8_e4m3fn)
+            return Encoded(q.view(torch.uint8).contiguous(), scale)
+        if self.cast is not None and x.dtype != self.cast:
+            return Encoded(x.to(self.cast).contiguous())
+        return Encoded(x.contiguous())
+
+    def decode(self, e: Encoded, dtype: torch.dtype) -> torch.Tensor:
+        if self.fp8:
+            return (e.data.view(torch.float8_e4m3fn).float() * e.scale).to(dtype)
+        return e.data if e.data.dtype == dtype else e.data.to(dtype)
+
+    def scatter_(self, e: Encoded, idx: torch.Tensor, src: torch.Tensor) -> None:
+        """Write src [B, k, C] at token positions idx [B, k] of e (token layout)."""
+        b, c = e.data.shape[0], e.data.shape[-1]
+        part = self.encode(src)
+        e.data.view(b, -1, c).scatter_(1, idx[..., None].expand(-1, -1, c), part.data)
+        if e.scale is not None:
+            e.scale.view(b, -1, 1).scatter_(1, idx[..., None], part.scale)
+
+
+class Feature:
+    """One stored module output (or the trunk output): its value at the last anchor and, with
+    forecasting, its finite differences."""
+
+    def __init__(self, codec: Codec, counter: StoredBytes, order: int = 0):
+        self.codec, self.counter, self.order = codec, counter, order
+        self.terms: List[Encoded] = []
+        self.anchor: Optional[float] = None
+
+    @property
+    def shape(self):
+        return self.terms[0].shape if self.terms else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.terms)
+
+    def clear(self) -> None:
+        self.counter.add(-self.nbytes)
+        self.terms, self.anchor = [], None
+
+    def update(self, value: torch.Tensor, at: float) -> None:
+        """The module was computed at ``at``: ``value`` becomes D0 and the differences move."""
+        new = [value]
+        if self.order and self.terms and at != self.anchor:
+            h, work = at - self.anchor, _work_dtype(value.dtype)
+            if tuple(self.shape) == tuple(value.shape):
+                for i in range(min(self.order, len(self.terms))):
+                    old = self.codec.decode(self.terms[i], work)
+                    new.append(((new[i].to(work) - old) / h).to(value.dtype))
+        self.clear()
+        self.terms = [self.codec.encode(v) for v in new]
+        self.anchor = at
+        self.counter.add(self.nbytes)
+
+    def value(self, at: float, dtype: torch.dtype) -> torch.Tensor:
+        """The stored value (order 0, or one anchor so far) or the Taylor forecast at ``at``."""
+        if len(self.terms) == 1:
+            return self.codec.decode(self.terms[0], dtype)
+        d, work = at - self.anchor, _work_dtype(dtype)
+        out = self.codec.decode(self.terms[0], work)
+        for i in range(1, len(self.terms)):
+            out = out + self.codec.decode(self.terms[i], work) * (d ** i / math.factorial(i))
+        return out.to(dtype)
+
+    def scatter_(self, idx: torch.Tensor, src: torch.Tensor) -> None:
+        """Write recomputed tokens into the stored value (reuse without forecasting only)."""
+        self.codec.scatter_(self.terms[0], idx, src)
+
+
 class BlockState:
-    """Stored features of one block: module outputs (self-attention before its gate,
-    cross-attention, MLP before its gate) as [B, T, S_local, C]; the token score of the last
-    fully computed self-attention [B, N]; per kind, the step at which each token was last
-    recomputed [B, N]; the block input at the last full MLP (similarity scorer)."""
+    """What one block keeps: module outputs as :class:`Feature` (self-attention before its gate,
+    in the layout the attention module returns; cross-attention; MLP before its gate); the token
+    score of the last fully computed self-attention [B, N]; per kind, the step at which each
+    token was last recomputed [B, N]; the block input at the last full MLP (similarity)."""
 
-    FEATURES = ("attn", "cross", "mlp", "score", "x_ref")
+    FEATURES = ("attn", "cross", "mlp")
+    TENSORS = ("score", "x_ref")
 
-    def __init__(self, counter: StoredBytes):
+    def __init__(self, counter: StoredBytes, codec: Codec, order: int = 0):
         self._counter = counter
-        self.attn: Optional[torch.Tensor] = None
-        self.cross: Optional[torch.Tensor] = None
-        self.mlp: Optional[torch.Tensor] = None
+        self.attn = Feature(codec, counter, order)
+        self.cross = Feature(codec, counter, order)
+        self.mlp = Feature(codec, counter, order)
         self.score: Optional[torch.Tensor] = None
         self.x_ref: Optional[torch.Tensor] = None
         self.last_step: Dict[str, torch.Tensor] = {}
 
     def put(self, name: str, value: Optional[torch.Tensor]) -> None:
-        self._counter.swap(getattr(self, name), value)
+        """Keep a plain tensor (``score`` / ``x_ref``), replacing the previous one."""
+        self._counter.add(_nbytes(value) - _nbytes(getattr(self, name)))
         setattr(self, name, value)
 
     def clear(self) -> None:
         for name in self.FEATURES:
+            getattr(self, name).clear()
+        for name in self.TENSORS:
             self.put(name, None)
         self.last_step = {}
