@@ -1,11 +1,12 @@
 # make demo : set up .venv and run the main job (the demo model, 2 ranks, DuCa vs uncached)
-# make test : set up .venv and run the test suite
+# make test : set up .venv, lint (make lint) and run the test suite
+# make lint : ruff check . (settings in pyproject.toml)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test lint setup clean
 
 setup: $(STAMP)
 
@@ -21,7 +22,10 @@ $(STAMP): setup.py requirements-test.txt requirements-vbench.txt
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node 2 tools/demo.py configs/demo/inference.py
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 clean:

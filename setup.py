@@ -9,8 +9,8 @@ setup(
     packages=find_packages(include=["opensora_duca", "opensora_duca.*"]),
     package_data={"opensora_duca": ["assets/*.safetensors", "assets/*.json"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.3", "mmengine>=0.10.3", "einops", "av>=12", "safetensors",
-                      "numpy", "tqdm"],
+    install_requires=["torch>=2.3", "mmengine>=0.10.3", "av>=12", "safetensors", "numpy",
+                      "tqdm"],
     extras_require={
         "flash-attn": ["flash-attn"],
         "xformers": ["xformers"],

@@ -1,4 +1,4 @@
-"""Checks of an inference config before anything is built (``tools/inference.py`` calls them).
+"""Checks of an inference config before anything is built (:mod:`opensora_duca.cli.inference`).
 
 Every mistake a user can make in a config or on the command line is reported here, before a
 model is built or a process group waits, as one ``ValueError`` naming the key, the value and
@@ -20,7 +20,9 @@ from typing import Any, Optional
 
 import torch
 
+from .parallel.launch import DEFAULT_TIMEOUT_S
 from .pipeline import get_num_frames, resolve_dtype, resolve_image_size
+from .utils.compile import compile_options
 
 #: top-level keys of an inference config and what they hold
 INFERENCE_KEYS = {
@@ -41,6 +43,7 @@ INFERENCE_KEYS = {
     "scheduler": "dict(type=...)", "cache": "dict(type=...) or None",
     "aes": "aesthetic score appended to prompts", "flow": "motion score appended to prompts",
     "dist_timeout": "seconds a rank waits for the others",
+    "compile": "None, True or dict(mode=..., backend=..., fullgraph=...) (torch.compile)",
     # Open-Sora 1.2 keys kept so its configs load; they change nothing without reference
     # (image / video) conditioning, which this tool does not do
     "frame_interval": "Open-Sora key (no effect here)",
@@ -53,8 +56,7 @@ INFERENCE_KEYS = {
 #: the settings every rank must share (they decide what is generated)
 AGREED_KEYS = ("prompt", "prompt_path", "image_size", "resolution", "aspect_ratio", "num_frames",
                "fps", "seed", "batch_size", "dtype", "model", "vae", "text_encoder", "scheduler",
-               "cache", "aes", "flow")
-DEFAULT_DIST_TIMEOUT = 600.0
+               "cache", "aes", "flow", "compile")
 PIXELS_PER_TOKEN = 4 * 8 * 8 * 2 * 2
 
 
@@ -74,7 +76,7 @@ def dist_timeout(cfg: Any) -> float:
     """The config's ``dist_timeout`` in seconds (default 600), checked."""
     value = cfg.get("dist_timeout")
     if value is None:
-        return DEFAULT_DIST_TIMEOUT
+        return DEFAULT_TIMEOUT_S
     if not _is_number(value) or value <= 0:
         raise _bad("dist_timeout", value, "a number of seconds > 0 (default 600)")
     return float(value)
@@ -150,6 +152,7 @@ def check_inference_config(cfg: Any, start_index: Any = None, end_index: Any = N
     if sched.get("cfg_scale") is not None and not _is_number(sched["cfg_scale"]):
         raise _bad("scheduler.cfg_scale", sched["cfg_scale"], "a finite number")
     resolve_dtype(cfg.get("dtype", "fp32"))
+    compile_options(cfg.get("compile"))
     dist_timeout(cfg)
     num_frames = get_num_frames(cfg.get("num_frames", 1))
     image_size = resolve_image_size(cfg.get("image_size"), cfg.get("resolution"),
@@ -174,4 +177,4 @@ def run_settings(cfg: Any, start_index: Any = None, end_index: Any = None) -> di
 
 
 __all__ = ["check_inference_config", "check_video_fits", "dist_timeout", "memory_bytes",
-           "run_settings", "INFERENCE_KEYS", "AGREED_KEYS", "DEFAULT_DIST_TIMEOUT"]
+           "run_settings", "INFERENCE_KEYS", "AGREED_KEYS"]

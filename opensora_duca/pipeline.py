@@ -21,15 +21,19 @@ to the device, so it is the same on every rank and does not depend on the batch 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from .cache import apply_cache, get_cache_manager
 from .registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
+from .utils.compile import compile_options
+from .utils.dtype import resolve_dtype
 
 # ----------------------------------------------------------------- video size helpers
 #: pixel area of each resolution name (its 9:16 base size, H x W, as Open-Sora's tables)
@@ -44,8 +48,6 @@ RESOLUTION_AREAS = {
 #: Open-Sora's named frame counts
 NUM_FRAMES_NAMES = {"1x": 51, "2x": 102, "4x": 204, "8x": 408, "16x": 816,
                     "2s": 51, "4s": 102, "8s": 204, "16s": 408, "32s": 816}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
-          "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_aspect_ratio(aspect_ratio: Any) -> float:
@@ -110,15 +112,6 @@ def resolve_image_size(image_size: Any = None, resolution: Any = None,
     return get_image_size(resolution, "9:16" if aspect_ratio is None else aspect_ratio)
 
 
-def resolve_dtype(dtype: Any) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not accepted; accepted: {sorted(DTYPES)} or a "
-                         f"torch.dtype")
-    return DTYPES[dtype]
-
-
 # ----------------------------------------------------------------------------- prompts
 def load_prompts(path: str, start_idx: Optional[int] = None,
                  end_idx: Optional[int] = None) -> list[str]:
@@ -154,26 +147,28 @@ def prompt_to_filename(prompt: str, max_len: int = 100) -> str:
     return name[:max_len] or "prompt"
 
 
-# ------------------------------------------------------------------------------ cache
-def _cache_api():
-    try:
-        from .cache import apply_cache, remove_cache  # noqa: F401
-    except ImportError as err:
-        raise RuntimeError(
-            "config key 'cache' is set, but the cache plugin (opensora_duca.cache.apply_cache) "
-            f"is not available in this install ({err}); remove the 'cache' entry to run "
-            "without caching") from err
-    return apply_cache, remove_cache
-
-
-def _find_manager(model) -> Any:
-    """The cache manager already attached to ``model`` (e.g. by a ``type="DuCa"`` model
-    wrapper), or None."""
-    try:
-        from .cache import get_cache_manager
-    except ImportError:
-        return None
-    return get_cache_manager(model)
+def unique_filenames(prompts: Sequence[str], max_len: int = 100) -> list[str]:
+    """One distinct file name per prompt: :func:`prompt_to_filename`, and where different
+    prompts map to the same name ("a red circle!" and "a red circle?", or prompts that agree
+    in their first ``max_len`` characters), each of them gets ``-`` and the first 8 hex digits
+    of the SHA-1 of its full text appended; a prompt listed more than once gets ``-{index}``
+    (its position in ``prompts``) as well. The names depend only on the list, so a rerun of
+    the same list maps every prompt to the same file."""
+    base = [prompt_to_filename(p, max_len) for p in prompts]
+    texts: dict[str, set] = {}
+    for b, p in zip(base, prompts):
+        texts.setdefault(b, set()).add(p)
+    names = [b if len(texts[b]) == 1 else
+             f"{b}-{hashlib.sha1(p.encode('utf-8')).hexdigest()[:8]}"
+             for b, p in zip(base, prompts)]
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    names = [n if counts[n] == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+    if len(set(names)) != len(names):  # only a prompt that spells another one's suffix
+        raise ValueError(f"prompts map to clashing file names {sorted(names)}; accepted: "
+                         f"prompts whose file names differ")
+    return names
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -186,7 +181,8 @@ class Pipeline:
 
     def __init__(self, model, text_encoder, vae, scheduler, device, dtype,
                  cache_manager=None, defaults: Optional[dict] = None, aes=None, flow=None):
-        self.model, self.text_encoder, self.vae, self.scheduler = model, text_encoder, vae, scheduler
+        self.model, self.text_encoder = model, text_encoder
+        self.vae, self.scheduler = vae, scheduler
         self.device, self.dtype = torch.device(device), dtype
         self.cache_manager = cache_manager
         self.defaults = dict(defaults or {})
@@ -300,8 +296,10 @@ class Pipeline:
         t0 = time.perf_counter()
         kwargs = dict(mask=mask, additional_args=additional_args, height=height, width=width,
                       num_frames=num_frames, progress=progress)
-        if self.cache_manager is not None:
-            with self.cache_manager.session(num_steps=self.scheduler.num_sampling_steps):
+        if self.cache_manager is not None:  # the timesteps on the host: the cache reads none
+            host_ts = self.scheduler.timesteps(height, width, num_frames).to(self.dtype).tolist()
+            with self.cache_manager.session(num_steps=self.scheduler.num_sampling_steps,
+                                            timesteps=host_ts):
                 z = self.scheduler.sample(self.model, z, y, y_null, **kwargs)
         else:
             z = self.scheduler.sample(self.model, z, y, y_null, **kwargs)
@@ -390,14 +388,18 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
 
     manager = None
     cache_cfg = _as_dict(_cfg_get(cfg, "cache"))
+    compile_cfg = _as_dict(_cfg_get(cfg, "compile"))
     if cache_cfg is not None:
         if not isinstance(cache_cfg, dict) or "type" not in cache_cfg:
             raise ValueError(f"config key 'cache'={cache_cfg!r} is not accepted; accepted: "
                              f"dict(type=<a registered cache policy>, ...) or None")
-        apply_cache, _ = _cache_api()
-        manager = apply_cache(model, cache_cfg)
-    else:
-        manager = _find_manager(model)
+        manager = apply_cache(model, cache_cfg, compile=compile_cfg)
+    else:  # a manager attached by a model wrapper (type="DuCa"), or None
+        manager = get_cache_manager(model)
+        if manager is not None:
+            manager.set_compile(compile_cfg)
+        elif compile_options(compile_cfg) is not None:  # compiled, uncached: policy "none"
+            manager = apply_cache(model, dict(type="none"), compile=compile_cfg)
 
     defaults = dict(num_frames=num_frames, image_size=image_size,
                     fps=_cfg_get(cfg, "fps", 24), seed=_cfg_get(cfg, "seed", 0),
@@ -407,5 +409,5 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
 
 
 __all__ = ["Pipeline", "build_from_config", "load_prompts", "append_scores", "get_image_size",
-           "get_num_frames", "resolve_image_size", "resolve_dtype", "parse_aspect_ratio",
-           "prompt_to_filename", "RESOLUTION_AREAS", "NUM_FRAMES_NAMES"]
+           "get_num_frames", "resolve_image_size", "parse_aspect_ratio", "prompt_to_filename",
+           "unique_filenames", "RESOLUTION_AREAS", "NUM_FRAMES_NAMES"]

@@ -19,10 +19,6 @@ TEXT_ENCODERS = Registry("text_encoder", scope="opensora_duca", locations=["open
 VAES = Registry("vae", scope="opensora_duca", locations=["opensora_duca.models"])
 DATASETS = Registry("dataset", scope="opensora_duca", locations=["opensora_duca.data"])
 
-_ALL = dict(model=MODELS, scheduler=SCHEDULERS, cache=CACHES, text_encoder=TEXT_ENCODERS,
-            vae=VAES, dataset=DATASETS)
-
-
 def registered(registry: Registry) -> list[str]:
     """Sorted names registered in ``registry`` (imports its modules first)."""
     registry.import_from_location()

@@ -6,8 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from opensora_duca.models.attention import (BACKENDS, attention, available_backends,
-                                            check_backend)
+from opensora_duca.models.attention import BACKENDS, attention, available_backends, check_backend
 from opensora_duca.models.stdit3 import STDiT3
 
 

@@ -5,10 +5,16 @@ import pytest
 import torch
 
 from opensora_duca.models.stdit3 import STDiT3
-from opensora_duca.pipeline import (build_from_config, get_image_size, get_num_frames,
-                                    load_prompts, parse_aspect_ratio, resolve_dtype,
-                                    resolve_image_size)
+from opensora_duca.pipeline import (
+    build_from_config,
+    get_image_size,
+    get_num_frames,
+    load_prompts,
+    parse_aspect_ratio,
+    resolve_image_size,
+)
 from opensora_duca.registry import MODELS, SCHEDULERS, VAES, build_module
+from opensora_duca.utils.dtype import resolve_dtype
 
 
 def small_model(**kw):

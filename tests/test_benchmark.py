@@ -1,22 +1,23 @@
-"""tools/benchmark.py: every field for every policy on the (tiny) cpu preset, the reference
-row, DuCa's analytic saving, input validation, and the demo preset when its model is shipped."""
+"""tools/benchmark.py (opensora_duca.cli.benchmark): every field for every policy on the (tiny)
+cpu preset, the reference row, DuCa's analytic saving, input validation, and the demo preset
+when its model is shipped."""
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import benchmark as bm  # noqa: E402
+from opensora_duca.bench.benches import demo_available
+from opensora_duca.bench.measure import fidelity, parse_policies
+from opensora_duca.bench.report import markdown_table
+from opensora_duca.cli.benchmark import main
 
 FIELDS = ("policy", "median_s", "times_s", "speedup", "flops_ratio", "peak_cache_bytes",
-          "peak_mem_bytes", "bookkeeping_s", "bookkeeping_frac", "psnr", "ssim")
+          "peak_mem_bytes", "bookkeeping_s", "bookkeeping_frac", "psnr", "ssim", "step_kinds",
+          "syncs_per_run")
 POLICIES = ["none", "DuCa", "ToCa", "FORA", "PAB"]
 
 
@@ -25,7 +26,7 @@ def report(tmp_path_factory):
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("bench")
     js, png = str(d / "bench.json"), str(d / "bench.png")
-    assert bm.main(["--preset", "cpu", "--tiny", "--steps", "6", "--repeat", "2",
+    assert main(["--preset", "cpu", "--tiny", "--steps", "6", "--repeat", "2",
                     "--policies", ",".join(POLICIES), "--json", js, "--plot", png,
                     "--threads", "1", "--quiet", "--device", "cpu"]) == 0
     with open(js) as f:
@@ -63,37 +64,64 @@ def test_reference_and_duca_rows(report):
 
 
 def test_markdown_table(report):
-    table = bm.markdown_table(report[0])
+    table = markdown_table(report[0])
     assert table.count("\n") == 1 + len(POLICIES)
     assert "| DuCa |" in table
 
 
 def test_fidelity_ssim_on_large_latents():
     z = torch.randn(1, 4, 2, 12, 12)
-    f = bm.fidelity(z, z)
+    f = fidelity(z, z)
     assert f["psnr"] == 100.0 and abs(f["ssim"] - 1.0) < 1e-12 and f["rel_l2"] == 0.0
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="--policies.*Bogus.*registered"):
-        bm.parse_policies("none,Bogus")
-    assert bm.parse_policies("DuCa") == ["none", "DuCa"]  # the reference is always run
+        parse_policies("none,Bogus")
+    assert parse_policies("DuCa") == ["none", "DuCa"]  # the reference is always run
     with pytest.raises(ValueError, match="--preset.*nope"):
-        bm.main(["--preset", "nope", "--device", "cpu"])
+        main(["--preset", "nope", "--device", "cpu"])
     with pytest.raises(SystemExit, match="allow-cpu"):
-        bm.main(["--preset", "opensora-480p-51f", "--device", "cpu"])
+        main(["--preset", "opensora-480p-51f", "--device", "cpu"])
     with pytest.raises(ValueError, match="--repeat"):
-        bm.main(["--preset", "cpu", "--tiny", "--steps", "3", "--repeat", "0",
+        main(["--preset", "cpu", "--tiny", "--steps", "3", "--repeat", "0",
                  "--device", "cpu", "--quiet"])
 
 
-@pytest.mark.skipif(not bm.demo_available(), reason="demo config/checkpoint not shipped yet")
+@pytest.mark.skipif(not demo_available(), reason="demo config/checkpoint not shipped yet")
 def test_demo_preset_decodes_frames(tmp_path):
     torch.set_num_threads(1)
     js = str(tmp_path / "demo.json")
-    assert bm.main(["--preset", "demo", "--steps", "4", "--repeat", "1", "--policies",
+    assert main(["--preset", "demo", "--steps", "4", "--repeat", "1", "--policies",
                     "none,DuCa", "--json", js, "--threads", "1", "--quiet",
                     "--device", "cpu"]) == 0
     rows = {r["policy"]: r for r in json.load(open(js))["results"]}
     assert rows["none"]["psnr_frames"] == 100.0
-    assert "ssim_frames" in rows["DuCa"]
+    assert rows["none"]["ssim_frames"] == pytest.approx(1.0, abs=1e-12)
+    assert 0.0 < rows["DuCa"]["ssim_frames"] < 1.0
+
+
+def test_compile_reports_per_kind_times_and_syncs(tmp_path):
+    """--compile (aot_eager here: the inductor regions are tested in test_compile.py): no graph
+    compiled in the timed runs, the time per step kind against its FLOPs share, no sync."""
+    js = str(tmp_path / "c.json")
+    assert main(["--preset", "cpu", "--tiny", "--steps", "6", "--repeat", "1", "--policies",
+                 "DuCa", "--compile", "--compile-backend", "aot_eager", "--json", js,
+                 "--threads", "1", "--quiet", "--device", "cpu"]) == 0
+    with open(js) as f:
+        rep = json.load(f)
+    assert rep["compile"]["backend"] == "aot_eager" and rep["warmup"] == 1
+    assert rep["graphs_compiled_in_timed_runs"] == 0
+    rows = {r["policy"]: r for r in rep["results"]}
+    none, duca = rows["none"]["step_kinds"], rows["DuCa"]["step_kinds"]
+    assert list(none) == ["full"] and none["full"]["steps"] == 6
+    assert none["full"]["flops_share"] == 1.0
+    assert {k: v["steps"] for k, v in duca.items()} == {
+        "full": 3, "full (cross-attn reused)": 1, "conservative": 1, "aggressive": 1}
+    assert duca["aggressive"]["flops_share"] == 0.0
+    assert 0 < duca["conservative"]["flops_share"] < duca["full (cross-attn reused)"][
+        "flops_share"] < 1.0
+    for k in duca.values():
+        assert k["median_s"] > 0
+        assert k["ideal_s"] == pytest.approx(k["flops_share"] * rep["full_step_s"])
+    assert rows["none"]["syncs_per_run"] == 0 and rows["DuCa"]["syncs_per_run"] == 0

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from cache_utils import inputs, small_model, trajectory
+
 from opensora_duca.cache import apply_cache, build_policy, get_cache_manager, remove_cache
 from opensora_duca.cache.flops import TrunkShape, run_flops_ratio
 from opensora_duca.cache.plan import FULL_STEP, KINDS, Action, Kind, StepPlan
@@ -135,7 +135,8 @@ def test_token_sparse_conservative_step_runs_mlp_on_selected_tokens_only():
     m = small_model()
     x, y, mask = inputs()  # latent 3 x 8 x 10 -> T=3, H=4, W=5, N=60 tokens
     rows = []
-    hook = m.spatial_blocks[0].mlp.fc1.register_forward_hook(lambda mod, a, o: rows.append(a[0].shape))
+    hook = m.spatial_blocks[0].mlp.fc1.register_forward_hook(
+        lambda mod, a, o: rows.append(a[0].shape))
     mgr = apply_cache(m, dict(type="DuCa", warmup_steps=1, fresh_ratio=0.2,
                               ratio_factors=dict(mlp=1.0)))
     with mgr.session(num_steps=3):
@@ -152,8 +153,12 @@ def test_token_sparse_conservative_step_runs_mlp_on_selected_tokens_only():
 
 def test_duca_default_plan_over_30_steps():
     pol = build_policy(dict(type="DuCa"))
-    labels = [pol.plan(s, 30, [1000 * (1 - i / 30) for i in range(s + 1)]).label for s in range(30)]
-    idx = lambda lab: [i for i, l in enumerate(labels) if l == lab]
+    labels = [pol.plan(s, 30, [1000 * (1 - i / 30) for i in range(s + 1)]).label
+              for s in range(30)]
+
+    def idx(lab):
+        return [i for i, got in enumerate(labels) if got == lab]
+
     assert idx("full") == [0, 1, 2, 6, 12, 18, 24]
     assert idx("full (cross-attn reused)") == [3, 9, 15, 21, 27]
     assert idx("conservative") == list(range(4, 30, 3))

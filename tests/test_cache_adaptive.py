@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
-from cache_utils import inputs, small_model, trajectory
+from cache_utils import inputs, small_model
 from dist_utils import run_distributed
+
 from opensora_duca.cache import apply_cache, remove_cache
 
 STEPS = 12
@@ -161,11 +161,51 @@ def test_teacache_calibration_file_and_validation(tmp_path):
     from opensora_duca.cache import build_policy
 
     path = tmp_path / "cal.json"
-    path.write_text(json.dumps({"coefficients": [2.0, 0.5, 0.0]}))
+    path.write_text(json.dumps({"coefficients": [2.0, 0.5, 0.0], "x_range": [0.0, 0.2]}))
     pol = build_policy(dict(type="TeaCache", calibration=str(path)))
     assert pol.coefficients == (2.0, 0.5, 0.0) and pol.rescale(0.1) == pytest.approx(0.07)
+    assert pol.rescale(0.5) == pytest.approx(pol.rescale(0.2))  # clamped to the fitted range
+    assert build_policy(dict(type="TeaCache", coefficients=[1.0, -1.0])).rescale(0.5) == 0.0
     assert build_policy(pol.describe()) == pol
     with pytest.raises(ValueError, match="calibration"):
         build_policy(dict(type="TeaCache", calibration=str(tmp_path / "missing.json")))
     with pytest.raises(ValueError, match="threshold"):
         build_policy(dict(type="FirstBlockCache", threshold=-1))
+
+
+def test_calibration_fit_recovers_a_known_polynomial():
+    import numpy as np
+
+    from opensora_duca.cache.calibrate import fit_polynomial
+
+    rng = np.random.default_rng(0)
+    true = [3.0, -2.0, 0.5, 0.01]  # highest degree first
+    xs = rng.uniform(0.0, 0.3, 50)
+    fit = fit_polynomial(xs, np.polyval(true, xs), 3)
+    assert fit["samples"] == 50 and fit["rmse"] < 1e-12
+    assert np.allclose(fit["coefficients"], true, atol=1e-8)
+    noisy = fit_polynomial(xs, np.polyval(true, xs) + rng.normal(0, 1e-4, 50), 3)
+    assert np.allclose(noisy["coefficients"][2:], true[2:], atol=1e-2)
+    with pytest.raises(ValueError, match="more than degree=4"):
+        fit_polynomial(xs[:4], xs[:4], 4)
+
+
+def test_calibrate_tool_writes_a_file_teacache_reads(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "cal.json"
+    r = subprocess.run([sys.executable, "tools/calibrate.py", "configs/tiny/inference.py",
+                        "--seeds", "100", "--degree", "2", "--steps", "6", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["degree"] == 2 and data["samples"] == 5 and len(data["x"]) == 5
+    from opensora_duca.cache import build_policy
+
+    pol = build_policy(dict(type="TeaCache", calibration=str(out)))
+    assert list(pol.coefficients) == data["coefficients"]
+    bad = subprocess.run([sys.executable, "tools/calibrate.py", "configs/tiny/inference.py",
+                          "--steps", "1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--steps 1" in bad.stderr

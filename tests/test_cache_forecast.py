@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from cache_utils import inputs, small_model, trajectory
+
 from opensora_duca.cache import apply_cache, build_policy, remove_cache
 from opensora_duca.cache.state import Codec, Feature, StoredBytes
 

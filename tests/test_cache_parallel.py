@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
 from cache_utils import inputs, small_model, trajectory
 from dist_utils import run_distributed
+
 from opensora_duca.cache import apply_cache, remove_cache
 
 STEPS = 10

@@ -6,8 +6,18 @@ import dataclasses
 
 import pytest
 
-from opensora_duca.cache import (FORA, PAB, Action, DuCa, Kind, Scorer, StepKind, ToCa,
-                                 TrunkReuse, build_policy)
+from opensora_duca.cache import (
+    FORA,
+    PAB,
+    Action,
+    DuCa,
+    Kind,
+    Scorer,
+    StepKind,
+    ToCa,
+    TrunkReuse,
+    build_policy,
+)
 from opensora_duca.cache.policies import accepted_keys
 from opensora_duca.registry import CACHES, registered
 

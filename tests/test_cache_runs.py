@@ -8,8 +8,8 @@ import weakref
 
 import pytest
 import torch
-
 from cache_utils import inputs, small_model
+
 from opensora_duca.cache import apply_cache, get_cache_manager, remove_cache
 
 

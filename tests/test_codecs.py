@@ -109,3 +109,52 @@ def test_opensora_adapter_builds_through_upstream_registry(monkeypatch):
     assert z.shape == (1, 4, 5, 8, 8)
     assert vae.decode(z, num_frames=17).shape == (1, 3, 17, 64, 64)
     assert vae.dtype == torch.float32
+
+
+def test_opensora_v13_adapter(monkeypatch):
+    """The 1.3 VAE is built through upstream's registry under its own type name; its decode
+    takes no frame count, so the adapter crops the decoded frames."""
+    built, seen = {}, {}
+
+    class FakeVAE13(torch.nn.Module):
+        out_channels = 16
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def get_latent_size(self, s):
+            return [(s[0] - 1) // 4 + 1, s[1] // 8, s[2] // 8]
+
+        def encode(self, x):
+            return torch.zeros(x.shape[0], 16, (x.shape[2] - 1) // 4 + 1, x.shape[3] // 8,
+                               x.shape[4] // 8)
+
+        def decode(self, z, is_training=False, **kwargs):
+            seen.update(kwargs)
+            return torch.arange(z.shape[2] * 4, dtype=torch.float32).view(1, 1, -1, 1, 1).expand(
+                z.shape[0], 3, -1, z.shape[3] * 8, z.shape[4] * 8)
+
+    class FakeRegistry:
+        def build(self, cfg):
+            built.update(cfg)
+            return FakeVAE13()
+
+    pkg, reg = types.ModuleType("opensora"), types.ModuleType("opensora.registry")
+    reg.MODELS = FakeRegistry()
+    monkeypatch.setitem(sys.modules, "opensora", pkg)
+    monkeypatch.setitem(sys.modules, "opensora.registry", reg)
+    vae = build_module(dict(type="OpenSoraVAE_V1_3", from_pretrained="vae13", z_channels=16,
+                            micro_frame_size=17, temporal_overlap=True), VAES)
+    assert built == dict(type="OpenSoraVAE_V1_3", from_pretrained="vae13", z_channels=16,
+                         micro_frame_size=17, temporal_overlap=True)
+    assert vae.out_channels == 16 and list(vae.get_latent_size((113, 64, 64))) == [29, 8, 8]
+    z = vae.encode(torch.zeros(1, 3, 113, 64, 64))
+    x = vae.decode(z, num_frames=113)
+    assert x.shape == (1, 3, 113, 64, 64) and seen == {}
+    assert x[0, 0, :, 0, 0].tolist() == list(range(113))  # the first frames are kept
+    assert vae.decode(z).shape[2] == 116
+    monkeypatch.setitem(sys.modules, "opensora", None)
+    monkeypatch.setitem(sys.modules, "opensora.registry", None)
+    with pytest.raises(ImportError, match="OpenSoraVAE_V1_3.*v1.3"):
+        build_module(dict(type="OpenSoraVAE_V1_3"), VAES)

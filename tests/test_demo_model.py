@@ -1,7 +1,15 @@
 """The shipped demo checkpoint loads through the demo config and generates videos that the
-caption judge accepts, uncached and with DuCa: one prompt per direction (and a still one), in
-different colours and shapes, with a fixed seed. The prompts were not picked by looking at the
-results; the full held-out accuracy is measured by ``tools/judge.py`` (README "Measured")."""
+caption judge accepts, uncached and with DuCa.
+
+The prompts follow a rule fixed before any output was looked at: every direction x every shape
+(15 prompts), the k-th of them (shape-major, in ``SHAPES`` x ``DIRECTIONS`` order) in colour
+``COLORS[k mod 7]``, all with noise seed 0. The bounds come from the caption-set measurement
+(README "Measured": 105 captions x 2 seeds, the same weights, which include these captions):
+there every clip of a moving caption was judged right in everything (``all_ok``: colour, shape,
+motion, one object; 168/168 uncached and with DuCa), and clips of "staying still" captions
+mostly were not (``all_ok`` 3/42 uncached, 5/42 DuCa: the model draws a still shape in pieces).
+So: at least 11 of the 12 moving prompts and at least 11 of all 15 prompts (73%) ``all_ok``;
+the still prompts are expected to fail and are not required to."""
 from __future__ import annotations
 
 import os
@@ -11,29 +19,36 @@ import torch
 from mmengine.config import Config
 
 from opensora_duca.cache import apply_cache, remove_cache
+from opensora_duca.data.synthetic import COLORS, DIRECTIONS, SHAPES, caption_for
 from opensora_duca.eval.judge import judge
 from opensora_duca.pipeline import build_from_config
 from opensora_duca.utils.video import to_uint8_frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT = os.path.join(ROOT, "opensora_duca/assets/demo_stdit3.safetensors")
-PROMPTS = ["a yellow circle moving down", "a green circle moving left", "a red square moving up",
-           "a blue triangle moving right", "a white square staying still"]
+PROMPTS = [caption_for(list(COLORS)[k % len(COLORS)], shape, direction)
+           for k, (shape, direction) in enumerate((s, d) for s in SHAPES for d in DIRECTIONS)]
+MIN_MOVING, MIN_ALL = 11, 11  # all_ok of the 12 moving prompts, of all 15
 
 
 @pytest.mark.skipif(not os.path.isfile(CKPT), reason="demo checkpoint not shipped")
 def test_shipped_checkpoint_generates_judged_videos():
     assert os.path.getsize(CKPT) <= 20 * 2 ** 20
+    assert len(set(PROMPTS)) == 15
+    torch.set_num_threads(2)
     cfg = Config.fromfile(os.path.join(ROOT, "configs/demo/inference.py"))
     cfg.cache = None
     pipe = build_from_config(cfg, device="cpu")
-    out = pipe.generate(PROMPTS, seeds=[0] * len(PROMPTS))
-    for prompt, video in zip(PROMPTS, out["video"]):
-        v = judge(to_uint8_frames(video), prompt)
-        assert v["ok"], (prompt, v["detected_color"], v["detected_direction"])
+    gen = dict(seeds=[0] * len(PROMPTS), batch_size=len(PROMPTS))
+    out = pipe.generate(PROMPTS, **gen)
     pipe.cache_manager = apply_cache(pipe.model, dict(type="DuCa"))
-    cached = pipe.generate(PROMPTS, seeds=[0] * len(PROMPTS))
+    cached = pipe.generate(PROMPTS, **gen)
     remove_cache(pipe.model)
-    for prompt, video in zip(PROMPTS, cached["video"]):
-        assert judge(to_uint8_frames(video), prompt)["ok"], prompt
+    pipe.cache_manager = None
     assert not torch.equal(cached["video"], out["video"])
+    for name, videos in (("uncached", out["video"]), ("DuCa", cached["video"])):
+        verdicts = [judge(to_uint8_frames(v), p) for p, v in zip(PROMPTS, videos)]
+        wrong = [(v["caption"], v["reason"]) for v in verdicts if not v["all_ok"]]
+        moving = [v["all_ok"] for v in verdicts if v["expected_direction"] != "still"]
+        assert len(moving) == 12 and sum(moving) >= MIN_MOVING, (name, wrong)
+        assert len(PROMPTS) - len(wrong) >= MIN_ALL, (name, wrong)

@@ -1,17 +1,13 @@
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from opensora_duca.eval import fidelity as fid  # noqa: E402
-from opensora_duca.utils.video import save_video  # noqa: E402
+from opensora_duca.eval import fidelity as fid
+from opensora_duca.utils.video import save_video
 
 
 # ---------------------------------------------------------------- independent reference for SSIM
@@ -35,7 +31,8 @@ def ssim_numpy_loop(x, y):
             vy = (w * (py - my) ** 2).sum()
             cxy = (w * (px - mx) * (py - my)).sum()
             c1, c2 = 0.01 ** 2, 0.03 ** 2
-            vals.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+            vals.append(((2 * mx * my + c1) * (2 * cxy + c2))
+                        / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
     return float(np.mean(vals))
 
 
@@ -74,7 +71,8 @@ def test_psnr_data_range_and_layouts():
     a5 = torch.from_numpy(a).permute(1, 0, 2, 3).unsqueeze(0)
     b5 = torch.from_numpy(b).permute(1, 0, 2, 3).unsqueeze(0)
     assert fid.psnr(a5, b5, data_range=255, layout="BCTHW") == pytest.approx(ref)
-    assert fid.ssim(a5, b5, data_range=255, layout="BCTHW") == pytest.approx(fid.ssim(a, b, data_range=255))
+    assert fid.ssim(a5, b5, data_range=255, layout="BCTHW") == pytest.approx(
+        fid.ssim(a, b, data_range=255))
 
 
 def test_batch_aggregation_per_frame_index():
@@ -94,7 +92,8 @@ def test_ssim_constant_images_by_hand():
     a = torch.full((1, 1, 16, 16), 0.5, dtype=torch.float64)
     b = torch.full((1, 1, 16, 16), 0.6, dtype=torch.float64)
     c1 = 0.01 ** 2
-    expected = (2 * 0.5 * 0.6 + c1) / (0.5 ** 2 + 0.6 ** 2 + c1)  # variances are 0: the C2 term is 1
+    # variances are 0: the C2 term is 1
+    expected = (2 * 0.5 * 0.6 + c1) / (0.5 ** 2 + 0.6 ** 2 + c1)
     assert fid.ssim(a, b) == pytest.approx(expected, abs=1e-12)
 
 
@@ -106,6 +105,28 @@ def test_ssim_matches_numpy_loop():
     got = fid.ssim_per_frame(torch.from_numpy(a), torch.from_numpy(b))
     assert got.tolist() == pytest.approx(ref_frames, abs=1e-10)
     assert fid.ssim(a, b) == pytest.approx(float(np.mean(ref_frames)), abs=1e-10)
+
+
+def test_benchmark_frame_fidelity_values():
+    """The benchmark's psnr_frames / ssim_frames (decoded frames [B, 3, T, H, W] in [-1, 1])
+    against the float64 loops above, on frames mapped to [0, 1]."""
+    from opensora_duca.bench.measure import frame_fidelity
+
+    rng = np.random.default_rng(2)
+    ref = rng.uniform(-1, 1, size=(2, 3, 3, 13, 12))
+    out = np.clip(ref + 0.2 * rng.standard_normal(ref.shape), -1, 1)
+    same = frame_fidelity(torch.from_numpy(ref), torch.from_numpy(ref.copy()))
+    assert same["psnr_frames"] == 100.0 and same["ssim_frames"] == pytest.approx(1.0, abs=1e-12)
+    got = frame_fidelity(torch.from_numpy(out), torch.from_numpy(ref))
+    a, b = (out + 1) / 2, (ref + 1) / 2
+    # equal frame counts: the per-frame-index aggregation is the plain mean over videos x frames
+    want_ssim = np.mean([ssim_numpy_loop(a[i, c, t], b[i, c, t])
+                         for i in range(2) for t in range(3) for c in range(3)])
+    mse = ((a - b) ** 2).mean(axis=(1, 3, 4))  # [B, T]
+    want_psnr = np.mean(10 * np.log10(1 / mse))
+    assert got["ssim_frames"] == pytest.approx(want_ssim, abs=1e-10)
+    assert got["psnr_frames"] == pytest.approx(want_psnr, abs=1e-9)
+    assert got["ssim_frames"] < 0.99  # a real difference
 
 
 def test_shape_errors():
@@ -158,7 +179,8 @@ def test_compare_dirs_reports_everything(two_dirs):
     assert res["matched"] == ["broken-0.mp4", "diff-0.mp4", "same-0.mp4", "short-0.mp4"]
     assert res["only_in_a"] == ["only_a-0.mp4"]
     assert res["only_in_b"] == ["only_b-0.mp4"]
-    assert [(u["name"], u["dir"]) for u in res["unreadable"]] == [("broken-0.mp4", os.path.abspath(b))]
+    assert [(u["name"], u["dir"]) for u in res["unreadable"]] == [
+        ("broken-0.mp4", os.path.abspath(b))]
     assert res["unreadable"][0]["error"]
     assert [m["name"] for m in res["mismatched"]] == ["short-0.mp4"]
     assert res["mismatched"][0]["compared"] is True
@@ -177,7 +199,8 @@ def test_compare_dirs_reports_everything(two_dirs):
     for n in ["diff-0.mp4", "same-0.mp4", "short-0.mp4"]:
         fa, fb = read_video(os.path.join(a, n)), read_video(os.path.join(b, n))
         t = min(len(fa), len(fb))
-        series.append(fid.psnr_per_frame(fid.uint8_video_to_frames(fa[:t]), fid.uint8_video_to_frames(fb[:t])).tolist())
+        ta, tb = fid.uint8_video_to_frames(fa[:t]), fid.uint8_video_to_frames(fb[:t])
+        series.append(fid.psnr_per_frame(ta, tb).tolist())
     per_index = [np.mean([s[i] for s in series if len(s) > i]) for i in range(4)]
     assert res["aggregate"]["psnr"] == pytest.approx(float(np.mean(per_index)))
     assert res["aggregate"]["lpips"] is None
@@ -191,11 +214,8 @@ def test_compare_dirs_lpips_missing_is_explicit(two_dirs, monkeypatch, tmp_path)
 
 
 def test_cli(two_dirs, tmp_path, capsys):
-    import importlib.util
+    from opensora_duca.cli import fidelity as cli
 
-    spec = importlib.util.spec_from_file_location("tools_fidelity_cli", os.path.join(ROOT, "tools", "fidelity.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     a, b = two_dirs
     out = tmp_path / "res" / "fid.json"
     assert cli.main([a, b, "--json", str(out)]) == 0

@@ -2,6 +2,7 @@
 torchrun run that reproduces the single-process latents and frames."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -10,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from dist_utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,3 +106,43 @@ def test_cache_report_in_summary(tmp_path):
                 "--prompt", "a red circle moving left", "--cfg-options", "cache.type=DuCa"])
     assert "--- cache ---" in out and "cache policy   : DuCa" in out and "FLOPs ratio" in out
     assert (tmp_path / "sample_0000.mp4").is_file()
+
+
+def test_prompts_with_one_file_name_get_distinct_files(tmp_path):
+    prompts = ["a red circle!", "a red circle?"]  # both make the file name "a_red_circle"
+    cmd = [sys.executable, TOOL, CONFIG, "--save-dir", str(tmp_path), "--no-progress",
+           "--num-sampling-steps", "2", "--prompt-as-path", "--prompt", *prompts]
+    out = _run(cmd)
+    assert "2 written, 0 skipped" in out
+    expected = sorted(f"a_red_circle-{hashlib.sha1(p.encode()).hexdigest()[:8]}.mp4"
+                      for p in prompts)
+    assert sorted(os.listdir(tmp_path)) == expected
+    out = _run(cmd)  # a rerun finds both
+    assert "0 written, 2 skipped" in out
+
+
+def test_sample_name_must_stay_inside_save_dir(tmp_path):
+    save = tmp_path / "save"
+    for bad in ("../escape", "/abs/name", "a/b", ""):
+        res = subprocess.run([sys.executable, TOOL, CONFIG, "--save-dir", str(save),
+                              "--no-progress", "--sample-name", bad], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"sample_name={bad!r} is not accepted" in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == []  # nothing written, inside or outside
+
+
+def test_write_failure_is_not_called_a_config_error(tmp_path, monkeypatch, capsys):
+    from opensora_duca.cli import inference
+
+    def broken_disk(*args, **kwargs):
+        raise FileNotFoundError("the disk went away")
+
+    monkeypatch.setattr(inference, "save_video", broken_disk)
+    rc = inference.main([CONFIG, "--save-dir", str(tmp_path), "--no-progress", "--prompt",
+                         "a red circle", "--num-sampling-steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1
+    assert err == (f"inference.py: error: could not write {tmp_path / 'sample_0000.mp4'}: "
+                   f"FileNotFoundError: the disk went away")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
-
-import torch
 
 from opensora_duca.cache import get_cache_manager
 from opensora_duca.registry import MODELS, build_module

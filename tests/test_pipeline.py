@@ -1,12 +1,21 @@
 """opensora_duca.pipeline: sizes, prompts, seeding and the cache hook-up."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
-from opensora_duca.pipeline import (append_scores, build_from_config, get_image_size,
-                                    get_num_frames, load_prompts, prompt_to_filename,
-                                    resolve_image_size)
+from opensora_duca.pipeline import (
+    append_scores,
+    build_from_config,
+    get_image_size,
+    get_num_frames,
+    load_prompts,
+    prompt_to_filename,
+    resolve_image_size,
+    unique_filenames,
+)
 
 PROMPTS = ["a red circle moving left", "a blue square staying still", "a green triangle moving up"]
 
@@ -50,6 +59,18 @@ def test_prompts(tmp_path):
         "a cat aesthetic score: 6.5. motion score: 4.0."]
     assert append_scores(["x"]) == ["x"]
     assert prompt_to_filename("A cat, on/the mat!") == "A_cat_onthe_mat"
+
+
+def test_unique_filenames():
+    def h(p):
+        return hashlib.sha1(p.encode()).hexdigest()[:8]
+
+    long_a, long_b = "x" * 100 + " a", "x" * 100 + " b"  # equal in their first 100 characters
+    prompts = ["a cat!", "a cat?", "a dog", "a dog", long_a, long_b, "a bird"]
+    assert unique_filenames(prompts) == [
+        f"a_cat-{h('a cat!')}", f"a_cat-{h('a cat?')}", "a_dog-2", "a_dog-3",
+        "x" * 100 + f"-{h(long_a)}", "x" * 100 + f"-{h(long_b)}", "a_bird"]
+    assert unique_filenames(["a cat", "a dog"]) == ["a_cat", "a_dog"]  # no clash: as before
 
 
 def test_generate_shapes_and_defaults(pipe):

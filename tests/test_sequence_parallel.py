@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_utils import run_distributed
 
 # float64 inside; STDiT3 returns float32, so equal results may still differ by one float32 ulp
@@ -95,6 +94,22 @@ def group_release_worker(rank, world_size):
                 valid_len_after=model.sp_state.valid_len)
 
 
+def cache_group_release_worker(rank, world_size):
+    """The cache manager uses the group inside a step and holds none after it."""
+    from opensora_duca.cache import apply_cache, remove_cache
+    model = make_model()
+    mgr = apply_cache(model, dict(type="DuCa"))
+    seen = []
+    model.spatial_blocks[0].register_forward_pre_hook(
+        lambda mod, args: seen.append(mgr._group is not None))
+    x, t, y, mask, _, kw = make_inputs(8, 6)
+    with torch.no_grad():
+        model(x, t, y, mask=mask, **kw)
+    after = mgr._group is None and model.sp_state.group is None
+    remove_cache(model)
+    return dict(group_during_forward=seen, group_after_is_none=after)
+
+
 @pytest.fixture(scope="module")
 def single():
     return run_cases(make_model())
@@ -107,7 +122,8 @@ def test_sequence_parallel_matches_single_process(single, world_size):
         assert res["all_to_all_calls"] > 0, "sequence parallelism was not active"
         for name in CASES:
             diff = (res[name] - single[name]).abs().max().item()
-            assert diff <= TOL * max(1.0, single[name].abs().max().item()), f"{name}: rank {rank}/{world_size} differs by {diff}"
+            assert diff <= TOL * max(1.0, single[name].abs().max().item()), \
+                f"{name}: rank {rank}/{world_size} differs by {diff}"
             assert res[name].shape == single[name].shape
 
 
@@ -123,3 +139,9 @@ def test_model_holds_no_process_group_after_forward():
     for res in run_distributed(group_release_worker, 2):
         assert res["group_during_forward"] == [True]
         assert res["group_after_is_none"] and res["valid_len_after"] is None
+
+
+def test_cache_manager_holds_no_process_group_after_forward():
+    for res in run_distributed(cache_group_release_worker, 2):
+        assert res["group_during_forward"] == [True]
+        assert res["group_after_is_none"]

@@ -15,9 +15,9 @@ position-embedding grid, the rotary embedding and RMSNorm ("fp32 inside"). So:
 from __future__ import annotations
 
 import pytest
+import reference_impl as ref
 import torch
 
-import reference_impl as ref
 from opensora_duca.models.stdit3 import STDiT3
 
 TIGHT = 1e-10

@@ -102,11 +102,11 @@ def test_captions_and_prompts():
     assert S.caption_for("blue", "square", "still") == "a blue square staying still"
     assert S.parse_caption("A Blue square, staying still.") == dict(
         color="blue", shape="square", direction="still")
-    prompts = S.heldout_prompts()
+    prompts = S.caption_set()
     assert len(prompts) == len(set(prompts)) == 105 >= 50
     assert set(prompts) == set(S.all_captions())
-    assert prompts == S.heldout_prompts()  # fixed
-    first = S.heldout_prompts(35)
+    assert prompts == S.caption_set()  # fixed
+    first = S.caption_set(35)
     assert {S.parse_caption(p)["color"] for p in first} == set(S.COLORS)
     assert {S.parse_caption(p)["direction"] for p in first} == set(S.DIRECTIONS)
     words = {w for p in prompts for w in p.split()}

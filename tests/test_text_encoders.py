@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from opensora_duca.data.synthetic import VOCABULARY, heldout_prompts
+from opensora_duca.data.synthetic import VOCABULARY, caption_set
 from opensora_duca.models.text_encoders import DemoTextEncoder, T5Encoder
 from opensora_duca.registry import TEXT_ENCODERS, build_module, registered
 
@@ -21,7 +21,7 @@ def test_demo_encode_shapes_mask_and_determinism():
     assert out["mask"].tolist()[0] == [1] * 5 + [0] * 7
     assert torch.all(out["y"][:, :, 5:] == 0)
     assert not out["y"].requires_grad
-    prompts = heldout_prompts()
+    prompts = caption_set()
     ids, _ = te.tokenize(prompts)
     assert len({tuple(r) for r in ids.tolist()}) == len(prompts)
 

@@ -267,3 +267,8 @@ def test_global_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     got = (np.random.randn(5), [random.gauss(0, 1) for _ in range(3)], torch.randn(4))
     assert np.array_equal(want[0], got[0]) and want[1] == got[1]
     assert torch.equal(want[2], got[2])
+
+
+def test_shipped_training_config_loads():
+    cfg = T.load_config(os.path.join(ROOT, "configs", "demo", "train.py"))
+    assert cfg["model"]["type"] and cfg["export_dtype"] in ("fp32", "fp16", "bf16")

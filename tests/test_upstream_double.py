@@ -9,12 +9,12 @@ from collections import Counter
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_utils import run_distributed
+from upstream_double import UpstreamShapedSTDiT3, load_stdit3_state_dict
+
 from opensora_duca.cache import apply_cache, build_policy, get_cache_manager, remove_cache
 from opensora_duca.cache.plan import Action, Kind
 from opensora_duca.models.stdit3 import STDiT3
-from upstream_double import UpstreamShapedSTDiT3, load_stdit3_state_dict
 
 STEPS = 10
 DEPTH = 2

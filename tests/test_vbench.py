@@ -5,15 +5,17 @@ import sys
 
 import numpy as np
 import pytest
+from write_utils import dead_writer_temp
+
+from opensora_duca.eval import vbench as vb
+from opensora_duca.utils.video import save_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from opensora_duca.eval import vbench as vb  # noqa: E402
-from opensora_duca.utils.video import partial_path, save_video  # noqa: E402
 
 HAVE_VBENCH_FILES = __import__("importlib").util.find_spec("vbench") is not None
-needs_vbench_files = pytest.mark.skipif(not HAVE_VBENCH_FILES, reason="vbench package not installed (" + vb.INSTALL_HINT + ")")
+needs_vbench_files = pytest.mark.skipif(
+    not HAVE_VBENCH_FILES, reason="vbench package not installed (" + vb.INSTALL_HINT + ")"
+)
 
 
 # ---------------------------------------------------------------- prompts and naming
@@ -60,8 +62,9 @@ def test_list_jobs_skips_complete_files_only(tmp_path):
     frames = np.full((2, 16, 16, 3), 90, np.uint8)
     save_video(frames, os.path.join(out, "p zero-1.mp4"))  # complete -> skipped
     # an interrupted write of p zero-2: only the temporary exists -> still a job
-    with open(partial_path(os.path.join(out, "p zero-2.mp4")), "wb") as f:
-        f.write(open(os.path.join(out, "p zero-1.mp4"), "rb").read())
+    dead_writer_temp(
+        os.path.join(out, "p zero-2.mp4"), open(os.path.join(out, "p zero-1.mp4"), "rb").read()
+    )
     open(os.path.join(out, "p one-0.mp4"), "wb").close()  # empty file -> still a job
     with open(os.path.join(out, "p one-1.mp4"), "wb") as f:  # truncated garbage -> still a job
         f.write(b"\x00\x00\x00\x18ftypmp42")
@@ -93,8 +96,12 @@ def test_shard_is_a_disjoint_cover():
 
 # ---------------------------------------------------------------- normalisation
 def test_normalize_by_hand():
-    assert vb.normalize_score("temporal_flickering", 0.9) == pytest.approx((0.9 - 0.6293) / (1.0 - 0.6293))
-    assert vb.normalize_score("motion_smoothness", 0.99) == pytest.approx((0.99 - 0.706) / (0.9975 - 0.706))
+    assert vb.normalize_score("temporal_flickering", 0.9) == pytest.approx(
+        (0.9 - 0.6293) / (1.0 - 0.6293)
+    )
+    assert vb.normalize_score("motion_smoothness", 0.99) == pytest.approx(
+        (0.99 - 0.706) / (0.9975 - 0.706)
+    )
     assert vb.normalize_score("dynamic_degree", 0.6) == pytest.approx(0.3)  # weight 0.5
     assert vb.normalize_score("scene", 0.4111) == pytest.approx(0.5)
     assert vb.normalize_score("color", 0.8) == pytest.approx(0.8)
@@ -125,7 +132,9 @@ def test_final_scores_partial_set_is_flagged():
     assert s["quality"] == pytest.approx(100 * q)
     assert s["semantic"] == pytest.approx(50.0)
     assert s["total"] == pytest.approx(100 * (4 * q + 0.5) / 5)
-    assert s["quality_dims"] == ["temporal_flickering", "dynamic_degree"] and s["semantic_dims"] == ["scene"]
+    assert s["quality_dims"] == ["temporal_flickering", "dynamic_degree"] and s[
+        "semantic_dims"
+    ] == ["scene"]
     assert not s["complete"] and "partial" in s["notes"][0]
     only_q = vb.final_scores({"temporal_flickering": 0.9})
     assert only_q["semantic"] is None and only_q["total"] is None and len(only_q["notes"]) == 2
@@ -136,12 +145,23 @@ def test_plan_dimensions(tmp_path):
     (tmp_path / "clip_model").mkdir()
     (tmp_path / "clip_model" / "ViT-B-32.pt").write_bytes(b"x")
     runnable, missing = vb.plan_dimensions(
-        ["temporal_flickering", "background_consistency", "appearance_style", "subject_consistency", "dynamic_degree"],
+        [
+            "temporal_flickering",
+            "background_consistency",
+            "appearance_style",
+            "subject_consistency",
+            "dynamic_degree",
+        ],
         str(tmp_path),
     )
     assert runnable == ["temporal_flickering", "background_consistency", "appearance_style"]
-    assert missing["dynamic_degree"] == [str(tmp_path / "raft_model" / "models" / "raft-things.pth")]
-    assert str(tmp_path / "dino_model" / "dino_vitbase16_pretrain.pth") in missing["subject_consistency"]
+    assert missing["dynamic_degree"] == [
+        str(tmp_path / "raft_model" / "models" / "raft-things.pth")
+    ]
+    assert (
+        str(tmp_path / "dino_model" / "dino_vitbase16_pretrain.pth")
+        in missing["subject_consistency"]
+    )
     runnable, missing = vb.plan_dimensions(None, str(tmp_path))
     assert len(runnable) + len(missing) == 16
     with pytest.raises(ValueError):
@@ -195,43 +215,74 @@ def test_real_temporal_flickering(tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
 
-    # vbench_standard: the suite prompt's file name; the other 4 samples (and other prompts) are missing
-    r1 = vb.evaluate(str(steady_dir), str(weights), dimensions=["temporal_flickering", "dynamic_degree"],
-                     output_dir=str(tmp_path / "out1"), mode="vbench_standard")
-    assert r1["skipped_missing_weights"] == {"dynamic_degree": [str(weights / "raft_model" / "models" / "raft-things.pth")]}
+    # vbench_standard: the suite prompt's file name; the other 4 samples (and other prompts) are
+    # missing
+    r1 = vb.evaluate(
+        str(steady_dir),
+        str(weights),
+        dimensions=["temporal_flickering", "dynamic_degree"],
+        output_dir=str(tmp_path / "out1"),
+        mode="vbench_standard",
+    )
+    assert r1["skipped_missing_weights"] == {
+        "dynamic_degree": [str(weights / "raft_model" / "models" / "raft-things.pth")]
+    }
     assert r1["failed"] == {}
     assert r1["not_evaluated_files"] == [".late-0.mp4.partial"]
     tf = r1["dimensions"]["temporal_flickering"]
     assert tf["num_videos"] == 1
-    assert r1["missing_videos"]["temporal_flickering"]["missing"] == r1["missing_videos"]["temporal_flickering"]["expected"] - 1
+    assert (
+        r1["missing_videos"]["temporal_flickering"]["missing"]
+        == r1["missing_videos"]["temporal_flickering"]["expected"] - 1
+    )
     steady_score = tf["raw"]
     # vbench wrote its own result file
     assert os.path.isfile(tmp_path / "out1" / "opensora_duca_temporal_flickering_eval_results.json")
 
-    r2 = vb.evaluate(str(flicker_dir), str(weights), dimensions=["temporal_flickering"],
-                     output_dir=str(tmp_path / "out2"), mode="custom_input")
+    r2 = vb.evaluate(
+        str(flicker_dir),
+        str(weights),
+        dimensions=["temporal_flickering"],
+        output_dir=str(tmp_path / "out2"),
+        mode="custom_input",
+    )
     flicker_score = r2["dimensions"]["temporal_flickering"]["raw"]
 
     assert steady_score > 0.99
     assert flicker_score == pytest.approx((255 - 40) / 255, abs=0.01)  # ~0.843
     assert steady_score > flicker_score
-    assert r2["dimensions"]["temporal_flickering"]["normalized"] == pytest.approx(100 * vb.normalize_score("temporal_flickering", flicker_score))
-    assert r2["summary"]["quality_dims"] == ["temporal_flickering"] and r2["summary"]["total"] is None
+    assert r2["dimensions"]["temporal_flickering"]["normalized"] == pytest.approx(
+        100 * vb.normalize_score("temporal_flickering", flicker_score)
+    )
+    assert (
+        r2["summary"]["quality_dims"] == ["temporal_flickering"] and r2["summary"]["total"] is None
+    )
 
 
 def test_vbench_cli(tmp_path, capsys):
     _import_vbench_or_skip()
-    import importlib.util
+    from opensora_duca.cli import vbench_evaluate as cli
 
-    spec = importlib.util.spec_from_file_location("tools_vbench_cli", os.path.join(ROOT, "tools", "vbench_evaluate.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     vids = tmp_path / "v"
     save_video(np.full((4, 32, 32, 3), 100, np.uint8), str(vids / "a calm lake-0.mp4"))
     (tmp_path / "w").mkdir()
     out = tmp_path / "r.json"
-    rc = cli.main([str(vids), "--weights-dir", str(tmp_path / "w"), "--dimensions", "temporal_flickering", "scene",
-                   "--mode", "custom_input", "--output-dir", str(tmp_path / "o"), "--json", str(out)])
+    rc = cli.main(
+        [
+            str(vids),
+            "--weights-dir",
+            str(tmp_path / "w"),
+            "--dimensions",
+            "temporal_flickering",
+            "scene",
+            "--mode",
+            "custom_input",
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "| quality | temporal_flickering |" in text and "skipped: missing weights" in text

@@ -1,6 +1,6 @@
 """tools/vbench_generate.py on the tiny config: {prompt}-{i}.mp4 naming, resume (second run
-writes nothing, stale .partial files are removed and never left behind), prompt slices, a
-cache policy from --cfg-options, and a 2-rank --data-parallel torchrun run."""
+writes nothing, temporary files of dead writers are removed, those of a live writer kept), prompt
+slices, a cache policy from --cfg-options, and a 2-rank --data-parallel torchrun run."""
 from __future__ import annotations
 
 import os
@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
+from write_utils import dead_writer_temp, live_writer
+
+from opensora_duca.cli import vbench_generate as vg
+from opensora_duca.utils.video import is_complete_video
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import vbench_generate as vg  # noqa: E402
-from opensora_duca.utils.video import is_complete_video, partial_path  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "tiny", "inference.py")
 PROMPTS = ["a red circle moving left", "a blue square staying still"]
@@ -50,17 +50,23 @@ def test_naming_resume_and_stale_partial(tmp_path, capsys):
     assert _mtimes(save) == first
     assert "4 complete file(s) skipped" in capsys.readouterr().out
 
-    # "killed" run: one video missing, a stale partial of it and of a complete one left behind
+    # "killed" run: one video missing, the temporaries of dead writers of it and of a complete
+    # one left behind; another process is still writing a third one
     victim = save / f"{PROMPTS[1]}-1.mp4"
     os.remove(victim)
-    with open(partial_path(str(victim)), "wb") as f:
-        f.write(b"half a video")
-    with open(partial_path(str(save / f"{PROMPTS[0]}-0.mp4")), "wb") as f:
-        f.write(b"junk")
-    assert vg.main(args) == 0
+    dead_writer_temp(str(victim), b"half a video")
+    dead_writer_temp(str(save / f"{PROMPTS[0]}-0.mp4"), b"junk")
+    proc, live = live_writer(str(save / f"{PROMPTS[0]}-1.mp4"))
+    try:
+        assert vg.main(args) == 0
+        assert os.path.exists(live)  # a live writer's temporary is never removed
+    finally:
+        proc.kill()
+        proc.wait()
+    os.remove(live)
     out = capsys.readouterr().out
     assert "2 stale partial file(s) removed" in out and "3 complete file(s) skipped" in out
-    assert sorted(os.listdir(save)) == _expected()  # each file once, no .partial left
+    assert sorted(os.listdir(save)) == _expected()  # each file once, no temporary left
     assert is_complete_video(str(victim))
     after = _mtimes(save)
     assert {n: t for n, t in after.items() if n != victim.name} == \

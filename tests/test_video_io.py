@@ -4,13 +4,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from write_utils import dead_writer_temp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from opensora_duca.utils import video as vio  # noqa: E402
-from opensora_duca.utils.video import (  # noqa: E402
+from opensora_duca.utils.video import (
     is_complete_video,
-    partial_path,
     read_video,
     save_video,
     to_uint8_frames,
@@ -60,7 +57,7 @@ def test_round_trip_float_tensor(tmp_path):
     assert frames.shape == (6, 32, 48, 3) and frames.dtype == np.uint8
     ref = to_uint8_frames(v).astype(np.float64)
     assert np.abs(frames.astype(np.float64) - ref).mean() < 3.0  # lossy H.264, smooth content
-    assert not os.path.exists(partial_path(path))
+    assert os.listdir(tmp_path) == ["a.mp4"]  # no temporary file left
 
 
 def test_round_trip_uint8_numpy_constant(tmp_path):
@@ -98,7 +95,7 @@ def test_failing_writer_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(av.VideoFrame, "from_ndarray", exploding)
     with pytest.raises(RuntimeError, match="simulated"):
         save_video(smooth_video(), path)
-    assert os.listdir(tmp_path) == []  # neither x.mp4 nor .x.mp4.partial
+    assert os.listdir(tmp_path) == []  # neither x.mp4 nor its temporary file
 
 
 def test_failed_rewrite_keeps_previous_file(tmp_path, monkeypatch):
@@ -130,10 +127,9 @@ def test_is_complete_video(tmp_path):
     junk.write_bytes(b"not a video at all" * 10)
     assert not is_complete_video(str(junk))
     # a temporary file is never complete, even when its content would decode
-    part = partial_path(str(tmp_path / "other.mp4"))
-    with open(good, "rb") as f, open(part, "wb") as g:
-        g.write(f.read())
-    assert os.path.basename(part) == ".other.mp4.partial"
+    with open(good, "rb") as f:
+        part = dead_writer_temp(str(tmp_path / "other.mp4"), f.read())
+    assert os.path.basename(part).startswith(".other.mp4.") and part.endswith(".partial")
     assert not is_complete_video(part)
     assert not is_complete_video(str(tmp_path))  # a folder
 

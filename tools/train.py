@@ -48,25 +48,24 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-
-from opensora_duca.models.checkpoint import PARAMETER_FREE_OPTIONS  # noqa: E402
-from opensora_duca.registry import (DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS,  # noqa: E402
-                                    VAES, build_module)
+from opensora_duca.models.checkpoint import PARAMETER_FREE_OPTIONS
+from opensora_duca.registry import DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
+from opensora_duca.utils.atomic import atomic_write, save_torch, write_json
+from opensora_duca.utils.dtype import SHORT_DTYPES
 
 REQUIRED_KEYS = ("model", "text_encoder", "vae", "dataset")
 DEFAULTS = dict(
     seed=42, batch_size=16, steps=None, epochs=None, lr=1e-3, weight_decay=0.0,
     betas=(0.9, 0.999), warmup_steps=50, lr_schedule="constant", min_lr_ratio=0.1,
     grad_clip=1.0, ema_decay=0.999, caption_dropout=0.1, ckpt_every=100, log_every=10,
-    num_threads=None, device="cpu", time_limit=None, outputs="outputs/train", export=None, export_dtype="fp32",
+    num_threads=None, device="cpu", time_limit=None, outputs="outputs/train", export=None,
+    export_dtype="fp32",
     scheduler=dict(type="rflow", sample_method="logit-normal"), fps=None,
     temporal_init="zero", caption_init="default",
 )
 TEMPORAL_INITS = ("zero", "xavier")
 CAPTION_INITS = ("default", "xavier")
 LR_SCHEDULES = ("constant", "cosine")
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------- config
@@ -105,7 +104,7 @@ def load_config(path_or_dict: Any, overrides: dict | None = None) -> dict:
     if not isinstance(cfg["lr"], (int, float)) or cfg["lr"] <= 0:
         raise ValueError(f"config key lr={cfg['lr']!r} is not accepted; accepted: a number > 0")
     for k, accepted in (("lr_schedule", LR_SCHEDULES), ("temporal_init", TEMPORAL_INITS),
-                        ("caption_init", CAPTION_INITS), ("export_dtype", EXPORT_DTYPES)):
+                        ("caption_init", CAPTION_INITS), ("export_dtype", SHORT_DTYPES)):
         if cfg[k] not in accepted:
             raise ValueError(f"config key {k}={cfg[k]!r} is not accepted; accepted: "
                              f"{list(accepted)}")
@@ -226,15 +225,6 @@ def update_ema(ema: dict, module: nn.Module, decay: float) -> None:
             ema[k].copy_(v)
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def global_rng_states() -> dict:
     """The torch, numpy and python RNG states as tensors, lists and numbers only, so that a
     checkpoint holding them loads with ``torch.load(weights_only=True)``."""
@@ -273,12 +263,10 @@ def load_training_checkpoint(path: str, device: torch.device) -> dict:
 
 def export_safetensors(ema: dict, path: str, dtype: torch.dtype, metadata: dict) -> None:
     from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
                for k, v in ema.items()}
-    tmp = f"{path}.tmp.{os.getpid()}"
-    save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp,
+                                             metadata={k: str(v) for k, v in metadata.items()}))
 
 
 class _StopFlag:
@@ -323,7 +311,6 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
     device = torch.device(cfg["device"])
     trainee.to(device)
     vae.to(device)
-    in_ch = vae.out_channels
     steps = cfg["steps"] or math.ceil(cfg["epochs"] * len(dataset) /
                                       (cfg["batch_size"] * world))
     planned_steps = steps
@@ -367,11 +354,10 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
     def checkpoint():
         gens = _gather(gen.get_state(), world)
         if rank == 0:
-            atomic_save(dict(step=step, trainee=trainee.state_dict(), ema=ema,
-                             optimizer=opt.state_dict(), history=history, world_size=world,
-                             wall_time=wall + (time.time() - t_start), config=_jsonable(cfg),
-                             rng=dict(global_rng_states(), generators=gens)),
-                        ckpt_path)
+            save_torch(ckpt_path, dict(
+                step=step, trainee=trainee.state_dict(), ema=ema, optimizer=opt.state_dict(),
+                history=history, world_size=world, wall_time=wall + (time.time() - t_start),
+                config=_jsonable(cfg), rng=dict(global_rng_states(), generators=gens)))
         if world > 1:
             torch.distributed.barrier()
 
@@ -407,9 +393,9 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
             t = scheduler.sample_t(b, generator=gen).to(device)  # sigmoid(N(0,1)) * 1000
             noise = torch.randn(x0.shape, generator=gen).to(device)
             drop = (torch.rand(b, generator=gen) < cfg["caption_dropout"]).to(device)
-            x_t = scheduler.add_noise(x0, noise, t)  # (1 - t/1000) x0 + t/1000 noise
-            out = net(x_t, t, ids, mask, drop, **fps_kw)
-            loss = ((out[:, :in_ch].float() - (x0 - noise)) ** 2).mean()
+            # MSE of the first in_channels outputs at x_t = (1 - t/1000) x0 + t/1000 noise
+            loss = scheduler.training_loss(net, x0, dict(ids=ids, mask=mask, drop=drop, **fps_kw),
+                                           noise=noise, t=t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg["grad_clip"]:
@@ -471,7 +457,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
     summary = dict(step=step, steps=steps, finished=True, ckpt=ckpt_path, final_loss=final_loss,
                    wall_time=wall_total, seed=seed, time_limited=steps != planned_steps)
     if rank == 0 and cfg.get("export"):
-        dtype = EXPORT_DTYPES[cfg["export_dtype"]]
+        dtype = SHORT_DTYPES[cfg["export_dtype"]]
         meta = dict(format="opensora_duca demo bundle: model.* = STDiT3, text_encoder.* = "
                            "DemoTextEncoder (EMA weights)",
                     config=json.dumps(_jsonable(export_config(cfg, model, te))), steps=step,
@@ -482,8 +468,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
         print(f"exported EMA weights to {cfg['export']} "
               f"({os.path.getsize(cfg['export']) / 2**20:.1f} MiB)", flush=True)
     if rank == 0:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
 
 

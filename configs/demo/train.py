@@ -14,7 +14,8 @@ model = dict(type="STDiT3-demo", hidden_size=64)
 text_encoder = dict(type="DemoTextEncoder", output_dim=64, model_max_length=12)
 vae = dict(type="DemoCodec")
 # start="cross": a moving shape crosses the frame from the far edge along the middle row or
-# column (still shapes anywhere). Measured on held-out prompts (all 105, seed 0) at step 1600:
+# column (still shapes anywhere). Measured on the caption set (all 105 captions, seed 0; the
+# training captions, not held out) at step 1600:
 # with random starts (or far-edge starts at a random row/column) the model ignores the direction
 # word (output change left vs right < 1%, motion right in 33-40% of clips, the direction set by
 # the noise); with "cross" it learns the direction between steps 600 and 1000 and is 100% right
@@ -23,7 +24,7 @@ dataset = dict(type="SyntheticShapes", split="train", length=1_000_000, seed=0,
                num_frames=num_frames, image_size=image_size[0], start="cross")
 # training timesteps: t = sigmoid(N(loc, 1)) * 1000 (Open-Sora's logit-normal; loc = ln(shift)).
 # These clips decide their layout and motion at high noise (tau = t/1000 ~ 0.85-0.97: a small
-# bright object shows through a lot of noise). Measured (held-out prompts, CFG 4): loc 0 left
+# bright object shows through a lot of noise). Measured (caption set, CFG 4): loc 0 left
 # motion at chance after 1700 steps; loc 1.5 gave 26% vs 9% at step 400 (hidden 128).
 # loc 2.5 / scale 1.5 was worse at step 1500 (20% vs ~40%).
 scheduler = dict(type="rflow", sample_method="logit-normal", loc=1.5)

@@ -4,8 +4,20 @@ stored features, the cache-aware block runner and the manager. Entry points:
 model config (:mod:`.wrapper`)."""
 from .manager import CacheManager, apply_cache, build_policy, get_cache_manager, remove_cache
 from .plan import FULL_STEP, KINDS, TRUNK_SKIP, Action, Kind, StepKind, StepPlan
-from .policies import (FORA, PAB, CachePolicy, DuCa, Entry, FirstBlockCache, NoCache, Scorer,
-                       TaylorSeer, TeaCache, ToCa, TrunkReuse)
+from .policies import (
+                       FORA,
+                       PAB,
+                       CachePolicy,
+                       DuCa,
+                       Entry,
+                       FirstBlockCache,
+                       NoCache,
+                       Scorer,
+                       TaylorSeer,
+                       TeaCache,
+                       ToCa,
+                       TrunkReuse,
+)
 from .wrapper import build_cached
 
 __all__ = ["CacheManager", "apply_cache", "build_policy", "get_cache_manager", "remove_cache",

@@ -10,7 +10,9 @@ STDiT3-XL/2 sizes). A module run on a subset of k tokens costs its per-token par
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
+from ..models.window import window_attention_flops
 from .plan import Action, Kind
 
 
@@ -23,14 +25,22 @@ class TrunkShape:
     depth: int        # number of spatial (= temporal) blocks
     caption_len: int  # L caption tokens per sample
     mlp_hidden: int   # fc1 width
+    temporal: bool = True  # temporal blocks exist (not Open-Sora 1.3's skip_temporal)
+    # Open-Sora 1.3 window attention of the temporal blocks: its kernel and the latent grid
+    temporal_kernel: Optional[Tuple[int, ...]] = None
+    rows: int = 0     # H
+    width: int = 0    # W
 
     @property
     def tokens(self) -> int:
         return self.frames * self.spatial
 
-
-# module kinds of one spatial + temporal block pair, with how often each runs in the pair
-_PER_PAIR = ((Kind.SPATIAL_ATTN, 1), (Kind.TEMPORAL_ATTN, 1), (Kind.CROSS_ATTN, 2), (Kind.MLP, 2))
+    @property
+    def per_pair(self) -> tuple:
+        """Module kinds of one spatial (+ temporal) block pair, with how often each runs."""
+        if not self.temporal:
+            return (Kind.SPATIAL_ATTN, 1), (Kind.CROSS_ATTN, 1), (Kind.MLP, 1)
+        return (Kind.SPATIAL_ATTN, 1), (Kind.TEMPORAL_ATTN, 1), (Kind.CROSS_ATTN, 2), (Kind.MLP, 2)
 
 
 def module_flops(shape: TrunkShape, kind: str, tokens: int | None = None) -> float:
@@ -40,6 +50,9 @@ def module_flops(shape: TrunkShape, kind: str, tokens: int | None = None) -> flo
     if kind == Kind.SPATIAL_ATTN:
         return b * (2 * n * c * 3 * c + 4 * n * shape.spatial * c + 2 * n * c * c)
     if kind == Kind.TEMPORAL_ATTN:
+        if shape.temporal_kernel is not None:
+            return window_attention_flops(b, shape.frames, shape.rows, shape.width, c,
+                                          shape.temporal_kernel, tokens=n)
         return b * (2 * n * c * 3 * c + 4 * n * shape.frames * c + 2 * n * c * c)
     if kind == Kind.CROSS_ATTN:
         return b * (2 * n * c * c + 2 * L * c * 2 * c + 4 * n * L * c + 2 * n * c * c)
@@ -49,7 +62,7 @@ def module_flops(shape: TrunkShape, kind: str, tokens: int | None = None) -> flo
 
 
 def full_step_flops(shape: TrunkShape) -> float:
-    per_pair = sum(n * module_flops(shape, kind) for kind, n in _PER_PAIR)
+    per_pair = sum(n * module_flops(shape, kind) for kind, n in shape.per_pair)
     return shape.depth * per_pair
 
 
@@ -60,12 +73,12 @@ def step_flops(shape: TrunkShape, plan, partial_tokens: dict | None = None) -> f
         return 0.0
     if plan.residual_from is not None:  # blocks before it computed in full, the rest skipped
         k = plan.residual_from
-        spatial, temporal = (k + 1) // 2, k // 2
+        spatial, temporal = ((k + 1) // 2, k // 2) if shape.temporal else (k, 0)
         per_block = module_flops(shape, Kind.CROSS_ATTN) + module_flops(shape, Kind.MLP)
         return (spatial * (module_flops(shape, Kind.SPATIAL_ATTN) + per_block)
                 + temporal * (module_flops(shape, Kind.TEMPORAL_ATTN) + per_block))
     total = 0.0
-    for kind, count in _PER_PAIR:
+    for kind, count in shape.per_pair:
         act = plan.actions[kind]
         if act == Action.FULL:
             total += count * module_flops(shape, kind)

@@ -9,22 +9,24 @@ garbage collector.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .. import parallel as sp
 from ..registry import CACHES, build_module, registered
+from ..utils.compile import check_available, compile_options
 from . import flops as fl
 from . import selection as sel
 from .plan import Action, Kind, StepKind, StepPlan
 from .policies import CachePolicy, NoCache, Scorer, accepted_keys
-from .runner import _TAPPED, BlockRunner, ModuleTap
+from .runner import _TAPPED, BlockRunner, ModuleTap, Regions
 from .state import BlockState, Codec, Feature, StoredBytes
 
 _ATTR = "_duca_cache_manager"
@@ -43,17 +45,27 @@ class BlockSlot:
     is_last: bool
     original: Callable
     state: BlockState
-    handles: List[Any] = field(default_factory=list)
+
+
+def _temporal_blocks(model: nn.Module) -> list:
+    """The model's temporal blocks; none for Open-Sora 1.3's ``skip_temporal`` (an empty list,
+    or no attribute at all on upstream's model)."""
+    blocks = getattr(model, "temporal_blocks", None)
+    return [] if blocks is None else list(blocks)
 
 
 def _check_model(model: nn.Module) -> None:
-    for name in ("spatial_blocks", "temporal_blocks"):
-        if not isinstance(getattr(model, name, None), nn.ModuleList):
-            raise TypeError(f"apply_cache needs a model with '{name}' (an nn.ModuleList of "
-                            f"STDiT3 blocks); {type(model).__name__} has none")
-    if len(model.spatial_blocks) != len(model.temporal_blocks):
-        raise TypeError("spatial_blocks and temporal_blocks must have the same length")
-    for blocks in (model.spatial_blocks, model.temporal_blocks):
+    if not isinstance(getattr(model, "spatial_blocks", None), nn.ModuleList):
+        raise TypeError(f"apply_cache needs a model with 'spatial_blocks' (an nn.ModuleList of "
+                        f"STDiT3 blocks); {type(model).__name__} has none")
+    temporal = getattr(model, "temporal_blocks", None)
+    if temporal is not None and not isinstance(temporal, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}.temporal_blocks must be an nn.ModuleList")
+    temporal = _temporal_blocks(model)
+    if temporal and len(model.spatial_blocks) != len(temporal):
+        raise TypeError("spatial_blocks and temporal_blocks must have the same length (or no "
+                        "temporal blocks, as Open-Sora 1.3's skip_temporal)")
+    for blocks in (model.spatial_blocks, temporal):
         for i, blk in enumerate(blocks):
             missing = [p for p in _BLOCK_PARTS if not hasattr(blk, p)]
             if missing:
@@ -78,6 +90,7 @@ class CacheManager:
         _check_model(model)
         self._model = weakref.ref(model)
         self.policy = policy
+        self.regions = Regions()
         self.depth = len(model.spatial_blocks)
         self.codec = Codec(policy.stored_dtype)
         self.order, self.distance = policy.forecast_order, policy.forecast_distance
@@ -87,6 +100,7 @@ class CacheManager:
         self.step = 0
         self.num_steps: Optional[int] = None
         self._session = False
+        self._session_ts: Optional[List[float]] = None  # the run's timesteps, known on the host
         self._timesteps: List[float] = []
         self._last_shape = None
         self._prev_x: Optional[torch.Tensor] = None
@@ -106,7 +120,6 @@ class CacheManager:
         self._shape: Optional[fl.TrunkShape] = None
         self._handles: List[Any] = []
         self._stores = {k: policy.reuses(k) for k in Kind}
-        self.capturing: Optional[BlockSlot] = None  # the slot whose vnorm scores are captured
         self._validate_scorer(model)
         self._reset_stats()
 
@@ -125,13 +138,16 @@ class CacheManager:
     def attach(self) -> "CacheManager":
         model = self.model
         order = []
+        temporal = _temporal_blocks(model)
+        self._paired = bool(temporal)
         for i in range(self.depth):
             order.append((f"spatial_blocks.{i}", model.spatial_blocks[i], i))
-            order.append((f"temporal_blocks.{i}", model.temporal_blocks[i], i))
+            if temporal:
+                order.append((f"temporal_blocks.{i}", temporal[i], i))
         tap = self.stores_modules()
         for k, (name, blk, layer) in enumerate(order):
-            patched = [n for n, mod in [(name, blk)] + [(f"{name}.{a}", getattr(blk, a))
-                                                         for a in _TAPPED]
+            patched = [n for n, mod in [(name, blk), (f"{name}.attn.qkv", blk.attn.qkv)]
+                       + [(f"{name}.{a}", getattr(blk, a)) for a in _TAPPED]
                        if "forward" in mod.__dict__]
             if patched:
                 raise RuntimeError(f"{patched[0]} already has an instance-level forward "
@@ -143,11 +159,11 @@ class CacheManager:
             blk.forward = runner
             if tap:
                 for attr in _TAPPED:
-                    sub = getattr(blk, attr)
-                    sub.forward = ModuleTap(runner, attr, sub.forward)
+                    runner.taps[attr] = ModuleTap(runner, attr)
+                    runner.taps[attr].install(getattr(blk, attr))
             if self.policy.scorer == Scorer.VNORM and self.needs_scores():
-                slot.handles.append(blk.attn.qkv.register_forward_hook(
-                    _weak_method(self._vnorm_hook), with_kwargs=False))
+                runner.qkv_tap = ModuleTap(None, "qkv")  # records the qkv output for scores
+                runner.qkv_tap.install(blk.attn.qkv)
             self.slots.append(slot)
         self._handles.append(model.register_forward_pre_hook(_weak_method(self._pre_hook),
                                                              with_kwargs=True))
@@ -155,14 +171,23 @@ class CacheManager:
         setattr(model, _ATTR, self)
         return self
 
+    def set_compile(self, cfg: Any) -> None:
+        """Run the per-block work compiled with torch.compile (``cfg``: None | True |
+        ``dict(mode=..., backend=..., fullgraph=...)``, see :mod:`opensora_duca.utils.compile`)
+        or, with None, eagerly. Token selection, the step plan and stored features stay in
+        eager Python, so compiling changes neither."""
+        opts = compile_options(cfg)
+        if opts is not None:
+            param = next(self.model.parameters(), None)
+            check_available(opts, param.device if param is not None else torch.device("cpu"))
+        self.regions = Regions(opts)
+
     def detach(self) -> None:
         self.reset()
         for slot in self.slots:
             slot.block.__dict__.pop("forward", None)
-            for attr in _TAPPED:
-                getattr(slot.block, attr).__dict__.pop("forward", None)
-            for h in slot.handles:
-                h.remove()
+            for mod in [slot.block.attn.qkv] + [getattr(slot.block, a) for a in _TAPPED]:
+                ModuleTap.remove(mod)
         for h in self._handles:
             h.remove()
         self.slots, self._handles = [], []
@@ -173,7 +198,7 @@ class CacheManager:
     def _validate_scorer(self, model):
         if self.policy.scorer != Scorer.ATTENTION:
             return
-        for blocks in (model.spatial_blocks, model.temporal_blocks):
+        for blocks in (model.spatial_blocks, _temporal_blocks(model)):
             for blk in blocks:
                 backend = getattr(blk.attn, "backend", None)
                 if not hasattr(blk.attn, "keep_attn_map") or backend != "math":
@@ -182,14 +207,6 @@ class CacheManager:
                         f"attention backend returns; this model's self-attention uses "
                         f"{backend!r} (build the model with attn_backend='math', or choose "
                         f"scorer 'vnorm' / 'random', which work with fused attention)")
-
-    def _vnorm_hook(self, module, args, out):
-        slot = self.capturing
-        if slot is not None and slot.block.attn.qkv is module:
-            blk = slot.block
-            slot.state.put("score", sel.vnorm_from_qkv(
-                out, self._shape.batch, blk.attn.num_heads, bool(getattr(blk, "temporal", False)),
-                self._shape.frames))
 
     # ------------------------------------------------------------------ runs
     def reset(self) -> None:
@@ -208,19 +225,34 @@ class CacheManager:
         self._run_y = None
 
     @contextlib.contextmanager
-    def session(self, num_steps: int):
-        """One sampling run of ``num_steps`` model calls; features are freed at its end."""
+    def session(self, num_steps: int, timesteps: Optional[Sequence[float]] = None):
+        """One sampling run of ``num_steps`` model calls; features are freed at its end.
+
+        ``timesteps`` (optional): the run's ``num_steps`` timesteps as the sampler knows them
+        on the host (a list or a CPU tensor). Given, step ``i`` takes ``timesteps[i]`` and the
+        model's ``timestep`` argument is never read back from the device, so a run with a fixed
+        plan makes no host-device synchronisation."""
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"session num_steps={num_steps!r}: must be an integer >= 1")
+        ts = None
+        if timesteps is not None:
+            if torch.is_tensor(timesteps) and timesteps.device.type != "cpu":
+                raise ValueError(f"session timesteps on {timesteps.device}: pass them on the "
+                                 f"host (a list or a CPU tensor), which is what saves the sync")
+            ts = [float(t) for t in (timesteps.reshape(-1).tolist() if torch.is_tensor(timesteps)
+                                     else timesteps)]
+            if len(ts) != num_steps:
+                raise ValueError(f"session timesteps has {len(ts)} values; accepted: one per "
+                                 f"step (num_steps={num_steps})")
         self.policy.validate_run(num_steps)
         self.reset()
         self._reset_stats()
-        self.num_steps, self._session = num_steps, True
+        self.num_steps, self._session, self._session_ts = num_steps, True, ts
         try:
             yield self
         finally:
             self.reset()
-            self.num_steps, self._session = None, False
+            self.num_steps, self._session, self._session_ts = None, False, None
 
     def _continues(self, x: torch.Tensor) -> bool:
         """Sessionless runs: whether ``x`` is the previous input moved within the span of the
@@ -252,9 +284,8 @@ class CacheManager:
     def _pre_hook(self, model, args, kwargs):
         self._check_grad(model)
         x = args[0] if args else kwargs.get("x")
-        ts = args[1] if len(args) > 1 else kwargs.get("timestep")
-        t = float(torch.as_tensor(ts).reshape(-1)[0])
         y = args[2] if len(args) > 2 else kwargs.get("y")
+        t = self._timestep(args[1] if len(args) > 1 else kwargs.get("timestep"), x, y)
         shape = tuple(x.shape)
         last_t = self._timesteps[-1] if self._timesteps else None
         new_run = self._last_shape is not None and shape != self._last_shape
@@ -292,6 +323,8 @@ class CacheManager:
         if self.num_steps is not None and self.step == 0:
             self.policy.validate_run(self.num_steps)
         plan = self.policy.plan(self.step, self.num_steps, self._timesteps)
+        if plan.decide_at and not self._paired:  # block pairs are single blocks here
+            plan = dataclasses.replace(plan, decide_at=plan.decide_at // 2)
         if plan.skip_trunk and self._trunk.shape is None:
             raise RuntimeError(f"policy {self.policy.name!r} skips the trunk at step {self.step} "
                                f"but no trunk output was computed before it in this run")
@@ -304,6 +337,16 @@ class CacheManager:
         self._set_shapes(model, x, y)
         self.bookkeeping_s += time.perf_counter() - tick
         return None
+
+    def _timestep(self, ts, x, y) -> float:
+        """This call's timestep: the session's host value for the coming step when it was
+        given (and this call continues the run), else read from the argument."""
+        known = self._session_ts
+        if known is not None and self.step < len(known) and (
+                self._last_shape is None or tuple(x.shape) == self._last_shape) and (
+                self._run_y is None or y is self._run_y):
+            return known[self.step]
+        return float(torch.as_tensor(ts).reshape(-1)[0])
 
     def _post_hook(self, model, args, out):
         if self.plan is not None:  # the step's final plan (adaptive policies decide mid-step)
@@ -319,6 +362,7 @@ class CacheManager:
             self._trunk.clear()
             self._residual.clear()
             self.adaptive = {}
+        self._group = None  # hold no process group between calls (set again by the next one)
         return None
 
     def _set_shapes(self, model, x, y):
@@ -333,10 +377,15 @@ class CacheManager:
         self._grid_key = (T, H, W, sp.group_size(group), sp.group_rank(group))
         self._grid = None
         blk = self.slots[0].block
+        temporal = _temporal_blocks(model)
+        kernel = getattr(temporal[0].attn, "kernel_size", None) if temporal else None
         self._shape = fl.TrunkShape(batch=x.shape[0], frames=T, spatial=H * W,
                                     hidden=blk.scale_shift_table.shape[-1], depth=self.depth,
                                     caption_len=int(y.shape[-2]) if y is not None else 0,
-                                    mlp_hidden=blk.mlp.fc1.out_features)
+                                    mlp_hidden=blk.mlp.fc1.out_features,
+                                    temporal=bool(temporal),
+                                    temporal_kernel=None if kernel is None else tuple(kernel),
+                                    rows=H, width=W)
 
     def grid_for(self, n_local: int) -> sel.TokenGrid:
         """Token grid of this rank for blocks that see ``n_local`` tokens per sample."""
@@ -427,6 +476,7 @@ class CacheManager:
         self.partial_tokens = 0
         self.flops_uncached = 0.0
         self.flops_actual = 0.0
+        self.step_flops: List[float] = []
         self.bookkeeping_s = 0.0
         self.bytes.peak = self.bytes.current
 
@@ -446,7 +496,8 @@ class CacheManager:
         part = {k: sel.selected_per_sample(plan.ratios[k], grid)
                 for k, a in plan.actions.items() if a == Action.PARTIAL}
         self.flops_uncached += fl.full_step_flops(shape)
-        self.flops_actual += fl.step_flops(shape, plan, part)
+        self.step_flops.append(fl.step_flops(shape, plan, part))
+        self.flops_actual += self.step_flops[-1]
 
     def stats(self) -> dict:
         """Counts of the current/last session: steps by kind, module actions, FLOPs ratio
@@ -470,6 +521,7 @@ class CacheManager:
             "partial_tokens": self.partial_tokens,
             "flops_uncached": self.flops_uncached,
             "flops_actual": self.flops_actual,
+            "step_flops": list(self.step_flops),
             "flops_ratio": (self.flops_uncached / self.flops_actual) if self.flops_actual else
             (float("inf") if self.flops_uncached else 1.0),
             "peak_stored_bytes": self.bytes.peak,
@@ -484,7 +536,8 @@ class CacheManager:
         return "\n".join([
             f"cache policy   : {s['policy']['type']}",
             f"steps          : {s['steps']} ({kinds})",
-            f"FLOPs ratio    : {s['flops_ratio']:.2f}x fewer than uncached (analytic, trunk matmuls)",
+            f"FLOPs ratio    : {s['flops_ratio']:.2f}x fewer than uncached "
+            f"(analytic, trunk matmuls)",
             f"peak cache mem : {s['peak_stored_bytes'] / 2**20:.1f} MiB",
             f"bookkeeping    : {s['bookkeeping_s'] * 1e3:.1f} ms (host time)",
         ])
@@ -513,13 +566,18 @@ def build_policy(cfg: Any) -> CachePolicy:
     return build_module(cfg, CACHES)
 
 
-def apply_cache(model: nn.Module, cfg: Any = None) -> CacheManager:
+def apply_cache(model: nn.Module, cfg: Any = None, compile: Any = None) -> CacheManager:
     """Attach a cache policy (``dict(type=...)`` or a policy object) to ``model`` and return its
-    manager. The model's blocks are patched per instance; :func:`remove_cache` undoes it."""
+    manager. The model's blocks are patched per instance; :func:`remove_cache` undoes it.
+
+    ``compile`` (see :meth:`CacheManager.set_compile`) runs the per-block work compiled with
+    torch.compile; with policy ``none`` that is the compiled uncached model."""
     if getattr(model, _ATTR, None) is not None:
         raise RuntimeError("this model already has a cache attached; call remove_cache(model) "
                            "first")
-    return CacheManager(model, build_policy(cfg)).attach()
+    mgr = CacheManager(model, build_policy(cfg))
+    mgr.set_compile(compile)
+    return mgr.attach()
 
 
 def remove_cache(model: nn.Module) -> None:

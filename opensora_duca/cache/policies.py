@@ -595,7 +595,7 @@ class AdaptivePolicy(CachePolicy):
         return change is None or step < self.warmup_steps or last
 
 
-def _load_calibration(policy: str, path: str) -> Tuple[float, ...]:
+def _load_calibration(policy: str, path: str) -> Tuple[Tuple[float, ...], Optional[tuple]]:
     if not isinstance(path, str) or not os.path.isfile(path):
         raise _err(policy, "calibration", path, "the path of a JSON file written by "
                    "tools/calibrate.py")
@@ -603,11 +603,13 @@ def _load_calibration(policy: str, path: str) -> Tuple[float, ...]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         coeffs = tuple(float(c) for c in data["coefficients"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        rng = data.get("x_range")
+        rng = None if rng is None else (float(rng[0]), float(rng[1]))
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
         raise _err(policy, "calibration", path, f"a JSON file with a 'coefficients' list ({err})")
     if not coeffs:
         raise _err(policy, "calibration", path, "a non-empty 'coefficients' list")
-    return coeffs
+    return coeffs, rng
 
 
 @CACHES.register_module("TeaCache")
@@ -622,8 +624,11 @@ class TeaCache(AdaptivePolicy):
     Args:
         threshold: accumulated rescaled change that forces a computation (0.1).
         calibration: path of the JSON that ``tools/calibrate.py`` writes (its ``coefficients``,
-            highest degree first); or ``coefficients`` given directly; neither: the raw change
-            (the identity polynomial).
+            highest degree first, and the measured input range ``x_range``); or
+            ``coefficients`` (and optionally ``input_range``) given directly; neither: the raw
+            change (the identity polynomial). The polynomial is evaluated with its input
+            clamped to the calibrated range (a fitted polynomial is meaningless outside it) and
+            its output clamped at 0 (a change is never negative).
         warmup_steps: steps always computed at the start (1); final_step: "full" computes
             the last step (as TeaCache does) or "plan".
         stored_dtype: None | fp32 | fp16 | bf16 | fp8 for the stored residual.
@@ -633,6 +638,7 @@ class TeaCache(AdaptivePolicy):
     threshold: float = 0.1
     calibration: Optional[str] = None
     coefficients: Optional[Tuple[float, ...]] = None
+    input_range: Optional[Tuple[float, float]] = None
     warmup_steps: int = 1
     final_step: str = "full"
     stored_dtype: Optional[str] = None
@@ -640,17 +646,27 @@ class TeaCache(AdaptivePolicy):
     def __post_init__(self):
         n = self.name
         _check_number(n, "threshold", self.threshold)
-        coeffs = self.coefficients
+        coeffs, rng = self.coefficients, self.input_range
         if self.calibration is not None:
-            loaded = _load_calibration(n, self.calibration)
-            if coeffs is not None and tuple(coeffs) != loaded:  # describe() gives both
-                raise _err(n, "coefficients", coeffs, "None when 'calibration' is set")
-            coeffs = loaded
+            loaded, loaded_rng = _load_calibration(n, self.calibration)
+            for key, given, want in (("coefficients", coeffs, loaded),
+                                     ("input_range", rng, loaded_rng)):
+                if given is not None and tuple(given) != want:  # describe() gives all three
+                    raise _err(n, key, given, "None when 'calibration' is set")
+            coeffs, rng = loaded, loaded_rng
         elif coeffs is not None:
             if not isinstance(coeffs, (list, tuple)) or not coeffs:
                 raise _err(n, "coefficients", coeffs, "a non-empty list of numbers")
             coeffs = tuple(_check_number(n, "coefficients", c, -math.inf) for c in coeffs)
+        if rng is not None:
+            ok = (isinstance(rng, (list, tuple)) and len(rng) == 2
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in rng)
+                  and rng[0] <= rng[1])
+            if not ok:
+                raise _err(n, "input_range", rng, "(lo, hi) with lo <= hi")
+            rng = (float(rng[0]), float(rng[1]))
         object.__setattr__(self, "coefficients", coeffs)
+        object.__setattr__(self, "input_range", rng)
         _check_int(n, "warmup_steps", self.warmup_steps, 0)
         _check_choice(n, "final_step", self.final_step, ("plan", "full"))
         _check_stored_dtype(n, self.stored_dtype)
@@ -658,10 +674,12 @@ class TeaCache(AdaptivePolicy):
     def rescale(self, change: float) -> float:
         if self.coefficients is None:
             return change
+        if self.input_range is not None:
+            change = min(max(change, self.input_range[0]), self.input_range[1])
         out = 0.0
         for c in self.coefficients:  # Horner, highest degree first
             out = out * change + c
-        return out
+        return max(out, 0.0)
 
     def decide(self, step, num_steps, change, state):
         if self._forced(step, num_steps, change):

@@ -15,22 +15,24 @@ op order stay untouched; a reused module issues no collective because it is not 
 
 The only block math written here is the token-sparse conservative step (self- and
 cross-attention reused, MLP reused or on a token subset), for the Open-Sora 1.2 block layout
-(``TOKEN_SPARSE_BLOCKS``; other blocks take it through their own forward): the selected tokens are gathered first (LayerNorm
-and modulation are per token), only their trajectory is computed, and every token then takes
-x + g1 * A + CA + g2 * M in two fused passes. It needs the block's modulation, which
-``models.stdit3.block_modulation`` defines for the Open-Sora 1.2 block layout.
+(``TOKEN_SPARSE_BLOCKS``; other blocks take it through their own forward): the selected tokens
+are gathered first (LayerNorm and modulation are per token), only their trajectory is computed,
+and every token then takes x + g1 * A + CA + g2 * M in two fused passes. It needs the block's
+modulation, which ``models.stdit3.block_modulation`` defines for the Open-Sora 1.2 layout.
 """
 from __future__ import annotations
 
 import inspect
 import math
 import time
+import types
 import weakref
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import torch
 
 from ..models.stdit3 import block_modulation
+from ..utils.compile import CompileOptions, compile_region
 from . import selection as sel
 from .plan import Action, Kind, StepPlan
 from .policies import Scorer
@@ -39,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .manager import BlockSlot, CacheManager
 
 _TAPPED = {"attn": "attn", "cross_attn": "cross", "mlp": "mlp"}  # submodule -> stored feature
+_TAPPED_KIND = {"cross_attn": Kind.CROSS_ATTN, "mlp": Kind.MLP}  # "attn": the block's own kind
 # block classes (ours and upstream Open-Sora 1.2's, by name) whose forward is the math that
 # BlockRunner._conservative reproduces; any other block runs conservative steps through its own
 # forward with the taps armed (same result, without the token-sparse saving)
@@ -55,6 +58,68 @@ def _gather_mod(m: torch.Tensor, idx: torch.Tensor, s_local: int) -> torch.Tenso
     if m.shape[1] == 1:
         return m[:, 0]
     return gather_tokens(m[:, :, 0], idx // s_local)
+
+
+def _own_forward(module: torch.nn.Module, *args):
+    """The module's class forward (not a tap installed on the instance)."""
+    return type(module).forward(module, *args)
+
+
+def _gather_attn(A: torch.Tensor, idx: torch.Tensor, S: int, temporal: bool) -> torch.Tensor:
+    """Stored self-attention A [B, T, S, C] (a view of the layout the module returned) at the
+    tokens idx [B, k] -> [B, k, C]."""
+    b, T, _, c = A.shape
+    if temporal:  # token t*S + s sits at s*T + t in the [(B S), T, C] layout
+        native = A.transpose(1, 2).reshape(b, -1, c)  # a view of the stored tensor
+        return gather_tokens(native, (idx % S) * T + idx // S)
+    return gather_tokens(A.reshape(b, -1, c), idx)
+
+
+def conservative_mlp_tokens(block, x, t, x_mask, t0, A, CA, idx, S: int, temporal: bool):
+    """Conservative step, MLP on a token subset: the selected tokens idx [B, k] of x [B, N, C]
+    take x + g1 * A + CA (A and CA stored, as [B, T, S, C]), norm2, modulation and the MLP
+    -> [B, k, C]. LayerNorm and modulation are per token, so only the selected are computed."""
+    b, n, c = x.shape
+    _, _, g1, sh2, sc2, _ = block_modulation(block.scale_shift_table, t, x_mask, t0)
+    x2 = (gather_tokens(x, idx) + _gather_mod(g1, idx, S) * _gather_attn(A, idx, S, temporal)
+          + gather_tokens(CA.reshape(b, n, c), idx))
+    hs = block.norm2(x2) * (1 + _gather_mod(sc2, idx, S)) + _gather_mod(sh2, idx, S)
+    return _own_forward(block.mlp, hs)
+
+
+def conservative_combine(block, x, t, x_mask, t0, A, CA, M):
+    """Conservative step, every token: x + g1 * A + CA + g2 * M in two fused passes, with A, CA
+    and M [B, T, S, C] (stored, M with the recomputed tokens written in) -> [B, N, C]."""
+    b, n, c = x.shape
+    _, _, g1, _, _, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
+    out = torch.addcmul(x.view(A.shape) + CA, g1, A)
+    out.addcmul_(g2, M)
+    return out.view(b, n, c)
+
+
+class Regions:
+    """The per-block work the runner calls: the block's own forward and the two functions of the
+    token-sparse conservative step, compiled with ``opts`` (one compiled function per block
+    class, shared by all its blocks) or, without options, as they are."""
+
+    def __init__(self, opts: Optional[CompileOptions] = None):
+        self.opts = opts
+        self._blocks: Dict[type, Callable] = {}
+        wrap = (lambda f: compile_region(f, opts)) if opts is not None else (lambda f: f)
+        self.mlp_tokens = wrap(conservative_mlp_tokens)
+        self.combine = wrap(conservative_combine)
+
+    @property
+    def compiled(self) -> bool:
+        return self.opts is not None
+
+    def block(self, block: torch.nn.Module) -> Callable:
+        """The compiled class forward of ``block``, called as ``fn(block, *args, **kwargs)``."""
+        cls = type(block)
+        fn = self._blocks.get(cls)
+        if fn is None:
+            fn = self._blocks[cls] = compile_region(cls.forward, self.opts)
+        return fn
 
 
 def _scatter(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
@@ -77,6 +142,9 @@ class BlockRunner:
         self.token_sparse = type(slot.block).__name__ in TOKEN_SPARSE_BLOCKS
         self.plan: Optional[StepPlan] = None  # armed while the block's own forward runs
         self.x_in: Optional[torch.Tensor] = None
+        self.calls: dict = {}  # calls of each tapped module in the current forward
+        self.taps: Dict[str, "ModuleTap"] = {}    # installed by the manager
+        self.qkv_tap: Optional["ModuleTap"] = None
 
     @property
     def m(self) -> "CacheManager":
@@ -85,9 +153,11 @@ class BlockRunner:
             raise RuntimeError("the cache manager of this block no longer exists")
         return m
 
+    def kind_of(self, attr: str) -> Kind:
+        return _TAPPED_KIND.get(attr, self.kind)
+
     def action(self, attr: str) -> Action:
-        kind = {"attn": self.kind, "cross_attn": Kind.CROSS_ATTN, "mlp": Kind.MLP}[attr]
-        return self.plan.actions[kind]
+        return self.plan.actions[self.kind_of(attr)]
 
     # ------------------------------------------------------------ forward
     def __call__(self, *args, **kwargs):
@@ -109,20 +179,89 @@ class BlockRunner:
         if plan.skip_trunk:
             m.count_module("trunk", Action.REUSE)
             return m.trunk_output(x) if self.slot.is_last else x
+        bound = None
+        if (self.token_sparse and plan.actions[self.kind] == Action.REUSE
+                and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
+                and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
+            bound = self._bind(args, kwargs)
+            if bound.get("mask_index"):  # i2v / v2v: cross-attention per frame group
+                bound = None
         if plan.is_full() and not m.stores_modules():
-            out = self.slot.original(*args, **kwargs)
-        elif (self.token_sparse and plan.actions[self.kind] == Action.REUSE
-              and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
-              and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
-            out = self._conservative(plan, **self._bind(args, kwargs))
+            out = m.regions.block(self.block)(self.block, *args, **kwargs) \
+                if m.regions.compiled else self.slot.original(*args, **kwargs)
+        elif bound is not None:
+            out = self._conservative(plan, **bound)
+        elif m.regions.compiled and self._dense_compiles(plan, args, kwargs):
+            out = self._dense(plan, x, args, kwargs)
         else:
-            self.plan, self.x_in = plan, x
+            self.plan, self.x_in, self.calls = plan, x, {}
             try:
                 out = self.slot.original(*args, **kwargs)
             finally:
                 self.plan, self.x_in = None, None
         m.after_block(self.slot, out)
         return out
+
+    def _dense_compiles(self, plan: StepPlan, args, kwargs) -> bool:
+        """Whether the block's compiled forward can run this step with its taps recording or
+        reusing: no token subset, no attention-map scores (the 'math' backend hands them back
+        outside the graph), each tapped module called once (not Open-Sora 1.3's cross-attention
+        per frame group, ``mask_index``)."""
+        if self.m.policy.scorer == Scorer.ATTENTION or any(
+                plan.actions[self.kind_of(a)] == Action.PARTIAL for a in self.taps):
+            return False
+        return "mask_index" not in self._signature.parameters or \
+            not self._bind(args, kwargs).get("mask_index")
+
+    def _dense(self, plan: StepPlan, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """The block's compiled forward, each tapped module computed (its output recorded) or
+        reused; the features are stored afterwards, outside the graph."""
+        m, st = self.m, self.slot.state
+        for attr, tap in self.taps.items():
+            kind = self.kind_of(attr)
+            m.count_module(kind, plan.actions[kind])
+            if plan.actions[kind] == Action.REUSE:
+                tap.value, tap.mode = self._stored(_TAPPED[attr], kind, None, x.dtype), "reuse"
+            else:
+                tap.mode = "record"
+        capture = self.qkv_tap if (self.qkv_tap is not None and m.needs_scores()
+                                   and plan.actions[self.kind] == Action.FULL) else None
+        if capture is not None:
+            capture.mode = "record"
+        self.x_in = x
+        try:
+            out = m.regions.block(self.block)(self.block, *args, **kwargs)
+            for attr, tap in self.taps.items():
+                if tap.mode == "record":
+                    self._recorded(attr, tap.value)
+            if capture is not None:
+                st.put("score", self._vnorm(capture.value))
+        finally:
+            for tap in list(self.taps.values()) + ([capture] if capture is not None else []):
+                tap.clear()
+            self.x_in = None
+        return out
+
+    def _recorded(self, attr: str, out: torch.Tensor, call: int = 0) -> None:
+        """Store a fully computed module output (and what token selection needs of it)."""
+        m, kind = self.m, self.kind_of(attr)
+        self._store(_TAPPED[attr], out, kind, call)
+        if attr != "attn":
+            self._mark_full(kind)
+        if attr == "mlp" and m.policy.scorer == Scorer.SIMILARITY and m.uses_selection(kind):
+            self.slot.state.put("x_ref", self.x_in)
+
+    def _vnorm(self, qkv_out: torch.Tensor) -> torch.Tensor:
+        """v-norm token scores from the recorded qkv projection output of the self-attention."""
+        shape, rows = self.m._shape, qkv_out.shape[0] * qkv_out.shape[1]
+        if rows != shape.batch * self.x_in.shape[1]:
+            raise RuntimeError(
+                f"scorer 'vnorm' reads value vectors from {self.slot.name}.attn.qkv, which must "
+                f"run once per token in the attention's input order; here it ran on {rows} rows "
+                f"for {shape.batch} x {self.x_in.shape[1]} tokens (e.g. upstream window "
+                f"attention on padded windows); choose scorer 'random', 'norm' or 'similarity'")
+        return sel.vnorm_from_qkv(qkv_out, shape.batch, self.block.attn.num_heads,
+                                  self.temporal, shape.frames)
 
     def _bind(self, args, kwargs) -> dict:
         """The block's forward arguments by name (defaults filled in)."""
@@ -133,38 +272,37 @@ class BlockRunner:
     # ------------------------------------------------------------ the taps' work
     def run_module(self, attr: str, original, args, kwargs):
         """What a tapped submodule returns inside an armed block forward."""
-        m, st = self.m, self.slot.state
+        m = self.m
         act = self.action(attr)
-        kind = {"attn": self.kind, "cross_attn": Kind.CROSS_ATTN, "mlp": Kind.MLP}[attr]
+        kind = self.kind_of(attr)
         name = _TAPPED[attr]
+        call = self.calls.get(attr, 0)  # a module may be called more than once per forward
+        self.calls[attr] = call + 1
         inp = args[0] if args else next(iter(kwargs.values()))
         m.count_module(kind, act)
         if act == Action.FULL:
             out = self._self_attn(original, args, kwargs) if attr == "attn" else \
                 original(*args, **kwargs)
-            self._store(name, out, kind)
-            if attr != "attn":
-                self._mark_full(kind)
-            if attr == "mlp" and m.policy.scorer == Scorer.SIMILARITY and m.uses_selection(kind):
-                st.put("x_ref", self.x_in)
+            self._recorded(attr, out, call)
             return out
-        stored = self._stored(name, kind, inp.shape, inp.dtype)
+        stored = self._stored(name, kind, inp.shape, inp.dtype, call)
         if act == Action.REUSE:
             return stored
-        if attr == "attn":
-            raise ValueError(f"self-attention cannot be recomputed on a token subset (plan for "
-                             f"{kind} at step {m.step} is {act})")
         b, c = inp.shape[0], inp.shape[-1]
+        if attr == "attn" or inp.numel() != self.x_in.numel():
+            raise ValueError(f"{kind} of block {self.slot.name} cannot be recomputed on a token "
+                             f"subset at step {m.step}: it does not see every token of the block "
+                             f"(self-attention, or a call on a frame group)")
         idx = self._select(kind, self._ratio(kind))
         new = original(gather_tokens(inp.reshape(b, -1, c), idx), *args[1:], **kwargs)
-        return self._overwrite(name, stored, idx, new, inp.dtype)
+        return self._overwrite(name, stored, idx, new, inp.dtype, call)
 
     def _overwrite(self, name: str, stored: torch.Tensor, idx: torch.Tensor, new: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, call: int = 0) -> torch.Tensor:
         """The reused (or forecast) value ``stored`` with the recomputed tokens ``new`` at
         ``idx``. Plain reuse writes them into the stored feature, so they persist until the next
         full step; a forecast is a fresh tensor and takes them for this step only."""
-        m, feature = self.m, getattr(self.slot.state, name)
+        m, feature = self.m, self.slot.state.feature(name, call)
         t0 = time.perf_counter()
         if feature.order == 0:
             feature.scatter_(idx, new)
@@ -189,11 +327,13 @@ class BlockRunner:
                                                    m.frames))
             return out
         if scorer == Scorer.VNORM:
-            m.capturing = self.slot
+            self.qkv_tap.mode = "record"
             try:
-                return original(*args, **kwargs)
+                out = original(*args, **kwargs)
+                st.put("score", self._vnorm(self.qkv_tap.value))
             finally:
-                m.capturing = None
+                self.qkv_tap.clear()
+            return out
         return original(*args, **kwargs)
 
     @property
@@ -201,9 +341,9 @@ class BlockRunner:
         return self.kind == Kind.TEMPORAL_ATTN
 
     # ------------------------------------------------------------ stored features
-    def _store(self, name: str, value: torch.Tensor, kind: Kind) -> None:
+    def _store(self, name: str, value: torch.Tensor, kind: Kind, call: int = 0) -> None:
         if self.m.stores(kind):
-            getattr(self.slot.state, name).update(value, self.m.at)
+            self.slot.state.feature(name, call).update(value, self.m.at)
 
     def _mark_full(self, kind: Kind) -> None:
         m = self.m
@@ -216,12 +356,18 @@ class BlockRunner:
             else:
                 last.fill_(m.step)
 
-    def _stored(self, name: str, kind: Kind, shape, dtype: torch.dtype) -> torch.Tensor:
-        """The stored (or forecast) feature ``name`` (it must have ``shape``) in ``dtype``."""
-        feature = getattr(self.slot.state, name)
-        if feature.shape is None or tuple(feature.shape) != tuple(shape):
+    def _stored(self, name: str, kind: Kind, shape, dtype: torch.dtype, call: int = 0,
+                same_size: bool = False) -> torch.Tensor:
+        """The stored (or forecast) feature ``name`` in ``dtype``; it must have ``shape`` (with
+        ``same_size``: as many elements, returned as stored; None: any shape)."""
+        feature = self.slot.state.feature(name, call)
+        ok = feature.shape is not None and (
+            shape is None or tuple(feature.shape) == tuple(shape)
+            or (same_size and math.prod(feature.shape) == math.prod(shape)))
+        if not ok:
+            what = "anything" if shape is None else f"anything of shape {tuple(shape)}"
             raise RuntimeError(f"block {self.slot.name}: the plan reuses {kind} at step "
-                               f"{self.m.step} but nothing of shape {tuple(shape)} was stored "
+                               f"{self.m.step} but {what} was not stored "
                                f"(policy {self.m.policy.name!r})")
         return feature.value(self.m.at, dtype)
 
@@ -268,16 +414,15 @@ class BlockRunner:
     def _conservative(self, plan: StepPlan, x, y, t, mask=None, x_mask=None, t0=None, T=None,
                       S=None, **_unused):
         """Self- and cross-attention reused, MLP reused or recomputed on the selected tokens."""
-        m, st, block = self.m, self.slot.state, self.block
+        m, block, regions = self.m, self.block, self.m.regions
         b, n, c = x.shape
-        _, _, g1, sh2, sc2, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
+        # as many elements as [(B S), T, C] / [(B T), S, C], in that memory order (upstream
+        # 1.3's temporal window attention returns [B, H, W, T, C])
         attn_shape = (b * S, T, c) if self.temporal else (b * T, S, c)
-        A = self._attn_tokens(self._stored("attn", self.kind, attn_shape, x.dtype), b, T, S)
+        A = self._attn_tokens(self._stored("attn", self.kind, attn_shape, x.dtype,
+                                           same_size=True), b, T, S)
         CA = self._stored("cross", Kind.CROSS_ATTN, x.shape, x.dtype).view(b, T, S, c)
-        xv = x.view(b, T, S, c)
-        mlp_shape = st.mlp.shape if st.mlp.shape is not None and \
-            math.prod(st.mlp.shape) == x.numel() else x.shape
-        M = self._stored("mlp", Kind.MLP, mlp_shape, x.dtype)
+        M = self._stored("mlp", Kind.MLP, x.shape, x.dtype, same_size=True)
         m.count_module(self.kind, Action.REUSE)
         m.count_module(Kind.CROSS_ATTN, Action.REUSE)
         m.count_module(Kind.MLP, plan.actions[Kind.MLP])
@@ -287,16 +432,9 @@ class BlockRunner:
                 idx = self._select(Kind.MLP, self._ratio(Kind.MLP))
             finally:
                 self.x_in = None
-            tick = time.perf_counter()
-            x2 = (gather_tokens(x, idx) + _gather_mod(g1, idx, S) * self._gather_attn(A, idx, S)
-                  + gather_tokens(CA.reshape(b, n, c), idx))
-            m.bookkeeping_s += time.perf_counter() - tick
-            hs = block.norm2(x2) * (1 + _gather_mod(sc2, idx, S)) + _gather_mod(sh2, idx, S)
-            M = self._overwrite("mlp", M, idx, block.mlp(hs), x.dtype)
-        M = M.view(b, T, S, c)
-        out = torch.addcmul(xv + CA, g1, A)
-        out.addcmul_(g2, M)
-        return out.view(b, n, c)
+            new = regions.mlp_tokens(block, x, t, x_mask, t0, A, CA, idx, S, self.temporal)
+            M = self._overwrite("mlp", M, idx, new, x.dtype)
+        return regions.combine(block, x, t, x_mask, t0, A, CA, M.view(b, T, S, c))
 
     def _attn_tokens(self, a: torch.Tensor, b: int, T: int, S: int) -> torch.Tensor:
         """Stored self-attention output (as the attention module returned it) as [B, T, S, C]
@@ -305,13 +443,6 @@ class BlockRunner:
         if self.temporal:
             return a.view(b, S, T, c).transpose(1, 2)
         return a.view(b, T, S, c)
-
-    def _gather_attn(self, A: torch.Tensor, idx: torch.Tensor, S: int) -> torch.Tensor:
-        b, T, _, c = A.shape
-        if self.temporal:  # token t*S + s sits at s*T + t in the [(B S), T, C] layout
-            native = A.transpose(1, 2).reshape(b, -1, c)  # a view of the stored tensor
-            return gather_tokens(native, (idx % S) * T + idx // S)
-        return gather_tokens(A.reshape(b, -1, c), idx)
 
 
 def modulated_input(block, x, y=None, t=None, mask=None, x_mask=None, t0=None, T=None, S=None,
@@ -324,13 +455,42 @@ def modulated_input(block, x, y=None, t=None, mask=None, x_mask=None, t0=None, T
 
 
 class ModuleTap:
-    """Instance-level ``forward`` of a block's ``attn`` / ``cross_attn`` / ``mlp``: the
-    original forward unless the block's runner is armed (see :meth:`BlockRunner.run_module`)."""
+    """State of the instance-level ``forward`` of a block's ``attn`` / ``cross_attn`` / ``mlp``
+    (and of ``attn.qkv`` when v-norm scores are captured), kept on the module as ``_duca_tap``.
 
-    def __init__(self, runner: BlockRunner, attr: str, original):
-        self.runner, self.attr, self.original = runner, attr, original
+    ``mode`` says what the forward does: "off" — the module's own forward, or, while the block's
+    runner is armed, :meth:`BlockRunner.run_module`; "record" — its own forward, keeping the
+    output in ``value``; "reuse" — return ``value``. The forward is installed as a bound method
+    of one module-level function and keeps no other Python state, so a compiled block forward
+    is the same graph for every block of a type (torch.compile guards the identity of a called
+    object, not of attributes it reads)."""
 
-    def __call__(self, *args, **kwargs):
-        if self.runner.plan is None:
-            return self.original(*args, **kwargs)
-        return self.runner.run_module(self.attr, self.original, args, kwargs)
+    def __init__(self, runner: Optional[BlockRunner], attr: str):
+        self.runner, self.attr = runner, attr
+        self.mode = "off"
+        self.value: Optional[torch.Tensor] = None
+
+    def install(self, module: torch.nn.Module) -> None:
+        module._duca_tap = self
+        module.forward = types.MethodType(_tapped_forward, module)
+
+    @staticmethod
+    def remove(module: torch.nn.Module) -> None:
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("_duca_tap", None)
+
+    def clear(self) -> None:
+        self.mode, self.value = "off", None
+
+
+def _tapped_forward(module, *args, **kwargs):
+    tap = module._duca_tap
+    if tap.mode == "reuse":
+        return tap.value
+    if tap.mode == "off" and tap.runner is not None and tap.runner.plan is not None:
+        return tap.runner.run_module(tap.attr, types.MethodType(type(module).forward, module),
+                                     args, kwargs)
+    out = type(module).forward(module, *args, **kwargs)
+    if tap.mode == "record":
+        tap.value = out
+    return out

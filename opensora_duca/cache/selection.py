@@ -11,7 +11,6 @@ and sliced. Padding rows (beyond H) get quota 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -35,17 +34,21 @@ def frame_quota(ratio: float, grid: TokenGrid) -> int:
     return int(round(ratio * grid.rows * grid.width))
 
 
+def _quotas(ratio: float, grid: TokenGrid) -> list:
+    """Quota of every local row (0 for padding rows), as host ints."""
+    k, h = frame_quota(ratio, grid), grid.rows
+    return [(r + 1) * k // h - r * k // h if r < h else 0
+            for r in range(grid.row_offset, grid.row_offset + grid.local_rows)]
+
+
 def row_quotas(ratio: float, grid: TokenGrid, device=None) -> torch.Tensor:
     """Quota of every local row (zeros for padding rows)."""
-    k, h = frame_quota(ratio, grid), grid.rows
-    r = torch.arange(grid.row_offset, grid.row_offset + grid.local_rows, device=device)
-    q = (r + 1) * k // h - r * k // h
-    return torch.where(r < h, q, torch.zeros_like(q))
+    return torch.tensor(_quotas(ratio, grid), dtype=torch.long, device=device)
 
 
 def selected_per_sample(ratio: float, grid: TokenGrid) -> int:
     """Tokens per sample selected on this rank."""
-    return int(row_quotas(ratio, grid).sum()) * grid.frames
+    return sum(_quotas(ratio, grid)) * grid.frames
 
 
 def normalise_rows(score: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
@@ -60,14 +63,17 @@ _PLANS: dict = {}
 
 def _selection_plan(ratio: float, grid: TokenGrid, device):
     """(kmax, token offsets [T, rows], flat positions to keep) for a ratio and grid, built once
-    on the host and kept on ``device``, so selecting never waits for the device."""
+    from host ints (no tensor is read) and kept on ``device``, so selecting never waits for
+    the device."""
     key = (float(ratio), grid.frames, grid.rows, grid.width, grid.local_rows, grid.row_offset,
            str(device))
     plan = _PLANS.get(key)
     if plan is None:
-        q = row_quotas(ratio, grid)
-        kmax = int(q.max()) if q.numel() else 0
-        keep = (torch.arange(kmax)[None] < q[:, None]).reshape(-1).nonzero().squeeze(1)
+        q = _quotas(ratio, grid)
+        kmax = max(q, default=0)
+        # row r keeps its first q[r] of kmax candidates
+        keep = torch.tensor([r * kmax + j for r, qr in enumerate(q) for j in range(qr)],
+                            dtype=torch.long)
         flat = (torch.arange(grid.frames)[:, None] * (grid.local_rows * kmax) + keep[None])
         base = (torch.arange(grid.frames)[:, None] * grid.local_rows
                 + torch.arange(grid.local_rows)[None]) * grid.width
@@ -105,7 +111,10 @@ def random_scores(batch: int, grid: TokenGrid, seed: int, step: int, block: int,
     if hi > grid.rows:  # padding rows
         pad = torch.zeros(batch, grid.frames, hi - max(lo, grid.rows), grid.width)
         local = torch.cat([local, pad], 2)
-    return local.reshape(batch, -1).to(device)
+    local = local.reshape(batch, -1)
+    if torch.device(device).type == "cuda":  # a pageable copy would wait for the device
+        return local.pin_memory().to(device, non_blocking=True)
+    return local.to(device)
 
 
 def vnorm_from_qkv(qkv_out: torch.Tensor, batch: int, heads: int, temporal: bool,

@@ -154,13 +154,24 @@ class BlockState:
     TENSORS = ("score", "x_ref")
 
     def __init__(self, counter: StoredBytes, codec: Codec, order: int = 0):
-        self._counter = counter
+        self._counter, self._codec, self._order = counter, codec, order
         self.attn = Feature(codec, counter, order)
         self.cross = Feature(codec, counter, order)
         self.mlp = Feature(codec, counter, order)
+        self.more: Dict[tuple, Feature] = {}  # later calls of a module within one forward
         self.score: Optional[torch.Tensor] = None
         self.x_ref: Optional[torch.Tensor] = None
         self.last_step: Dict[str, torch.Tensor] = {}
+
+    def feature(self, name: str, call: int = 0) -> Feature:
+        """The stored output of the ``call``-th call (0-based) of module ``name`` within one
+        block forward (Open-Sora 1.3's i2v blocks call cross-attention once per frame group)."""
+        if call == 0:
+            return getattr(self, name)
+        key = (name, call)
+        if key not in self.more:
+            self.more[key] = Feature(self._codec, self._counter, self._order)
+        return self.more[key]
 
     def put(self, name: str, value: Optional[torch.Tensor]) -> None:
         """Keep a plain tensor (``score`` / ``x_ref``), replacing the previous one."""
@@ -168,8 +179,9 @@ class BlockState:
         setattr(self, name, value)
 
     def clear(self) -> None:
-        for name in self.FEATURES:
-            getattr(self, name).clear()
+        for feature in [*(getattr(self, n) for n in self.FEATURES), *self.more.values()]:
+            feature.clear()
+        self.more = {}
         for name in self.TENSORS:
             self.put(name, None)
         self.last_step = {}

@@ -1,3 +1,3 @@
 """Datasets (registered in ``opensora_duca.registry.DATASETS``)."""
 from . import synthetic  # noqa: F401  (registers SyntheticShapes)
-from .synthetic import SyntheticShapes, heldout_prompts, VOCABULARY  # noqa: F401
+from .synthetic import VOCABULARY, SyntheticShapes, caption_set  # noqa: F401

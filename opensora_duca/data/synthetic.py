@@ -100,18 +100,20 @@ def all_captions() -> list[str]:
     return [caption_for(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
 
 
-def heldout_prompts(n: int | None = None) -> list[str]:
-    """The FIXED held-out prompt list: every colour x shape x direction caption (105 distinct),
-    ordered so that any prefix is balanced over colours and directions (the i-th prompt has
-    colour i mod 7, direction i mod 5 and shape (i // 35) mod 3 — 7, 5 and 3 are coprime and
-    7*5*3 = 105, so all combinations appear once). ``n`` takes the first n (1..105)."""
+def caption_set(n: int | None = None) -> list[str]:
+    """The caption set: every colour x shape x direction caption (105 distinct) in a FIXED
+    order. It is not held out: the "train" split draws from the same captions (only the item
+    seeds differ). It is ordered so that any prefix is balanced over colours and directions
+    (the i-th prompt has colour i mod 7, direction i mod 5 and shape (i // 35) mod 3 — 7, 5 and
+    3 are coprime and 7*5*3 = 105, so all combinations appear once). ``n`` takes the first n
+    (1..105)."""
     colors, n_all = list(COLORS), len(COLORS) * len(SHAPES) * len(DIRECTIONS)
     out = [caption_for(colors[i % 7], SHAPES[(i // 35) % 3], DIRECTIONS[i % 5])
            for i in range(n_all)]
     if n is None:
         return out
     if not isinstance(n, int) or not 1 <= n <= n_all:
-        raise ValueError(f"heldout_prompts: n={n!r} is out of range; accepted: an int in "
+        raise ValueError(f"caption_set: n={n!r} is out of range; accepted: an int in "
                          f"1..{n_all} or None (all)")
     return out[:n]
 

@@ -1,25 +1,24 @@
 """Fidelity of cached generations against the uncached reference (same prompt, same seed).
 
-Protocol (see ``shared/reference/vbench.md``, "Fidelity against the uncached video"):
+Protocol (the caching papers'; described in ``docs/evaluation.md``):
 
 * frames are floats in ``[0, 1]`` (inputs are divided by ``data_range``);
 * PSNR per frame: ``10 * log10(1 / MSE)`` with the MSE over ``C x H x W``; 100 when ``MSE < 1e-10``;
 * SSIM per frame and channel: Gaussian window 11, sigma 1.5, ``C1 = 0.01**2``, ``C2 = 0.03**2``,
-  statistics over the valid region only (no padding, i.e. 5 pixels lost at each border), the SSIM map
-  averaged, then averaged over channels;
+  statistics over the valid region only (no padding, i.e. 5 pixels lost at each border), the SSIM
+  map averaged, then averaged over channels;
 * aggregation: average over videos per frame index, then over frame indices;
-* LPIPS (AlexNet, inputs in ``[-1, 1]``, spatial mean) is optional: it needs the ``lpips`` package and
-  the AlexNet backbone weights in the torch hub cache; when either is missing the value is ``None``
-  and a message names what is missing.
+* LPIPS (AlexNet, inputs in ``[-1, 1]``, spatial mean) is optional: it needs the ``lpips`` package
+  and the AlexNet backbone weights in the torch hub cache; when either is missing the value is
+  ``None`` and a message names what is missing.
 
 All metric arithmetic is done with torch in float64.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,8 +27,8 @@ PSNR_MAX = 100.0
 MSE_EPS = 1e-10
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
-SSIM_C1 = 0.01 ** 2
-SSIM_C2 = 0.03 ** 2
+SSIM_C1 = 0.01**2
+SSIM_C2 = 0.03**2
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 
@@ -59,14 +58,17 @@ def to_btchw(x, layout: Optional[str] = None, data_range: float = 1.0) -> torch.
         layout = {4: "TCHW", 5: "BTCHW"}.get(t.dim())
         if layout is None:
             raise ValueError(
-                f"frames must be 4-D [T,C,H,W] or 5-D [B,T,C,H,W] (or pass layout=one of {_LAYOUTS}); "
+                f"frames must be 4-D [T,C,H,W] or 5-D [B,T,C,H,W] (or pass layout=one of "
+                f"{_LAYOUTS}); "
                 f"got shape {tuple(t.shape)}"
             )
     layout = layout.upper()
     if layout not in _LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; accepted: {_LAYOUTS}")
     if t.dim() != len(layout):
-        raise ValueError(f"layout {layout} needs a {len(layout)}-D input, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"layout {layout} needs a {len(layout)}-D input, got shape {tuple(t.shape)}"
+        )
     if len(layout) == 4:
         layout = "B" + layout
         t = t.unsqueeze(0)
@@ -90,7 +92,10 @@ def _pair(a, b, layout, data_range) -> Tuple[torch.Tensor, torch.Tensor]:
 def uint8_video_to_frames(video: np.ndarray) -> torch.Tensor:
     """``uint8 [T, H, W, 3]`` -> float64 ``[T, 3, H, W]`` in ``[0, 1]``."""
     if not (isinstance(video, np.ndarray) and video.dtype == np.uint8 and video.ndim == 4):
-        raise ValueError(f"expected uint8 [T,H,W,C], got {getattr(video, 'dtype', None)} {getattr(video, 'shape', None)}")
+        raise ValueError(
+            f"expected uint8 [T,H,W,C], got {getattr(video, 'dtype', None)} "
+            f"{getattr(video, 'shape', None)}"
+        )
     return torch.from_numpy(video).permute(0, 3, 1, 2).to(torch.float64) / 255.0
 
 
@@ -109,7 +114,7 @@ def psnr_per_frame(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """Normalised 1-D Gaussian (float64); the 2-D window is its outer product."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
-    g = torch.exp(-(x ** 2) / (2.0 * sigma ** 2))
+    g = torch.exp(-(x**2) / (2.0 * sigma**2))
     return g / g.sum()
 
 
@@ -180,8 +185,8 @@ def _aggregate_batch(values: torch.Tensor) -> float:
 def psnr(a, b, data_range: float = 1.0, layout: Optional[str] = None) -> float:
     """PSNR between two videos / batches of videos (see :func:`to_btchw` for layouts).
 
-    ``data_range`` is the span of the value range (1 for [0, 1] frames, 2 for [-1, 1], 255 for uint8);
-    inputs are divided by it before the ``[0, 1]`` formula is applied."""
+    ``data_range`` is the span of the value range (1 for [0, 1] frames, 2 for [-1, 1], 255 for
+    uint8); inputs are divided by it before the ``[0, 1]`` formula is applied."""
     ta, tb = _pair(a, b, layout, data_range)
     bsz, t = ta.shape[:2]
     vals = psnr_per_frame(ta.flatten(0, 1), tb.flatten(0, 1)).view(bsz, t)
@@ -215,8 +220,8 @@ def lpips_status() -> Tuple[bool, str]:
     if not os.path.isfile(weights):
         return False, (
             f"LPIPS unavailable: AlexNet backbone weights not found at {weights} "
-            "(the lpips package ships only its linear heads; place the torchvision AlexNet checkpoint "
-            "there or set TORCH_HOME)"
+            "(the lpips package ships only its linear heads; place the torchvision AlexNet "
+            "checkpoint there or set TORCH_HOME)"
         )
     return True, f"LPIPS (alex) with backbone {weights}"
 
@@ -247,7 +252,9 @@ class LPIPSMetric:
         return torch.cat(out)
 
 
-def lpips_distance(a, b, data_range: float = 1.0, layout: Optional[str] = None, device: str = "cpu"):
+def lpips_distance(
+    a, b, data_range: float = 1.0, layout: Optional[str] = None, device: str = "cpu"
+):
     """LPIPS between two videos / batches; returns ``(value or None, message)``."""
     ok, msg = lpips_status()
     if not ok:
@@ -267,15 +274,15 @@ def compare_videos(a, b, data_range: float = 1.0, layout: Optional[str] = None) 
 # directory comparison
 # --------------------------------------------------------------------------------------------------
 def _scan(folder: str) -> Tuple[Dict[str, str], List[str], List[str]]:
-    """Return ({name: path} for video files, [temporary .partial files], [other files])."""
-    from opensora_duca.utils.video import is_partial_name
+    """Return ({name: path} for video files, [temporary files of writes], [other files])."""
+    from ..utils.atomic import is_temp_name
 
     videos, partial, other = {}, [], []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
-        if is_partial_name(name):
+        if is_temp_name(name):
             partial.append(name)
         elif os.path.splitext(name)[1].lower() in VIDEO_EXTS:
             videos[name] = path
@@ -285,7 +292,8 @@ def _scan(folder: str) -> Tuple[Dict[str, str], List[str], List[str]]:
 
 
 def compare_dirs(a_dir: str, b_dir: str, use_lpips: bool = False, device: str = "cpu") -> dict:
-    """Compare videos (``device`` is used for SSIM and LPIPS) of ``b_dir`` against the references in ``a_dir``, matched by file name.
+    """Compare videos (``device`` is used for SSIM and LPIPS) of ``b_dir`` against the references in
+    ``a_dir``, matched by file name.
 
     Returns a dict with ``matched``, ``only_in_a``, ``only_in_b``, ``unreadable`` (``{"name",
     "dir", "error"}``), ``mismatched`` (pairs with different frame shapes/counts: compared over the
@@ -310,8 +318,10 @@ def compare_dirs(a_dir: str, b_dir: str, use_lpips: bool = False, device: str = 
         "only_in_b": sorted(set(vb) - set(va)),
         "unreadable": [],
         "mismatched": [],
-        "ignored_partial": [os.path.join(a_dir, n) for n in pa] + [os.path.join(b_dir, n) for n in pb],
-        "ignored_other": [os.path.join(a_dir, n) for n in oa] + [os.path.join(b_dir, n) for n in ob],
+        "ignored_partial": [os.path.join(a_dir, n) for n in pa]
+        + [os.path.join(b_dir, n) for n in pb],
+        "ignored_other": [os.path.join(a_dir, n) for n in oa]
+        + [os.path.join(b_dir, n) for n in ob],
         "per_video": {},
         "aggregate": {"psnr": None, "ssim": None, "lpips": None},
         "num_compared": 0,
@@ -336,29 +346,53 @@ def compare_dirs(a_dir: str, b_dir: str, use_lpips: bool = False, device: str = 
             try:
                 frames[side] = read_video(path)
             except Exception as e:
-                result["unreadable"].append({"name": name, "dir": os.path.abspath(folder), "error": f"{type(e).__name__}: {e}"})
+                result["unreadable"].append(
+                    {
+                        "name": name,
+                        "dir": os.path.abspath(folder),
+                        "error": f"{type(e).__name__}: {e}",
+                    }
+                )
         if len(frames) != 2:
             continue
         fa, fb = frames["a"], frames["b"]
         if fa.shape[1:] != fb.shape[1:]:
-            result["mismatched"].append({"name": name, "a_shape": list(fa.shape), "b_shape": list(fb.shape),
-                                         "compared": False})
+            result["mismatched"].append(
+                {
+                    "name": name,
+                    "a_shape": list(fa.shape),
+                    "b_shape": list(fb.shape),
+                    "compared": False,
+                }
+            )
             continue
         if fa.shape[0] != fb.shape[0]:
             t = min(fa.shape[0], fb.shape[0])
-            result["mismatched"].append({"name": name, "a_shape": list(fa.shape), "b_shape": list(fb.shape),
-                                         "compared": True, "note": f"compared over the first {t} frames"})
+            result["mismatched"].append(
+                {
+                    "name": name,
+                    "a_shape": list(fa.shape),
+                    "b_shape": list(fb.shape),
+                    "compared": True,
+                    "note": f"compared over the first {t} frames",
+                }
+            )
             fa, fb = fa[:t], fb[:t]
         ta, tb = uint8_video_to_frames(fa), uint8_video_to_frames(fb)
         p = psnr_per_frame(ta, tb).tolist()
         s = ssim_per_frame(ta, tb, device=None if device == "cpu" else device).tolist()
-        entry = {"psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "lpips": None, "num_frames": len(p)}
+        entry = {
+            "psnr": float(np.mean(p)),
+            "ssim": float(np.mean(s)),
+            "lpips": None,
+            "num_frames": len(p),
+        }
         series["psnr"].append(p)
         series["ssim"].append(s)
         if lp is not None:
-            l = lp.per_frame(ta, tb).tolist()
-            entry["lpips"] = float(np.mean(l))
-            series["lpips"].append(l)
+            lp_frames = lp.per_frame(ta, tb).tolist()
+            entry["lpips"] = float(np.mean(lp_frames))
+            series["lpips"].append(lp_frames)
         result["per_video"][name] = entry
     result["num_compared"] = len(result["per_video"])
     for k in ("psnr", "ssim", "lpips"):
@@ -366,27 +400,7 @@ def compare_dirs(a_dir: str, b_dir: str, use_lpips: bool = False, device: str = 
     return result
 
 
-def write_json_atomic(obj, path: str) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder + ``os.replace``."""
-    import json
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, "." + os.path.basename(path) + ".partial")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 __all__ = [
-    "write_json_atomic",
     "psnr",
     "ssim",
     "mse",

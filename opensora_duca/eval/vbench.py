@@ -2,26 +2,28 @@
 
 What lives here:
 
-* prompt suite loading from the *installed* package's ``VBench_full_info.json`` (never copied into the
-  project) or from a text file with one prompt per line, with an optional dimension filter;
+* prompt suite loading from the *installed* package's ``VBench_full_info.json`` (never copied into
+  the project) or from a text file with one prompt per line, with an optional dimension filter;
 * the ``{prompt}-{i}.mp4`` naming VBench's ``vbench_standard`` mode expects, the list of generation
   jobs (skipping complete files, so an interrupted run resumes) and sharding;
 * scoring through ``VBench(...).evaluate(..., local=True)`` one dimension at a time, with a local
-  weights folder (``VBENCH_CACHE_DIR``); dimensions whose weights are missing are skipped and listed;
+  weights folder (``VBENCH_CACHE_DIR``); dimensions whose weights are missing are skipped and
+  listed;
 * VBench's normalisation and the Quality / Semantic / Total scores.
 
 Partial dimension sets: Quality is ``sum(normalised * weight) / sum(weights)`` over the quality
-dimensions that were actually scored (with all 7 that is VBench's ``sum / 6.5``), Semantic the mean over
-the scored semantic dimensions, Total ``(4 Q + S) / 5`` only when both groups have at least one scored
-dimension. Every summary carries the list of dimensions it was computed from and a ``complete`` flag, so
-a partial number is never mistaken for the published 16-dimension score.
+dimensions that were actually scored (with all 7 that is VBench's ``sum / 6.5``), Semantic the mean
+over the scored semantic dimensions, Total ``(4 Q + S) / 5`` only when both groups have at least one
+scored dimension. Every summary carries the list of dimensions it was computed from and a
+``complete`` flag, so a partial number is never mistaken for the published 16-dimension score.
 
 ``import vbench`` imports torchvision. When torchvision's compiled ops cannot be loaded beside the
 installed torch (e.g. the PyPI torchvision 0.28.0 wheel next to a CPU torch: ``operator
 torchvision::nms does not exist``), :func:`ensure_torchvision_importable` declares the two operator
-schemas torchvision's import registers fake kernels for (``nms``, ``qnms``) with ``torch.library``, with
-no implementation: torchvision then imports, its pure-python parts (transforms, models) work, and any
-call of a compiled op still fails with torchvision's own "Couldn't load custom C++ ops" error.
+schemas torchvision's import registers fake kernels for (``nms``, ``qnms``) with ``torch.library``,
+with no implementation: torchvision then imports, its pure-python parts (transforms, models) work,
+and any call of a compiled op still fails with torchvision's own "Couldn't load custom C++ ops"
+error.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 INSTALL_HINT = (
     "VBench is not importable. Install it without its heavy pinned requirements:\n"
@@ -83,15 +85,22 @@ DIMENSION_WEIGHT = {d: 1.0 for d in ALL_DIMENSIONS}
 DIMENSION_WEIGHT["dynamic_degree"] = 0.5
 QUALITY_WEIGHT, SEMANTIC_WEIGHT = 4.0, 1.0
 
-# Files each dimension needs under $VBENCH_CACHE_DIR, as vbench 0.1.5's `init_submodules` (local=True)
-# and the dimension modules look for them (a missing one would otherwise be fetched with wget).
+# Files each dimension needs under $VBENCH_CACHE_DIR, as vbench 0.1.5's `init_submodules`
+# (local=True) and the dimension modules look for them (a missing one would otherwise be fetched
+# with wget).
 REQUIRED_FILES: Dict[str, Tuple[str, ...]] = {
-    "subject_consistency": ("dino_model/facebookresearch_dino_main/hubconf.py", "dino_model/dino_vitbase16_pretrain.pth"),
+    "subject_consistency": (
+        "dino_model/facebookresearch_dino_main/hubconf.py",
+        "dino_model/dino_vitbase16_pretrain.pth",
+    ),
     "background_consistency": ("clip_model/ViT-B-32.pt",),
     "temporal_flickering": (),
     "motion_smoothness": ("amt_model/amt-s.pth",),
     "dynamic_degree": ("raft_model/models/raft-things.pth",),
-    "aesthetic_quality": ("clip_model/ViT-L-14.pt", "aesthetic_model/emb_reader/sa_0_4_vit_l_14_linear.pth"),
+    "aesthetic_quality": (
+        "clip_model/ViT-L-14.pt",
+        "aesthetic_model/emb_reader/sa_0_4_vit_l_14_linear.pth",
+    ),
     "imaging_quality": ("pyiqa_model/musiq_spaq_ckpt-358bb6af.pth",),
     "object_class": ("grit_model/grit_b_densecap_objectdet.pth",),
     "multiple_objects": ("grit_model/grit_b_densecap_objectdet.pth",),
@@ -99,14 +108,20 @@ REQUIRED_FILES: Dict[str, Tuple[str, ...]] = {
     "spatial_relationship": ("grit_model/grit_b_densecap_objectdet.pth",),
     "scene": ("caption_model/tag2text_swin_14m.pth",),
     "human_action": ("umt_model/l16_ptk710_ftk710_ftk400_f16_res224.pth",),
-    "temporal_style": ("ViCLIP/ViClip-InternVid-10M-FLT.pth", "ViCLIP/bpe_simple_vocab_16e6.txt.gz"),
-    "overall_consistency": ("ViCLIP/ViClip-InternVid-10M-FLT.pth", "ViCLIP/bpe_simple_vocab_16e6.txt.gz"),
+    "temporal_style": (
+        "ViCLIP/ViClip-InternVid-10M-FLT.pth",
+        "ViCLIP/bpe_simple_vocab_16e6.txt.gz",
+    ),
+    "overall_consistency": (
+        "ViCLIP/ViClip-InternVid-10M-FLT.pth",
+        "ViCLIP/bpe_simple_vocab_16e6.txt.gz",
+    ),
     "appearance_style": ("clip_model/ViT-B-32.pt",),
 }
 # Not checked here: GRiT (object_class, multiple_objects, color, spatial_relationship) and Tag2Text
-# (scene) also load the `bert-base-uncased` tokenizer through transformers / the Hugging Face cache, and
-# several dimensions need extra python packages (detectron2, pyiqa/timm, transformers, ...); a missing
-# package shows up as a per-dimension failure with the import error.
+# (scene) also load the `bert-base-uncased` tokenizer through transformers / the Hugging Face cache,
+# and several dimensions need extra python packages (detectron2, pyiqa/timm, transformers, ...); a
+# missing package shows up as a per-dimension failure with the import error.
 EXTRA_NOTES = {
     "object_class": "also needs detectron2 and the HF `bert-base-uncased` tokenizer",
     "multiple_objects": "also needs detectron2 and the HF `bert-base-uncased` tokenizer",
@@ -137,8 +152,8 @@ _SHIM_LIB = None  # keep the torch.library.Library alive for the process lifetim
 
 
 def ensure_torchvision_importable() -> bool:
-    """Make ``import torchvision`` work when its compiled ops cannot load; returns True if a shim was
-    installed. A no-op when torchvision is not installed, already imported, or its ops load."""
+    """Make ``import torchvision`` work when its compiled ops cannot load; returns True if a shim
+    was installed. A no-op when torchvision is not installed, already imported, or its ops load."""
     global _SHIM_LIB
     if "torchvision" in sys.modules or _SHIM_LIB is not None:
         return False
@@ -150,7 +165,9 @@ def ensure_torchvision_importable() -> bool:
     if _torchvision_op_exists("nms"):
         return False
     tv_dir = list(spec.submodule_search_locations)[0]
-    for lib_path in sorted(glob.glob(os.path.join(tv_dir, "_C*.so")) + glob.glob(os.path.join(tv_dir, "_C*.pyd"))):
+    for lib_path in sorted(
+        glob.glob(os.path.join(tv_dir, "_C*.so")) + glob.glob(os.path.join(tv_dir, "_C*.pyd"))
+    ):
         try:
             torch.ops.load_library(lib_path)
         except (OSError, RuntimeError, ImportError):
@@ -177,7 +194,9 @@ def full_info_json_path() -> str:
     """``VBench_full_info.json`` shipped inside the installed vbench package."""
     path = os.path.join(vbench_package_dir(), "VBench_full_info.json")
     if not os.path.isfile(path):
-        raise VBenchUnavailable(f"{path} is missing from the installed vbench package.\n{INSTALL_HINT}")
+        raise VBenchUnavailable(
+            f"{path} is missing from the installed vbench package.\n{INSTALL_HINT}"
+        )
     return path
 
 
@@ -189,7 +208,11 @@ def _set_cache_dir(cache_dir: Optional[str]) -> None:
     # vbench reads the variable at import time into module globals (`vbench.utils.CACHE_DIR`, and
     # `from vbench.utils import CACHE_DIR` copies in some dimension modules): update loaded ones.
     for name, mod in list(sys.modules.items()):
-        if (name == "vbench" or name.startswith("vbench.")) and mod is not None and hasattr(mod, "CACHE_DIR"):
+        if (
+            (name == "vbench" or name.startswith("vbench."))
+            and mod is not None
+            and hasattr(mod, "CACHE_DIR")
+        ):
             setattr(mod, "CACHE_DIR", cache_dir)
 
 
@@ -205,9 +228,13 @@ def import_vbench(cache_dir: Optional[str] = None):
         ensure_torchvision_importable()
         mod = importlib.import_module("vbench")
     except ImportError as e:
-        raise VBenchUnavailable(f"importing vbench failed: {type(e).__name__}: {e}\n{INSTALL_HINT}") from e
+        raise VBenchUnavailable(
+            f"importing vbench failed: {type(e).__name__}: {e}\n{INSTALL_HINT}"
+        ) from e
     except RuntimeError as e:
-        raise VBenchUnavailable(f"importing vbench failed: RuntimeError: {e}\n{INSTALL_HINT}") from e
+        raise VBenchUnavailable(
+            f"importing vbench failed: RuntimeError: {e}\n{INSTALL_HINT}"
+        ) from e
     _set_cache_dir(cache_dir)
     return mod
 
@@ -227,13 +254,15 @@ def load_prompts(
 ) -> List[str]:
     """Prompts in suite order, without duplicates.
 
-    With ``prompt_path`` (a text file, one prompt per line, blank lines ignored) the dimension filter
-    does not apply (a plain text file carries no dimension tags). Otherwise the installed package's
-    ``VBench_full_info.json`` is read and, with ``dimensions``, only prompts tagged with at least one of
-    them are kept."""
+    With ``prompt_path`` (a text file, one prompt per line, blank lines ignored) the dimension
+    filter does not apply (a plain text file carries no dimension tags). Otherwise the installed
+    package's ``VBench_full_info.json`` is read and, with ``dimensions``, only prompts tagged with
+    at least one of them are kept."""
     if prompt_path is not None:
         if dimensions:
-            raise ValueError("a dimension filter needs the VBench full-info JSON, not a plain prompt file")
+            raise ValueError(
+                "a dimension filter needs the VBench full-info JSON, not a plain prompt file"
+            )
         with open(prompt_path, "r", encoding="utf-8") as f:
             prompts = [line.strip() for line in f]
         prompts = [p for p in prompts if p]
@@ -242,7 +271,9 @@ def load_prompts(
         if dimensions:
             unknown = set(dimensions) - set(ALL_DIMENSIONS)
             if unknown:
-                raise ValueError(f"unknown VBench dimensions {sorted(unknown)}; known: {list(ALL_DIMENSIONS)}")
+                raise ValueError(
+                    f"unknown VBench dimensions {sorted(unknown)}; known: {list(ALL_DIMENSIONS)}"
+                )
             wanted = set(dimensions)
             entries = [e for e in entries if wanted & set(e.get("dimension", []))]
         prompts = [e["prompt_en"] for e in entries]
@@ -292,10 +323,11 @@ def list_jobs(
     skip_complete: bool = True,
     ext: str = ".mp4",
 ) -> List[GenerationJob]:
-    """Jobs ``(prompt, index, seed, path)`` for prompts ``[start, end)`` and samples ``0..num_samples-1``.
+    """Jobs ``(prompt, index, seed, path)`` for prompts ``[start, end)`` and samples
+    ``0..num_samples-1``.
 
-    With ``skip_complete`` a job whose file already decodes (:func:`is_complete_video`) is dropped, so a
-    rerun resumes an interrupted evaluation; ``.partial`` temporary files are never complete."""
+    With ``skip_complete`` a job whose file already decodes (:func:`is_complete_video`) is dropped,
+    so a rerun resumes an interrupted evaluation; temporary files of writes are never complete."""
     from opensora_duca.utils.video import is_complete_video
 
     if num_samples < 1:
@@ -335,29 +367,35 @@ def normalize_score(dimension: str, raw: float) -> float:
 def final_scores(raw_scores: Dict[str, float]) -> dict:
     """Quality / Semantic / Total (percent) from raw per-dimension scores (fractions in [0, 1]).
 
-    Over whatever dimensions are given: Quality = sum(normalised) / sum(weights) of the scored quality
-    dimensions, Semantic = mean of the scored semantic dimensions, Total = (4 Q + S) / 5 when both
-    groups have at least one dimension, else None. ``complete`` says whether all 16 were scored."""
+    Over whatever dimensions are given: Quality = sum(normalised) / sum(weights) of the scored
+    quality dimensions, Semantic = mean of the scored semantic dimensions, Total = (4 Q + S) / 5
+    when both groups have at least one dimension, else None. ``complete`` says whether all 16 were
+    scored."""
     unknown = set(raw_scores) - set(ALL_DIMENSIONS)
     if unknown:
         raise ValueError(f"unknown VBench dimensions {sorted(unknown)}")
     norm = {d: normalize_score(d, v) for d, v in raw_scores.items() if v is not None}
     q_dims = [d for d in QUALITY_DIMENSIONS if d in norm]
     s_dims = [d for d in SEMANTIC_DIMENSIONS if d in norm]
-    quality = sum(norm[d] for d in q_dims) / sum(DIMENSION_WEIGHT[d] for d in q_dims) if q_dims else None
+    quality = (
+        sum(norm[d] for d in q_dims) / sum(DIMENSION_WEIGHT[d] for d in q_dims) if q_dims else None
+    )
     semantic = sum(norm[d] for d in s_dims) / len(s_dims) if s_dims else None
     total = None
     if quality is not None and semantic is not None:
-        total = (QUALITY_WEIGHT * quality + SEMANTIC_WEIGHT * semantic) / (QUALITY_WEIGHT + SEMANTIC_WEIGHT)
+        total = (QUALITY_WEIGHT * quality + SEMANTIC_WEIGHT * semantic) / (
+            QUALITY_WEIGHT + SEMANTIC_WEIGHT
+        )
     pct = lambda x: None if x is None else 100.0 * x  # noqa: E731
     q_complete = len(q_dims) == len(QUALITY_DIMENSIONS)
     s_complete = len(s_dims) == len(SEMANTIC_DIMENSIONS)
     notes = []
     if not (q_complete and s_complete):
         notes.append(
-            "partial dimension set: Quality/Semantic are computed only over the scored dimensions listed in "
-            "quality_dims/semantic_dims (Quality = sum of normalised scores / sum of their weights; Semantic = "
-            "their mean); not comparable to the published 16-dimension VBench scores"
+            "partial dimension set: Quality/Semantic are computed only over the scored dimensions "
+            "listed in quality_dims/semantic_dims (Quality = sum of normalised scores / sum of "
+            "their weights; Semantic = their mean); not comparable to the published 16-dimension "
+            "VBench scores"
         )
     if total is None:
         notes.append("Total needs at least one quality and one semantic dimension; not reported")
@@ -382,10 +420,16 @@ def missing_files(dimension: str, cache_dir: str) -> List[str]:
     """Paths under ``cache_dir`` that ``dimension`` needs and that do not exist."""
     if dimension not in REQUIRED_FILES:
         raise ValueError(f"unknown VBench dimension {dimension!r}")
-    return [os.path.join(cache_dir, rel) for rel in REQUIRED_FILES[dimension] if not os.path.isfile(os.path.join(cache_dir, rel))]
+    return [
+        os.path.join(cache_dir, rel)
+        for rel in REQUIRED_FILES[dimension]
+        if not os.path.isfile(os.path.join(cache_dir, rel))
+    ]
 
 
-def plan_dimensions(dimensions: Optional[Sequence[str]], cache_dir: str) -> Tuple[List[str], Dict[str, List[str]]]:
+def plan_dimensions(
+    dimensions: Optional[Sequence[str]], cache_dir: str
+) -> Tuple[List[str], Dict[str, List[str]]]:
     """Split ``dimensions`` (default: all 16) into runnable ones and ``{dim: [missing files]}``."""
     dims = list(dimensions) if dimensions else list(ALL_DIMENSIONS)
     unknown = [d for d in dims if d not in ALL_DIMENSIONS]
@@ -402,9 +446,11 @@ def plan_dimensions(dimensions: Optional[Sequence[str]], cache_dir: str) -> Tupl
 
 
 def _stage_videos(videos_dir: str, stage_dir: str) -> Tuple[List[str], List[str]]:
-    """Link complete videos into ``stage_dir`` (VBench lists the folder and takes the extension of the
-    first entry, so stray temporary / non-video files must not be there). Returns (staged, not staged)."""
-    from opensora_duca.utils.video import is_complete_video, is_partial_name
+    """Link complete videos into ``stage_dir`` (VBench lists the folder and takes the extension of
+    the first entry, so stray temporary / non-video files must not be there). Returns (staged, not
+    staged)."""
+    from opensora_duca.utils.atomic import is_temp_name
+    from opensora_duca.utils.video import is_complete_video
 
     if os.path.isdir(stage_dir):
         shutil.rmtree(stage_dir)
@@ -414,7 +460,7 @@ def _stage_videos(videos_dir: str, stage_dir: str) -> Tuple[List[str], List[str]
         src = os.path.join(videos_dir, name)
         if not os.path.isfile(src):
             continue
-        if is_partial_name(name) or not name.lower().endswith(".mp4"):
+        if is_temp_name(name) or not name.lower().endswith(".mp4"):
             rejected.append(name)
             continue
         if not is_complete_video(src):
@@ -429,7 +475,9 @@ def _stage_videos(videos_dir: str, stage_dir: str) -> Tuple[List[str], List[str]
     return staged, rejected
 
 
-def expected_videos(dimensions: Sequence[str], num_samples: int = 5, full_info_path: Optional[str] = None) -> List[str]:
+def expected_videos(
+    dimensions: Sequence[str], num_samples: int = 5, full_info_path: Optional[str] = None
+) -> List[str]:
     """File names VBench's standard mode looks for, for these dimensions."""
     prompts = load_prompts(dimensions=dimensions, full_info_path=full_info_path)
     return [video_filename(p, i) for p in prompts for i in range(num_samples)]
@@ -486,12 +534,20 @@ def evaluate(
         if mode == "vbench_standard":
             exp = expected_videos([dim], full_info_path=full_info)
             miss = [n for n in exp if n not in staged_set]
-            result["missing_videos"][dim] = {"expected": len(exp), "missing": len(miss), "examples": miss[:5]}
+            result["missing_videos"][dim] = {
+                "expected": len(exp),
+                "missing": len(miss),
+                "examples": miss[:5],
+            }
         run_name = f"{name}_{dim}"
         try:
             bench = vb.VBench(torch.device(device), full_info, output_dir)
-            bench.evaluate(videos_path=stage_dir, name=run_name, dimension_list=[dim], mode=mode, local=True)
-            with open(os.path.join(output_dir, f"{run_name}_eval_results.json"), "r", encoding="utf-8") as f:
+            bench.evaluate(
+                videos_path=stage_dir, name=run_name, dimension_list=[dim], mode=mode, local=True
+            )
+            with open(
+                os.path.join(output_dir, f"{run_name}_eval_results.json"), "r", encoding="utf-8"
+            ) as f:
                 res = json.load(f)[dim]
             raw = float(res[0])
             per_video = res[1] if len(res) > 1 else []

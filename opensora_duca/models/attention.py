@@ -38,7 +38,8 @@ def check_backend(name: str) -> str:
     if name in ("flash", "xformers") and name not in available_backends():
         pkg = "flash_attn" if name == "flash" else "xformers"
         raise RuntimeError(f"attention backend {name!r} needs the {pkg!r} package and a CUDA "
-                           f"device; available here: {available_backends()} (use 'auto' to fall back)")
+                           f"device; available here: {available_backends()} (use 'auto' to "
+                           f"fall back)")
     return name
 
 

@@ -43,7 +43,8 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
                 sd = sd[key]
                 break
     if not isinstance(sd, dict):
-        raise ValueError(f"checkpoint {path!r} does not hold a state dict (got {type(sd).__name__})")
+        raise ValueError(f"checkpoint {path!r} does not hold a state dict (got "
+                         f"{type(sd).__name__})")
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     if any(k.startswith("model.") for k in sd):  # a bundle with prefixed model keys
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
@@ -71,6 +72,10 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
         if bad:
             lines.append("  shape mismatches: " + _fmt(
                 [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad]))
+        if any(k.startswith("x_embedder_cond") for k in unexpected):
+            lines.append("  (an Open-Sora 1.3 checkpoint: build STDiT3 with in_channels=16, "
+                         "cond_embedders=True and the run's kernel_size / use_spatial_rope, "
+                         "as configs/opensora-v1-3/inference/sample.py does)")
         raise RuntimeError("\n".join(lines))
     _check_recorded_options(model, path)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)

@@ -12,8 +12,8 @@ Every codec is an ``nn.Module`` (so ``.to(device, dtype)`` works as usual) with
   buffer so that ``.to()`` moves them like any module).
 
 Registered: ``identity`` (latent = pixels), ``DemoCodec`` (exact weight-free space-to-depth,
-the demo model's codec), ``OpenSoraVAE_V1_2`` (adapter to upstream Open-Sora's VAE; needs the
-``opensora`` package).
+the demo model's codec), ``OpenSoraVAE_V1_2`` and ``OpenSoraVAE_V1_3`` (adapters to upstream
+Open-Sora's VAEs; they need the ``opensora`` package of that release).
 """
 from __future__ import annotations
 
@@ -163,17 +163,19 @@ class OpenSoraVAEAdapter(LatentCodec):
     ImportError when the ``opensora`` package is not importable.
     """
 
+    upstream_type, release = "OpenSoraVAE_V1_2", "v1.2.0"
+
     def __init__(self, **kwargs: Any):
         super().__init__()
         try:
             from opensora.registry import MODELS as OPENSORA_MODELS  # type: ignore
         except ImportError as err:
             raise ImportError(
-                "vae type 'OpenSoraVAE_V1_2' needs upstream Open-Sora: the 'opensora' package "
-                "must be installed (pip install the hpcaitech/Open-Sora v1.2 repository) to "
-                f"build it; import failed with: {err}. For the demo model use "
-                "vae=dict(type='DemoCodec').") from err
-        cfg = dict(type="OpenSoraVAE_V1_2", **kwargs)
+                f"vae type {self.upstream_type!r} needs upstream Open-Sora: the 'opensora' "
+                f"package must be installed (pip install the hpcaitech/Open-Sora "
+                f"{self.release} repository) to build it; import failed with: {err}. For the "
+                "demo model use vae=dict(type='DemoCodec').") from err
+        cfg = dict(type=self.upstream_type, **kwargs)
         self.module = OPENSORA_MODELS.build(cfg)
         self.out_channels = int(self.module.out_channels)
 
@@ -193,3 +195,17 @@ class OpenSoraVAEAdapter(LatentCodec):
 
     def decode(self, z, num_frames=None):
         return self.module.decode(z, num_frames=num_frames)
+
+
+@VAES.register_module("OpenSoraVAE_V1_3")
+class OpenSoraVAEV13Adapter(OpenSoraVAEAdapter):
+    """Upstream Open-Sora 1.3's VAE (``OpenSoraVAE_V1_3``, 16 latent channels, 4x temporal
+    compression) behind this interface, built through upstream's registry like the 1.2 one.
+    Its ``decode`` ignores ``num_frames`` (the latent frame count sets the decoded length);
+    this adapter crops to ``num_frames`` afterwards."""
+
+    upstream_type, release = "OpenSoraVAE_V1_3", "v1.3"
+
+    def decode(self, z, num_frames=None):
+        x = self.module.decode(z)
+        return x[:, :, :num_frames] if num_frames is not None else x

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .. import parallel as sp
 from .attention import attention, check_backend
+from .window import from_windows, resolve_kernel, to_windows
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -76,10 +77,13 @@ class CaptionEmbedder(nn.Module):
                              torch.randn(token_num, in_channels) / in_channels ** 0.5)
         self.uncond_prob = uncond_prob
 
-    def forward(self, caption: torch.Tensor, train: bool, force_drop_ids=None) -> torch.Tensor:
-        if (train and self.uncond_prob > 0) or force_drop_ids is not None:
+    def forward(self, caption: torch.Tensor, train: bool, force_drop_ids=None,
+                uncond_prob: Optional[float] = None) -> torch.Tensor:
+        """``uncond_prob`` (training) overrides the configured caption-dropout rate."""
+        p = self.uncond_prob if uncond_prob is None else uncond_prob
+        if (train and p > 0) or force_drop_ids is not None:
             if force_drop_ids is None:
-                drop = torch.rand(caption.shape[0], device=caption.device) < self.uncond_prob
+                drop = torch.rand(caption.shape[0], device=caption.device) < p
             else:
                 drop = torch.as_tensor(force_drop_ids, device=caption.device) == 1
             caption = torch.where(drop[:, None, None, None], self.y_embedding.to(caption.dtype),
@@ -123,7 +127,7 @@ class PositionEmbedding2D(nn.Module):
                              1.0 / 10000 ** (torch.arange(0, half, 2).float() / half),
                              persistent=False)
 
-    def forward(self, h: int, w: int, scale: float, base_size: Optional[int], dtype, device):
+    def forward(self, h: int, w: int, scale, base_size: Optional[int], dtype, device):
         gh = torch.arange(h, dtype=torch.float32, device=device) / scale
         gw = torch.arange(w, dtype=torch.float32, device=device) / scale
         if base_size is not None:
@@ -178,6 +182,29 @@ class RotaryEmbedding(nn.Module):
         rot = torch.stack((-x2, x1), dim=-1).flatten(-2)
         return (xf * cos + rot * sin).to(x.dtype)
 
+    def rotate_3d(self, x: torch.Tensor, grid, scale: Optional[float] = None) -> torch.Tensor:
+        """Open-Sora 1.3's 3-D rotary embedding of x [..., N, d], N = n1*n2*n3 tokens ordered
+        (n1 rows, n2 columns, n3 frames) = ``grid``. The head dimension is cut in three equal
+        parts: the first is rotated by the frame index, the second by row / scale, the third
+        by column / scale (``scale`` None = 1), each with these ``freqs`` (d/3 = 2 * len)."""
+        n1, n2, n3 = grid
+        d = x.shape[-1]
+        if d != 6 * self.freqs.shape[0]:
+            raise ValueError(f"3-D rotary embedding: head dim {d} must be 3 x the rotation dim "
+                             f"{2 * self.freqs.shape[0]}")
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        f = self.freqs.to(dtype)
+        s = 1.0 if scale is None else scale
+        dev = x.device
+        pos = (torch.arange(n3, device=dev, dtype=dtype)[None, None, :].expand(n1, n2, n3),
+               (torch.arange(n1, device=dev, dtype=dtype) / s)[:, None, None].expand(n1, n2, n3),
+               (torch.arange(n2, device=dev, dtype=dtype) / s)[None, :, None].expand(n1, n2, n3))
+        ang = torch.cat([p.reshape(-1, 1) * f[None] for p in pos], dim=-1)  # [N, d/2]
+        ang = ang.repeat_interleave(2, dim=-1)
+        xf = x.to(dtype)
+        rot = torch.stack((-xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
+        return (xf * ang.cos() + rot * ang.sin()).to(x.dtype)
+
 
 class LlamaRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -202,15 +229,32 @@ class SeqParallelState:
 
 
 class Attention(nn.Module):
-    """Self-attention with qk RMSNorm, optional rotary (temporal) and Ulysses sequence
-    parallelism (spatial). Called as ``attn(x)`` with ``x [B', N, C]``.
+    """Self-attention with qk RMSNorm, optional rotary embedding and Ulysses sequence
+    parallelism. Called as ``attn(x)`` with ``x [B', N, C]`` (Open-Sora 1.2), or with the
+    latent grid ``attn(x, H=rows, W=columns, scale=s)`` when it has Open-Sora 1.3 options:
+
+    - ``rope``: 1-D rotary embedding over the sequence (1.2's temporal blocks);
+    - ``rope3d``: 3-D rotary embedding (``RotaryEmbedding.rotate_3d``) over the (rows, columns,
+      frames) position of each token -- in a spatial block (x ``[(B T), H*W, C]``) the frame
+      part is position 0, in a window the positions are those inside the window;
+    - ``kernel_size``: 3-D window attention in a temporal block (x ``[(B H W), T, C]``,
+      token s = row * W + column): the grid is cut in windows of (rows, columns, frames) and
+      attention runs inside each (see ``models.window``).
+
+    Under sequence parallelism (``sp_state.group`` with P > 1) the spatial sequence, or for
+    window attention the rows, are gathered and the heads scattered (all-to-all), rows beyond
+    ``sp_state.valid_len`` (padding) are dropped from the keys (and from the windows), and the
+    result is sent back. The qkv projection always runs on the input tokens in input order.
 
     With ``keep_attn_map`` set to True (math backend only) the last map is kept in
-    ``last_attn_map`` for attention-map token scores.
+    ``last_attn_map`` for attention-map token scores; under window attention it holds what
+    each token receives (summed over heads and real queries) as ``[B', 1, 1, N]`` in input
+    order, which has the column sums of the full map.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, rope=None,
-                 backend: str = "sdpa", sp_state: Optional[SeqParallelState] = None):
+                 backend: str = "sdpa", sp_state: Optional[SeqParallelState] = None,
+                 rope3d=None, kernel_size=None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
@@ -221,12 +265,29 @@ class Attention(nn.Module):
         self.k_norm = LlamaRMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.rope = rope
+        self.rope3d = rope3d
+        self.kernel_size = kernel_size
         self.backend = check_backend(backend)
         self.sp_state = sp_state
         self.keep_attn_map = False
         self.last_attn_map: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def needs_grid(self) -> bool:
+        """Whether forward needs the latent grid (H, W, scale)."""
+        return self.kernel_size is not None or self.rope3d is not None
+
+    def _attend(self, q, k, v, key_mask=None):
+        if self.keep_attn_map:
+            out, self.last_attn_map = attention(q, k, v, self.backend, key_mask=key_mask,
+                                                scale=self.scale, return_map=True)
+            return out
+        return attention(q, k, v, self.backend, key_mask=key_mask, scale=self.scale)
+
+    def forward(self, x: torch.Tensor, H: Optional[int] = None, W: Optional[int] = None,
+                scale: Optional[float] = None) -> torch.Tensor:
+        if self.kernel_size is not None:
+            return self._window_forward(x, H, W, scale)
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
         group = self.sp_state.group if self.sp_state is not None else None
@@ -237,18 +298,60 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
+        if self.rope3d is not None:
+            if W is None:
+                raise ValueError("attention with a 3-D rotary embedding needs W (columns)")
+            grid = (q.shape[2] // W, W, 1)
+            q, k = self.rope3d(q, grid, scale), self.rope3d(k, grid, scale)
         if p > 1 and self.sp_state.valid_len is not None and self.sp_state.valid_len < k.shape[2]:
             k = k[:, :, : self.sp_state.valid_len]
             v = v[:, :, : self.sp_state.valid_len]
-        if self.keep_attn_map:
-            out, self.last_attn_map = attention(q, k, v, self.backend, scale=self.scale,
-                                                return_map=True)
-        else:
-            out = attention(q, k, v, self.backend, scale=self.scale)
-        out = out.transpose(1, 2)  # [b, N, h', d]
+        out = self._attend(q, k, v).transpose(1, 2)  # [b, N, h', d]
         if p > 1:
             out = sp.all_to_all(out, group, scatter_dim=1, gather_dim=2)
         return self.proj(out.reshape(b, n, c))
+
+    def _window_forward(self, x, H, W, scale):
+        """Window attention over x [(B H W), T, C] (H = the rows held here)."""
+        if H is None or W is None:
+            raise ValueError("window attention (kernel_size) needs the latent grid H and W")
+        bs, t, c = x.shape
+        b, h, d = bs // (H * W), self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(b, H, W, t, 3, h, d)
+        group = self.sp_state.group if self.sp_state is not None else None
+        p = sp.group_size(group)
+        rows = H
+        if p > 1:  # gather the rows, scatter the heads; drop padding rows
+            if self.keep_attn_map:
+                raise ValueError("attention-map scores of window attention are not available "
+                                 "under sequence parallelism; use scorer 'vnorm'")
+            qkv = sp.all_to_all(qkv, group, scatter_dim=5, gather_dim=1)
+            rows = min(qkv.shape[1], self.sp_state.valid_len // W)
+            qkv = qkv[:, :rows]
+        hp = qkv.shape[5]
+        dims = (rows, W, t)
+        kernel = resolve_kernel(self.kernel_size, dims)
+        win, real = to_windows(qkv.reshape(b, rows, W, t, 3 * hp * d), kernel)
+        q, k, v = win.view(win.shape[0], -1, 3, hp, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope3d is not None:
+            q, k = self.rope3d(q, kernel, scale), self.rope3d(k, kernel, scale)
+        out = self._attend(q, k, v, key_mask=real).transpose(1, 2)  # [windows, n, h', d]
+        if self.keep_attn_map:
+            self.last_attn_map = self._received(self.last_attn_map, real, dims, kernel, bs, t)
+        out = from_windows(out.reshape(out.shape[0], out.shape[1], hp * d), dims, kernel)
+        if p > 1:  # back: pad the rows again, scatter them, gather the heads
+            out = F.pad(out, (0, 0, 0, 0, 0, 0, 0, H * p - rows)).view(b, H * p, W, t, hp, d)
+            out = sp.all_to_all(out, group, scatter_dim=1, gather_dim=4)
+        return self.proj(out.reshape(bs, t, c))
+
+    @staticmethod
+    def _received(amap, real, dims, kernel, bs, t):
+        """Window maps [windows, h, n, n] -> attention received per token [(B H W), 1, 1, T]."""
+        if real is not None:
+            amap = amap * real[:, None, :, None]
+        r = amap.float().sum(dim=(1, 2))[..., None]  # [windows, n, 1]
+        return from_windows(r, dims, kernel).reshape(bs, 1, 1, t)
 
 
 class MultiHeadCrossAttention(nn.Module):

@@ -18,10 +18,24 @@ from .. import parallel as sp
 from ..registry import MODELS
 from .attention import check_backend
 from .checkpoint import load_checkpoint
-from .layers import (Attention, CaptionEmbedder, DropPath, FramePositionEmbedding, Mlp,
-                     MultiHeadCrossAttention, PatchEmbed3D, PositionEmbedding2D, RotaryEmbedding,
-                     SeqParallelState, SizeEmbedder, T2IFinalLayer, TimestepEmbedder, modulate,
-                     select_by_frame)
+from .layers import (
+    Attention,
+    CaptionEmbedder,
+    DropPath,
+    FramePositionEmbedding,
+    Mlp,
+    MultiHeadCrossAttention,
+    PatchEmbed3D,
+    PositionEmbedding2D,
+    RotaryEmbedding,
+    SeqParallelState,
+    SizeEmbedder,
+    T2IFinalLayer,
+    TimestepEmbedder,
+    modulate,
+    select_by_frame,
+)
+from .window import check_kernel_size
 
 # Keyword arguments Open-Sora 1.2's pipeline passes to the model besides the ones forward uses
 # (y, mask, x_mask, fps, height, width): its inference script adds the multi-resolution info
@@ -33,7 +47,8 @@ UPSTREAM_IGNORED_ARGS = ("num_frames", "ar")
 # Boolean options of STDiT3.__init__ (validated as such).
 _BOOL_OPTIONS = ("pred_sigma", "qk_norm", "enable_flash_attn", "enable_layernorm_kernel",
                  "enable_sequence_parallelism", "only_train_temporal", "freeze_y_embedder",
-                 "skip_y_embedder", "temporal_pos_embed")
+                 "skip_y_embedder", "temporal_pos_embed", "use_spatial_rope", "skip_temporal",
+                 "cond_embedders")
 
 
 def block_modulation(table: torch.Tensor, t: torch.Tensor, x_mask=None, t0=None):
@@ -47,39 +62,67 @@ def block_modulation(table: torch.Tensor, t: torch.Tensor, x_mask=None, t0=None)
     return [select_by_frame(x_mask, m, m0) for m, m0 in zip(mods, mods0)]
 
 
-def run_self_attn(block, h: torch.Tensor) -> torch.Tensor:
-    """Apply ``block.attn`` to modulated tokens h [B, T, S, C] over S (spatial) or T (temporal)."""
+def run_self_attn(block, h: torch.Tensor, H=None, W=None, scale=None) -> torch.Tensor:
+    """Apply ``block.attn`` to modulated tokens h [B, T, S, C] over S (spatial) or T (temporal);
+    an attention module with Open-Sora 1.3 options also gets the latent grid (H rows held here,
+    W columns, the resolution scale)."""
     b, t, s, c = h.shape
+    grid = dict(H=H, W=W, scale=scale) if getattr(block.attn, "needs_grid", False) else {}
     if block.temporal:
-        out = block.attn(h.transpose(1, 2).reshape(b * s, t, c))
+        out = block.attn(h.transpose(1, 2).reshape(b * s, t, c), **grid)
         return out.view(b, s, t, c).transpose(1, 2)
-    return block.attn(h.reshape(b * t, s, c)).view(b, t, s, c)
+    return block.attn(h.reshape(b * t, s, c), **grid).view(b, t, s, c)
+
+
+def split_cross_attn(block, xv: torch.Tensor, y, y_null, mask, mask_index) -> torch.Tensor:
+    """Open-Sora 1.3's i2v/v2v cross-attention of x [B, T, S, C]: the frames in ``mask_index``
+    (the given ones) attend to the null caption ``y_null``, the others to ``y``."""
+    b, T, S, c = xv.shape
+    given = list(mask_index)
+    rest = [i for i in range(T) if i not in given]
+    out = torch.empty_like(xv)
+    for frames, cond in ((given, y_null), (rest, y)):
+        if frames:
+            part = xv[:, frames].reshape(b, len(frames) * S, c)
+            out[:, frames] = block.cross_attn(part, cond, mask).view(b, len(frames), S, c)
+    return out
 
 
 class STDiT3Block(nn.Module):
+    """One spatial or temporal block. Open-Sora 1.3 options: ``rope3d`` (3-D rotary embedding
+    in the self-attention) and, in temporal blocks, ``kernel_size`` (window attention, which
+    then also takes part in sequence parallelism)."""
+
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
                  drop_path: float = 0.0, rope=None, qk_norm: bool = True, temporal: bool = False,
-                 backend: str = "sdpa", sp_state: Optional[SeqParallelState] = None):
+                 backend: str = "sdpa", sp_state: Optional[SeqParallelState] = None,
+                 rope3d=None, kernel_size=None):
         super().__init__()
         self.temporal = temporal
         self.hidden_size = hidden_size
+        window = temporal and kernel_size is not None
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm,
-                              rope=rope if temporal else None, backend=backend,
-                              sp_state=None if temporal else sp_state)
+                              rope=rope if temporal and not window else None, backend=backend,
+                              sp_state=sp_state if window or not temporal else None,
+                              rope3d=rope3d, kernel_size=kernel_size if window else None)
         self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads, backend=backend)
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size ** 0.5)
 
-    def forward(self, x, y, t, mask=None, x_mask=None, t0=None, T=None, S=None):
+    def forward(self, x, y, t, mask=None, x_mask=None, t0=None, T=None, S=None, H=None, W=None,
+                scale=None, mask_index=None, y_null=None):
         b, n, c = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = block_modulation(self.scale_shift_table, t, x_mask, t0)
         xv = x.view(b, T, S, c)
-        h = run_self_attn(self, modulate(self.norm1(xv), sh1, sc1))
+        h = run_self_attn(self, modulate(self.norm1(xv), sh1, sc1), H, W, scale)
         xv = xv + self.drop_path(g1 * h)
-        xv = xv + self.cross_attn(xv.reshape(b, n, c), y, mask).view(b, T, S, c)
+        if mask_index is not None and len(mask_index) > 0:
+            xv = xv + split_cross_attn(self, xv, y, y_null, mask, mask_index)
+        else:
+            xv = xv + self.cross_attn(xv.reshape(b, n, c), y, mask).view(b, T, S, c)
         h = self.mlp(modulate(self.norm2(xv), sh2, sc2))
         xv = xv + self.drop_path(g2 * h)
         return xv.reshape(b, n, c)
@@ -111,6 +154,22 @@ class STDiT3(nn.Module):
       computes the same LayerNorm; torch's LayerNorm is used either way.
     - ``input_size``: passed by Open-Sora's scripts; unused, as upstream (sizes come from x).
     - ``forward`` also accepts the :data:`UPSTREAM_IGNORED_ARGS` and ignores them as upstream.
+
+    Open-Sora 1.3 options (upstream's names; docs/stdit3.md, "Open-Sora 1.3"):
+
+    - ``kernel_size``: 3-D window attention (rows, columns, frames; -1 = whole axis) in the
+      temporal blocks, with a 3-D rotary embedding inside each window; the rotation dimension
+      becomes head_dim / 3 (``rope.freqs`` shrinks accordingly).
+    - ``use_spatial_rope``: the 3-D rotary embedding in the spatial blocks too (needs
+      ``kernel_size``).
+    - ``skip_temporal``: no temporal blocks at all.
+    - ``cond_embedders`` (not an upstream option: every 1.3 model has them):
+      ``x_embedder_cond`` / ``x_embedder_cond_mask``, the patch embeddings of the reference
+      latents ``cond`` and their mask ``cond_mask`` that i2v / v2v add to the input. Then
+      ``forward`` takes ``cond``, ``cond_mask``, ``mask_index`` (latent frames given as
+      reference, whose cross-attention reads ``y_null``) and ``y_null``; 1.3 checkpoints also
+      need ``in_channels=16``.
+    - ``forward(text_uncond_prob=p)``: caption-dropout rate for this call (training).
     """
 
     def __init__(self, input_size=(None, None, None), input_sq_size: int = 512,
@@ -122,14 +181,17 @@ class STDiT3(nn.Module):
                  enable_layernorm_kernel: bool = False, enable_sequence_parallelism: bool = False,
                  attn_backend: Optional[str] = None, only_train_temporal: bool = False,
                  freeze_y_embedder: bool = False, skip_y_embedder: bool = False,
-                 temporal_pos_embed: bool = False):
+                 temporal_pos_embed: bool = False, kernel_size: Optional[Sequence[int]] = None,
+                 use_spatial_rope: bool = False, skip_temporal: bool = False,
+                 cond_embedders: bool = False):
         super().__init__()
         options = dict(pred_sigma=pred_sigma, qk_norm=qk_norm, enable_flash_attn=enable_flash_attn,
                        enable_layernorm_kernel=enable_layernorm_kernel,
                        enable_sequence_parallelism=enable_sequence_parallelism,
                        only_train_temporal=only_train_temporal,
                        freeze_y_embedder=freeze_y_embedder, skip_y_embedder=skip_y_embedder,
-                       temporal_pos_embed=temporal_pos_embed)
+                       temporal_pos_embed=temporal_pos_embed, use_spatial_rope=use_spatial_rope,
+                       skip_temporal=skip_temporal, cond_embedders=cond_embedders)
         for key in _BOOL_OPTIONS:
             if not isinstance(options[key], bool):
                 raise ValueError(f"STDiT3 {key}={options[key]!r}: accepted: True or False")
@@ -144,6 +206,16 @@ class STDiT3(nn.Module):
         if hidden_size % num_heads:
             raise ValueError(f"STDiT3 hidden_size={hidden_size} is not divisible by "
                              f"num_heads={num_heads}")
+        kernel_size = check_kernel_size(kernel_size)
+        if use_spatial_rope and kernel_size is None:
+            raise ValueError("STDiT3 use_spatial_rope=True needs kernel_size (as upstream); "
+                             "accepted: kernel_size=(rows, columns, frames), e.g. (8, 8, -1)")
+        head_dim = hidden_size // num_heads
+        if kernel_size is not None and head_dim % 6:
+            raise ValueError(f"STDiT3 kernel_size={kernel_size}: the 3-D rotary embedding "
+                             f"needs hidden_size / num_heads divisible by 6, got {head_dim}")
+        self.kernel_size, self.use_spatial_rope = kernel_size, use_spatial_rope
+        self.skip_temporal = skip_temporal
         self.pred_sigma = pred_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if pred_sigma else in_channels
@@ -162,8 +234,12 @@ class STDiT3(nn.Module):
         # optional absolute frame index (not in upstream STDiT3; parameter-free)
         self.temporal_pos_embed = FramePositionEmbedding(hidden_size) if temporal_pos_embed \
             else None
-        self.rope = RotaryEmbedding(dim=hidden_size // num_heads)
+        self.rope = RotaryEmbedding(dim=head_dim if kernel_size is None else head_dim // 3)
         self.x_embedder = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
+        if cond_embedders:  # Open-Sora 1.3 i2v / v2v conditioning
+            self.x_embedder_cond = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
+            self.x_embedder_cond_mask = PatchEmbed3D(self.patch_size, in_channels, hidden_size)
+        self.cond_embedders = cond_embedders
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.fps_embedder = SizeEmbedder(hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -172,12 +248,14 @@ class STDiT3(nn.Module):
         kw = dict(mlp_ratio=mlp_ratio, qk_norm=qk_norm, backend=self.attn_backend)
         # stochastic-depth rate per layer: 0 for the first, drop_path for the last
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        rope3d = self.rope.rotate_3d if kernel_size is not None else None
         self.spatial_blocks = nn.ModuleList(
-            [STDiT3Block(hidden_size, num_heads, drop_path=r, sp_state=self.sp_state, **kw)
-             for r in rates])
-        self.temporal_blocks = nn.ModuleList(
+            [STDiT3Block(hidden_size, num_heads, drop_path=r, sp_state=self.sp_state,
+                         rope3d=rope3d if use_spatial_rope else None, **kw) for r in rates])
+        self.temporal_blocks = nn.ModuleList() if skip_temporal else nn.ModuleList(
             [STDiT3Block(hidden_size, num_heads, drop_path=r, temporal=True,
-                         rope=self.rope.rotate_queries_or_keys, **kw) for r in rates])
+                         rope=self.rope.rotate_queries_or_keys, sp_state=self.sp_state,
+                         rope3d=rope3d, kernel_size=kernel_size, **kw) for r in rates])
         self.final_layer = T2IFinalLayer(hidden_size, math.prod(self.patch_size), self.out_channels)
         self.initialize_weights()
         if only_train_temporal:
@@ -204,6 +282,10 @@ class STDiT3(nn.Module):
         nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
         nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
         nn.init.zeros_(self.fps_embedder.mlp[2].weight)
+        if self.cond_embedders:
+            for emb in (self.x_embedder_cond, self.x_embedder_cond_mask):
+                nn.init.zeros_(emb.proj.weight)
+                nn.init.zeros_(emb.proj.bias)
         for blk in self.temporal_blocks:
             nn.init.zeros_(blk.attn.proj.weight)
             nn.init.zeros_(blk.cross_attn.proj.weight)
@@ -215,10 +297,12 @@ class STDiT3(nn.Module):
         pt, ph, pw = self.patch_size
         return -(-t // pt), -(-h // ph), -(-w // pw)
 
-    def encode_text(self, y: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    def encode_text(self, y: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                    uncond_prob: Optional[float] = None):
         """y [B, 1, L, Cy] -> ([B, L, C], bool key mask [B, L] or None); with skip_y_embedder
         y [B, 1, L, C] is already embedded."""
-        y = y.squeeze(1) if self.skip_y_embedder else self.y_embedder(y, self.training).squeeze(1)
+        y = y.squeeze(1) if self.skip_y_embedder else self.y_embedder(
+            y, self.training, uncond_prob=uncond_prob).squeeze(1)
         if mask is not None:
             if mask.shape[0] != y.shape[0]:
                 mask = mask.repeat(y.shape[0] // mask.shape[0], 1)
@@ -270,7 +354,33 @@ class STDiT3(nn.Module):
         return group if p > 1 else None
 
     # --------------------------------------------------------------- forward
+    def _check_conditioning(self, x, y, cond, cond_mask, mask_index, y_null):
+        """Open-Sora 1.3 i2v / v2v inputs -> mask_index as a list of frame indices (or None)."""
+        if mask_index is None:
+            return None
+        if not self.cond_embedders:
+            raise ValueError("mask_index given, but this STDiT3 has no i2v / v2v conditioning "
+                             "embedders; accepted: mask_index=None, or build the model with "
+                             "cond_embedders=True (Open-Sora 1.3)")
+        t = self.get_dynamic_size(x)[0]
+        idx = mask_index.tolist() if isinstance(mask_index, torch.Tensor) else mask_index
+        if not isinstance(idx, (list, tuple)) or len(set(idx)) != len(idx) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < t for i in idx):
+            raise ValueError(f"mask_index={mask_index!r}: accepted: distinct latent frame "
+                             f"indices in 0..{t - 1}")
+        for key, val in (("cond", cond), ("cond_mask", cond_mask)):
+            if not isinstance(val, torch.Tensor) or tuple(val.shape) != tuple(x.shape):
+                shape = tuple(val.shape) if isinstance(val, torch.Tensor) else val
+                raise ValueError(f"{key}={shape!r}: with mask_index, accepted: a tensor shaped "
+                                 f"like x {tuple(x.shape)}")
+        if idx and (not isinstance(y_null, torch.Tensor) or y_null.shape != y.shape):
+            shape = tuple(y_null.shape) if isinstance(y_null, torch.Tensor) else y_null
+            raise ValueError(f"y_null={shape!r}: with a non-empty mask_index, accepted: the null "
+                             f"caption embedding shaped like y {tuple(y.shape)}")
+        return list(idx)
+
     def forward(self, x, timestep, y, mask=None, x_mask=None, fps=None, height=None, width=None,
+                cond=None, cond_mask=None, mask_index=None, y_null=None, text_uncond_prob=None,
                 **kwargs):
         unexpected = sorted(k for k in kwargs if k not in UPSTREAM_IGNORED_ARGS)
         if unexpected:
@@ -281,6 +391,7 @@ class STDiT3(nn.Module):
                 isinstance(mask, torch.Tensor) and mask.ndim >= 2):
             mask = self._lengths_to_mask(mask, y)
         self._check_inputs(x, timestep, y, mask, x_mask)
+        mask_index = self._check_conditioning(x, y, cond, cond_mask, mask_index, y_null)
         dtype = self.x_embedder.proj.weight.dtype
         b = x.shape[0]
         x, y = x.to(dtype), y.to(dtype)
@@ -290,9 +401,11 @@ class STDiT3(nn.Module):
         S = H * W
         base_size = round(S ** 0.5)
         if height is not None and width is not None:
-            h0 = float(torch.as_tensor(height).reshape(-1)[0])
-            w0 = float(torch.as_tensor(width).reshape(-1)[0])
-            scale = (h0 * w0) ** 0.5 / self.input_sq_size
+            # a 0-d float64 tensor on the device (no host-device sync), the value the host
+            # arithmetic (h * w) ** 0.5 / input_sq_size gives
+            h0, w0 = (torch.as_tensor(v, device=x.device).reshape(-1)[0].double()
+                      for v in (height, width))
+            scale = (h0 * w0).sqrt() / self.input_sq_size
         else:
             scale = 1.0
         pos_emb = self.pos_embed(H, W, scale, base_size, x.dtype, x.device)
@@ -309,8 +422,14 @@ class STDiT3(nn.Module):
             t0_mlp = self.t_block(t0)
             x_mask = x_mask.to(torch.bool)
 
-        y, y_mask = self.encode_text(y, mask)
-        x = self.x_embedder(x).view(b, T, S, -1) + pos_emb[:, None]
+        y, y_mask = self.encode_text(y, mask, text_uncond_prob)
+        if y_null is not None:
+            y_null = self.encode_text(y_null.to(dtype), mask, text_uncond_prob)[0]
+        x = self.x_embedder(x)
+        if mask_index is not None:
+            x = x + self.x_embedder_cond(cond.to(dtype)) + \
+                self.x_embedder_cond_mask(cond_mask.to(dtype))
+        x = x.view(b, T, S, -1) + pos_emb[:, None]
         if self.temporal_pos_embed is not None:
             x = x + self.temporal_pos_embed(T, x.dtype, x.device)[None, :, None]
 
@@ -321,9 +440,16 @@ class STDiT3(nn.Module):
             x = sp.split_rows(x, group, H, W)
             s_local = x.shape[2]
             x = x.reshape(b, T * s_local, -1)
-            for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks):
-                x = spatial(x, y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
-                x = temporal(x, y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
+            # blocks get Open-Sora 1.3's extra arguments only where they matter, so a 1.2 model
+            # calls its blocks exactly as Open-Sora 1.2 does
+            args = (y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
+            if self.kernel_size is not None or self.use_spatial_rope:
+                args += (s_local // W, W, scale)
+            kw = {} if mask_index is None else dict(mask_index=mask_index, y_null=y_null)
+            for i, spatial in enumerate(self.spatial_blocks):
+                x = spatial(x, *args, **kw)
+                if not self.skip_temporal:
+                    x = self.temporal_blocks[i](x, *args, **kw)
             x = sp.gather_rows(x.view(b, T, s_local, -1), group, H, W).reshape(b, T * S, -1)
         finally:  # hold no process group between calls: it must be freed before shutdown
             self.sp_state.group = self.sp_state.valid_len = None
@@ -340,7 +466,14 @@ class STDiT3(nn.Module):
 
 
 # --------------------------------------------------------------------- presets
-def _build(preset: dict, from_pretrained: Optional[str] = None, **kwargs) -> STDiT3:
+def _build(preset: dict, from_pretrained: Optional[str] = None, force_huggingface: bool = False,
+           **kwargs) -> STDiT3:
+    """``force_huggingface`` (Open-Sora 1.3 configs): upstream then loads ``from_pretrained``
+    through transformers; here a local Hugging Face folder (config.json + model.safetensors)
+    is read the same way as any other checkpoint path, and nothing is downloaded."""
+    if force_huggingface and from_pretrained is None:
+        raise ValueError("model force_huggingface=True needs from_pretrained (a local Hugging "
+                         "Face folder); accepted: a path, or force_huggingface=False")
     cfg = dict(preset)
     cfg.update(kwargs)
     model = STDiT3(**cfg)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..registry import TEXT_ENCODERS
-from ..pipeline import resolve_dtype
+from ..utils.dtype import resolve_dtype
 
 
 def _check_prompts(prompts: Any) -> list[str]:

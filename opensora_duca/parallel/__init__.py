@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import sys
-from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -9,9 +9,11 @@ Accepted inputs for :func:`save_video` / :func:`to_uint8_frames`:
 Encoding is deterministic: identical frames give identical bytes in any process on any
 machine with the same PyAV/FFmpeg build (libx264 runs one thread; the muxer writes no dates).
 
-A file is written to ``.{name}.partial`` in the destination folder and renamed with
-:func:`os.replace` only once the encoder has been flushed and the container closed, so a reader never
-sees a half-written ``{name}``; if anything fails the temporary file is removed.
+A file is written to a temporary file of its own in the destination folder and renamed onto
+``{name}`` only once the encoder has been flushed and the container closed
+(:mod:`opensora_duca.utils.atomic`), so a reader never sees a half-written ``{name}``, and two
+processes writing the same file cannot mix their outputs; if anything fails the temporary file is
+removed.
 """
 
 from __future__ import annotations
@@ -26,26 +28,14 @@ try:  # torch is a hard dependency of the package, but keep this module importab
 except ImportError:  # pragma: no cover
     torch = None
 
+from .atomic import atomic_path, is_temp_name
+
 ArrayLike = Union["torch.Tensor", np.ndarray]
 
-PARTIAL_SUFFIX = ".partial"
-
 _ACCEPTED = (
-    "accepted inputs: a float torch.Tensor/numpy array [C, T, H, W] with values in [-1, 1] and C in {1, 3}, "
-    "or a uint8 torch.Tensor/numpy array [T, H, W, 3] (or [T, H, W, 1])"
+    "accepted inputs: a float torch.Tensor/numpy array [C, T, H, W] with values in [-1, 1] and C "
+    "in {1, 3}, or a uint8 torch.Tensor/numpy array [T, H, W, 3] (or [T, H, W, 1])"
 )
-
-
-def partial_path(path: str) -> str:
-    """Temporary path used while ``path`` is being written (same folder, hidden, ``.partial``)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, "." + name + PARTIAL_SUFFIX)
-
-
-def is_partial_name(name: str) -> bool:
-    """True for temporary files written by :func:`save_video` (never treat them as videos)."""
-    base = os.path.basename(name)
-    return base.endswith(PARTIAL_SUFFIX)
 
 
 def _describe(video) -> str:
@@ -75,14 +65,16 @@ def to_uint8_frames(video: ArrayLike) -> np.ndarray:
 
     if arr.dtype == np.uint8:
         if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-            raise ValueError(f"uint8 video must have shape [T, H, W, 3] ({_describe(video)}); {_ACCEPTED}")
+            raise ValueError(f"uint8 video must have shape [T, H, W, 3] ({_describe(video)}); "
+                             f"{_ACCEPTED}")
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, 3, axis=-1)
         out = arr
     elif np.issubdtype(arr.dtype, np.floating):
         if arr.ndim != 4 or arr.shape[0] not in (1, 3):
             raise ValueError(
-                f"float video must have shape [C, T, H, W] with C in {{1, 3}} ({_describe(video)}); {_ACCEPTED}"
+                f"float video must have shape [C, T, H, W] with C in {{1, 3}} "
+                f"({_describe(video)}); {_ACCEPTED}"
             )
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"float video contains NaN or Inf values ({_describe(video)})")
@@ -120,11 +112,8 @@ def save_video(video: ArrayLike, path: str, fps: float = 8, crf: int | None = No
     frames = _pad_even(to_uint8_frames(video))
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = partial_path(path)
     _, h, w, _ = frames.shape
-    try:
+    with atomic_path(path) as tmp:
         container = av.open(tmp, mode="w", format="mp4")
         try:
             from fractions import Fraction
@@ -148,13 +137,6 @@ def save_video(video: ArrayLike, path: str, fps: float = 8, crf: int | None = No
                 container.mux(packet)
         finally:
             container.close()
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return path
 
 
@@ -177,10 +159,10 @@ def read_video(path: str) -> np.ndarray:
 
 
 def is_complete_video(path: str) -> bool:
-    """True if ``path`` exists, is a non-empty regular file, is not a ``.partial`` temporary file, and
-    at least one video frame can be decoded from it."""
+    """True if ``path`` exists, is a non-empty regular file, is not a temporary file of
+    :mod:`opensora_duca.utils.atomic`, and at least one video frame can be decoded from it."""
     try:
-        if is_partial_name(path) or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        if is_temp_name(path) or not os.path.isfile(path) or os.path.getsize(path) == 0:
             return False
         import av
 
@@ -199,7 +181,4 @@ __all__ = [
     "read_video",
     "is_complete_video",
     "to_uint8_frames",
-    "partial_path",
-    "is_partial_name",
-    "PARTIAL_SUFFIX",
 ]

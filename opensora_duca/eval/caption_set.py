@@ -1,14 +1,16 @@
-"""Held-out evaluation of the demo model: generate the fixed held-out prompt set with several
-cache policies on the same prompts, seeds and weights, and judge every clip against its caption.
+"""Caption-set evaluation of the demo model: generate the fixed caption set
+(``synthetic.caption_set``: every colour x shape x direction caption, the captions the demo
+model was trained on, so NOT held out) with several cache policies on the same prompts, seeds
+and weights, and judge every clip against its caption.
 
-Used by ``tools/judge.py --config ...``. For each policy: judge accuracies (colour, shape,
-motion, both), mean flicker, agreement of the verdict with the uncached clip, PSNR/SSIM of the
-frames against the uncached clip, sampling wall time and the cache statistics.
+Used by ``tools/judge.py --config ...``. For each policy: the judge's shares (colour, shape,
+motion, one object, colour+motion, ``ok``, ``all_ok``), mean flicker, agreement of the ``ok``
+verdict with the uncached clip, PSNR/SSIM of the frames against the uncached clip, sampling wall
+time and the cache statistics.
 """
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -68,9 +70,8 @@ def evaluate_policies(pipe, policies: Sequence[Any], prompts: Sequence[str],
             psnr=psnr(a, b, layout="BTCHW"), ssim=ssim(a, b, layout="BTCHW"),
             sample_s=sample_s, flops_ratio=stats["flops_ratio"] if stats else 1.0,
             steps_by_kind=stats["steps_by_kind"] if stats else None,
-            wrong=[dict(prompt=v["caption"], seed=s, color=v["detected_color"],
-                        direction=v["detected_direction"])
-                   for v, (_, s) in zip(verdicts, jobs) if not v["ok"]]))
+            wrong=[dict(prompt=v["caption"], seed=s, ok=v["ok"], reason=v["reason"])
+                   for v, (_, s) in zip(verdicts, jobs) if not v["all_ok"]]))
         if name != "none":
             remove_cache(pipe.model)
             pipe.cache_manager = None
@@ -78,12 +79,14 @@ def evaluate_policies(pipe, policies: Sequence[Any], prompts: Sequence[str],
 
 
 def format_policy_table(result: Dict[str, Any]) -> str:
-    lines = ["| policy | clips | colour | shape | motion | colour+motion | agrees with none "
-             "| PSNR dB | SSIM | flicker | FLOPs ratio | sampling s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | clips | colour | shape | motion | one object | colour+motion | ok "
+             "| ok and shape | ok agrees with none | PSNR dB | SSIM | flicker | FLOPs ratio "
+             "| sampling s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["policies"]:
         lines.append(f"| {r['policy']} | {r['n']} | {r['color']:.1%} | {r['shape']:.1%} "
-                     f"| {r['motion']:.1%} | {r['both']:.1%} | {r['agreement']:.1%} "
+                     f"| {r['motion']:.1%} | {r['one_object']:.1%} | {r['color_motion']:.1%} "
+                     f"| {r['ok']:.1%} | {r['all_ok']:.1%} | {r['agreement']:.1%} "
                      f"| {r['psnr']:.2f} | {r['ssim']:.4f} | {r['flicker']:.2f} "
                      f"| {r['flops_ratio']:.2f}x | {r['sample_s']:.1f} |")
     return "\n".join(lines)

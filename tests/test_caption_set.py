@@ -1,4 +1,4 @@
-"""Held-out judging of several policies on the same prompts and seeds (tiny random model)."""
+"""Caption-set judging of several policies on the same prompts and seeds (tiny random model)."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 from mmengine.config import Config
 
-from opensora_duca.eval.heldout import evaluate_policies, format_policy_table
+from opensora_duca.eval.caption_set import evaluate_policies, format_policy_table
 from opensora_duca.pipeline import build_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

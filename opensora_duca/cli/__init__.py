@@ -1,0 +1,1 @@
+"""The command-line tools; ``tools/<name>.py`` runs ``opensora_duca.cli.<name>.main``."""

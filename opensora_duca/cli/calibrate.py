@@ -1,0 +1,85 @@
+"""Fit TeaCache's rescaling polynomial on the model of an inference config.
+
+Usage::
+
+    python tools/calibrate.py CONFIG [--prompt P ...] [--seeds 100 101] [--degree 4]
+        [--steps N] [--out calibration.json] [--cfg-options key=value ...]
+
+Runs the config's model uncached (prompts: ``--prompt`` or the config's ``prompt`` list; one
+run per seed, all prompts in one batch), records per step the relative L1 change of the first
+block's modulated input (as the TeaCache policy measures it) and of the model output, fits a
+least-squares polynomial of ``--degree`` and writes JSON ``{"coefficients": [...] (highest degree
+first), "degree", "rmse", "samples", "x_range", "x", "y", "config", "prompts", "seeds",
+"steps"}``. Point
+the policy at it: ``cache = dict(type="TeaCache", calibration="calibration.json")``. Use seeds
+that the evaluation does not use (the defaults, 100 and 101, are not those of tools/frontier.py).
+Mistakes in the arguments are one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from mmengine.config import DictAction
+
+from ..cache.calibrate import collect_changes, fit_polynomial
+from ..pipeline import build_from_config
+from ..utils.atomic import write_json
+from ..utils.config import load_config
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--prompt", action="append", default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
+    ap.add_argument("--degree", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (config's default)")
+    ap.add_argument("--out", default="calibration.json")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cfg-options", nargs="+", action=DictAction, default=None)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.degree < 0:
+            raise ValueError(f"--degree {args.degree}: accepted: an integer >= 0")
+        if args.steps is not None and args.steps < 2:
+            raise ValueError(f"--steps {args.steps}: accepted: an integer >= 2")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: accepted: an integer >= 1")
+        cfg = load_config(args.config, args.cfg_options)
+        prompts = list(args.prompt or cfg.get("prompt") or [])
+        if not prompts:
+            raise ValueError("no prompts: give --prompt or a `prompt` list in the config")
+        if args.steps is not None:
+            cfg.scheduler.num_sampling_steps = args.steps
+        cfg.cache = None
+    except (ValueError, FileNotFoundError) as err:
+        print(f"calibrate: error: {err}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = build_from_config(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    samples = collect_changes(pipe, prompts, args.seeds)
+    try:
+        fit = fit_polynomial(samples["x"], samples["y"], args.degree)
+    except ValueError as err:
+        print(f"calibrate: error: {err}", file=sys.stderr)
+        return 2
+    report = {**fit, "x_range": [min(samples["x"]), max(samples["x"])],
+              "x": samples["x"], "y": samples["y"], "config": args.config,
+              "prompts": prompts, "seeds": list(args.seeds),
+              "steps": pipe.scheduler.num_sampling_steps}
+    write_json(args.out, report)
+    print(f"calibration: degree {fit['degree']} on {fit['samples']} steps, RMSE "
+          f"{fit['rmse']:.4g}, coefficients {fit['coefficients']} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Text-to-video inference with Open-Sora-1.2-style configs (optionally with feature caching).
+
+Usage::
+
+    python tools/inference.py CONFIG [--prompt P [P ...]] [--prompt-path FILE]
+        [--num-frames N] [--resolution 480p] [--aspect-ratio 9:16] [--image-size H W]
+        [--num-sampling-steps N] [--cfg-scale S] [--seed S] [--batch-size B]
+        [--dtype fp32|fp16|bf16] [--save-dir DIR] [--ckpt-path PATH]
+        [--compile] [--cfg-options key=value ...]
+    torchrun --nproc_per_node P tools/inference.py CONFIG ...   # sequence parallelism
+
+Flags override the config's keys of the same name; ``--cfg-options`` overrides any (nested)
+key, e.g. ``--cfg-options model.depth=2 cache.type=DuCa`` (values are parsed like mmengine's
+``DictAction``: numbers, True/False/None, lists ``[1,2]`` and tuples ``(1,2)``).
+``--compile`` sets the config key ``compile = dict(mode="default")`` (unless the config has
+one): the per-block work runs compiled with torch.compile, cached or not (README "Speed").
+
+Prompts: ``--prompt`` wins over ``--prompt-path`` (one prompt per line; blank lines are
+dropped), then the config's ``prompt`` list, then its ``prompt_path``.
+
+Output: rank 0 writes ``{save_dir}/{sample_name}_{i:04d}.mp4`` (``sample_name`` defaults to
+``sample``, a plain prefix: a value with '/', '\\' or '..' is refused; ``i`` is the prompt's
+index in the prompt list) or, with ``--prompt-as-path``,
+``{save_dir}/{prompt with unsafe characters dropped, spaces as _}.mp4``; prompts that map to the
+same name get ``-`` and 8 hex digits of the SHA-1 of their text appended (a repeated prompt also
+``-{i}``), so every prompt has its own file. Files are written to a temporary file of their own
+and renamed when complete; a complete existing file is skipped, so rerunning
+the same command resumes an interrupted run. ``--save-latents`` also writes
+``{name}.latents.pt`` (the float32 sampled latents). The noise of prompt ``i`` is seeded
+with ``seed + i``, so a prompt's video does not depend on batching or on what was skipped.
+
+Under torchrun every rank runs the same prompts with the same seed; the model shards tokens
+over the ranks (``enable_sequence_parallelism=True``); only rank 0 writes files and prints.
+The process group uses NCCL on CUDA and gloo on the CPU (torch.distributed; colossalai is not
+needed, and its launcher keeps references to the group after it is destroyed). Before
+anything is built the config is checked (:mod:`opensora_duca.config_check`: unknown keys, ranges,
+sizes that cannot fit) and every rank checks that all ranks share the same settings
+(:mod:`opensora_duca.parallel.agreement`); a mistake is one line on stderr and exit code 2.
+``--dist-timeout`` (config key ``dist_timeout``, seconds, default 600) bounds how long a rank
+waits for a stalled or dead one (exit code 1).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from mmengine.config import DictAction
+from safetensors import SafetensorError
+
+from ..config_check import check_inference_config, dist_timeout, run_settings
+from ..parallel import release_process_group
+from ..parallel.agreement import check_ranks_agree
+from ..parallel.launch import init_distributed
+from ..pipeline import build_from_config, load_prompts, unique_filenames
+from ..utils.atomic import save_torch
+from ..utils.config import load_config
+from ..utils.video import is_complete_video, save_video
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="mmengine config file (Open-Sora key names)")
+    p.add_argument("--prompt", nargs="+", default=None, help="one or more prompts")
+    p.add_argument("--prompt-path", default=None, help="text file, one prompt per line")
+    p.add_argument("--start-index", type=int, default=None, help="first prompt index to run")
+    p.add_argument("--end-index", type=int, default=None, help="prompt index to stop before")
+    p.add_argument("--num-frames", default=None, help="frame count or a name such as 2s")
+    p.add_argument("--resolution", default=None, help="e.g. 240p, 480p, 720p")
+    p.add_argument("--aspect-ratio", default=None, help="height:width, e.g. 9:16")
+    p.add_argument("--image-size", nargs=2, type=int, default=None, metavar=("H", "W"))
+    p.add_argument("--fps", type=float, default=None, help="fps conditioning of the model")
+    p.add_argument("--save-fps", type=float, default=None, help="fps of the written files")
+    p.add_argument("--num-sampling-steps", type=int, default=None)
+    p.add_argument("--cfg-scale", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--save-dir", default=None)
+    p.add_argument("--sample-name", default=None, help="file name prefix (default: sample)")
+    p.add_argument("--prompt-as-path", action="store_true", help="name files after prompts")
+    p.add_argument("--save-latents", action="store_true", help="also write {name}.latents.pt")
+    p.add_argument("--ckpt-path", default=None, help="model weights (replaces from_pretrained)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="seconds a rank waits for the others before failing (default 600)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the per-block work compiled (torch.compile); the config key "
+                        "compile=dict(mode=..., backend=...) sets the options")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None,
+                   help="override config keys: key=value (nested keys with dots)")
+    return p.parse_args(argv)
+
+
+def merge_args(cfg, args):
+    """The config with the command line's flags merged in (flags win)."""
+    if args.prompt is not None:
+        cfg.prompt = list(args.prompt)
+    elif args.prompt_path is not None:
+        cfg.prompt = None
+        cfg.prompt_path = args.prompt_path
+    if args.image_size is not None:
+        cfg.image_size = tuple(args.image_size)
+    elif args.resolution is not None or args.aspect_ratio is not None:
+        cfg.image_size = None  # the named size wins over the config's image_size
+    for key in ("resolution", "aspect_ratio", "num_frames", "fps", "save_fps", "seed",
+                "batch_size", "dtype", "save_dir", "sample_name", "dist_timeout"):
+        val = getattr(args, key)
+        if val is not None:
+            cfg[key] = val
+    if args.num_sampling_steps is not None:
+        cfg.scheduler["num_sampling_steps"] = args.num_sampling_steps
+    if args.cfg_scale is not None:
+        cfg.scheduler["cfg_scale"] = args.cfg_scale
+    if args.ckpt_path is not None:
+        cfg.model["from_pretrained"] = args.ckpt_path
+    if args.compile and not cfg.get("compile"):
+        cfg.compile = dict(mode="default")
+    return cfg
+
+
+def resolve_prompts(cfg) -> list[str]:
+    prompts = cfg.get("prompt")
+    if prompts is None and cfg.get("prompt_path"):
+        prompts = load_prompts(cfg.prompt_path)
+    if prompts is None:
+        raise SystemExit("no prompts: give --prompt, --prompt-path, or set prompt / prompt_path "
+                         "in the config")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    return list(prompts)
+
+
+def check_sample_name(name) -> str:
+    """``sample_name`` must be a plain file-name prefix, so files stay inside ``save_dir``."""
+    if not isinstance(name, str) or not name.strip() or "/" in name or "\\" in name \
+            or ".." in name or os.path.isabs(name) or "\0" in name:
+        raise ValueError(f"sample_name={name!r} is not accepted; accepted: a non-empty file-name "
+                         f"prefix without '/', '\\' or '..' (files are written inside save_dir)")
+    return name
+
+
+def output_names(cfg, args, prompts: list[str]) -> list[str]:
+    """The file name (without extension) of every prompt of the list, all distinct:
+    ``{sample_name}_{i:04d}``, or with ``--prompt-as-path`` the prompt made file-name safe
+    (disambiguated by :func:`opensora_duca.pipeline.unique_filenames` when two prompts map to
+    the same name)."""
+    if args.prompt_as_path:
+        return unique_filenames(prompts)
+    name = cfg.get("sample_name")
+    prefix = "sample" if name is None else check_sample_name(name)
+    return [f"{prefix}_{i:04d}" for i in range(len(prompts))]
+
+
+class OutputError(RuntimeError):
+    """Writing a finished result failed (a disk or permission problem, not the config)."""
+
+
+def _write(write, path: str, *args, **kwargs) -> None:
+    try:
+        write(*args, **kwargs)
+    except Exception as err:
+        raise OutputError(f"could not write {path}: {type(err).__name__}: {err}") from err
+
+
+def main(argv=None, t_start=None) -> int:
+    """Run the tool; ``t_start`` is the ``time.perf_counter()`` the wall time counts from
+    (the wrapper's start, so imports count)."""
+    t_start = time.perf_counter() if t_start is None else t_start
+    args = parse_args(argv)
+    try:
+        # the settings are checked before anything is built or waits for other ranks
+        cfg = merge_args(load_config(args.config, args.cfg_options), args)
+        check_inference_config(cfg, args.start_index, args.end_index, device=args.device or (
+            "cuda" if torch.cuda.is_available() else "cpu"))
+        rank, world, device = init_distributed(args.device, dist_timeout(cfg))
+        check_ranks_agree(run_settings(cfg, args.start_index, args.end_index))
+        return run(cfg, args, rank, world, device, rank == 0, t_start)
+    except (KeyError, ValueError, TypeError, OSError, ImportError, SafetensorError,
+            pickle.UnpicklingError) as err:
+        # configuration mistakes: one clear line (the message names the key and the accepted
+        # values) instead of a traceback
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        msg = str(msg).strip().splitlines()[0] if str(msg).strip() else repr(err)
+        if isinstance(err, pickle.UnpicklingError):  # torch's text suggests an unsafe load
+            msg = "a weights file holds more than tensors (or is no checkpoint); refused"
+        print(f"inference.py: error: {type(err).__name__}: {msg}", file=sys.stderr, flush=True)
+        return 2
+    except OutputError as err:
+        print(f"inference.py: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except dist.DistError as err:  # a rank died or stalled: fail instead of waiting forever
+        print(f"inference.py: error: {type(err).__name__} (a rank died or did not answer "
+              f"within dist_timeout={dist_timeout(cfg)} s): {str(err).strip().splitlines()[0]}",
+              file=sys.stderr, flush=True)
+        return 1
+    finally:
+        release_process_group()  # after the pipeline is gone; collects cycles, then destroys
+
+
+def run(cfg, args, rank, world, device, is_main, t_start) -> int:
+    from tqdm import tqdm
+
+    prompts = resolve_prompts(cfg)
+    start = args.start_index or 0
+    end = len(prompts) if args.end_index is None else args.end_index
+    indices = list(range(start, min(end, len(prompts))))
+    save_dir = cfg.get("save_dir") or "./samples/samples/"
+    all_names = output_names(cfg, args, prompts)
+    names = {i: all_names[i] for i in indices}
+
+    # decide once (rank 0) what is already done, so every rank runs the same batches
+    todo = [i for i in indices if not is_complete_video(os.path.join(save_dir, names[i] + ".mp4"))
+            or (args.save_latents and not os.path.isfile(
+                os.path.join(save_dir, names[i] + ".latents.pt")))]
+    if world > 1:
+        box = [todo]
+        dist.broadcast_object_list(box, src=0)
+        todo = box[0]
+    skipped = [i for i in indices if i not in todo]
+
+    t_build = time.perf_counter()
+    pipe = build_from_config(cfg, device=device, enable_sequence_parallelism=world > 1)
+    t_build = time.perf_counter() - t_build
+    seed = int(cfg.get("seed", 0))
+    batch_size = int(cfg.get("batch_size") or 1)
+    save_fps = cfg.get("save_fps") or cfg.get("fps", 24)
+    if is_main:
+        os.makedirs(save_dir, exist_ok=True)
+        for i in skipped:
+            print(f"[skip] {os.path.join(save_dir, names[i])}.mp4 exists", flush=True)
+
+    sample_s = 0.0
+    written = []
+    last = None
+    batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
+    bar = tqdm(batches, desc="batches", disable=not is_main or args.no_progress or not batches)
+    for batch in bar:
+        out = pipe.generate([prompts[i] for i in batch], seeds=[seed + i for i in batch],
+                            batch_size=len(batch), progress=is_main and not args.no_progress)
+        sample_s += out["timings"]["total_s"]
+        last = out
+        if is_main:
+            for j, i in enumerate(batch):
+                path = os.path.join(save_dir, names[i] + ".mp4")
+                if args.save_latents:
+                    lat = os.path.join(save_dir, names[i] + ".latents.pt")
+                    _write(save_torch, lat, lat, out["latents"][j].clone())
+                _write(save_video, path, out["video"][j], path, fps=save_fps)
+                written.append(path)
+                tqdm.write(f"[saved] {path}")
+
+    if is_main:
+        sched = pipe.scheduler
+        h, w = pipe.defaults["image_size"] if last is None else last["image_size"]
+        nf = pipe.defaults["num_frames"] if last is None else last["num_frames"]
+        lines = [
+            "=== inference summary ===",
+            f"config: {args.config}",
+            f"videos: {len(written)} written, {len(skipped)} skipped (existing) -> {save_dir}",
+            f"video: {nf} frames, {h}x{w} (HxW), latent {pipe.latent_size(nf, h, w)}, "
+            f"save fps {save_fps}",
+            f"sampler: {type(sched).__name__} {sched.num_sampling_steps} steps, "
+            f"cfg {sched.cfg_scale}, seed {seed}, batch size {batch_size}",
+            f"ranks: {world} (sequence parallel: {'on' if world > 1 else 'off'}), device "
+            f"{device}, dtype {str(pipe.dtype).replace('torch.', '')}",
+            f"wall time: {time.perf_counter() - t_start:.2f} s (build {t_build:.2f} s, "
+            f"generate {sample_s:.2f} s)",
+        ]
+        report = pipe.report()
+        if report:
+            lines += ["--- cache ---", report.rstrip()]
+        print("\n".join(lines), flush=True)
+    return 0

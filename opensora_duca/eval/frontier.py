@@ -1,0 +1,202 @@
+"""The quality-speed frontier of the cache policies on one model.
+
+Every point of a sweep (a policy config) generates the same clips as the uncached reference
+(same captions, seeds and noise), and is scored against it: PSNR and SSIM of the decoded frames
+(in [0, 1]), the caption judge's verdict and its agreement with the uncached clip's verdict, the
+analytic FLOPs ratio, and the measured sampling time (wall and process CPU time; the CPU-time
+speedup is the steadier one on a shared machine). Results go to one JSON file after every point,
+so an interrupted sweep resumes where it stopped (the reference frames are kept beside it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from ..cache import apply_cache, remove_cache
+from ..utils.atomic import save_figure, save_torch, write_json
+from ..utils.video import to_uint8_frames
+from .fidelity import psnr, ssim
+from .judge import judge, summarize
+
+Point = Tuple[str, Dict[str, Any]]  # (family, policy config)
+
+
+def _duca_tables(cycle: int) -> dict:
+    """DuCa tables of cycle c: F, c-2 conservative, A (cross-attention: twice as long, its
+    second full position conservative), as the released c = 3 preset F C A / F C A C C A."""
+    base = ["full"] + ["conservative"] * (cycle - 2) + ["aggressive"]
+    cross = base + ["conservative"] + base[1:]
+    return dict(cycles=dict(spatial_attn=cycle, temporal_attn=cycle, mlp=cycle,
+                            cross_attn=2 * cycle),
+                tables=dict(spatial_attn=base, temporal_attn=base, mlp=base, cross_attn=cross))
+
+
+def default_sweep(calibration: Optional[str] = None) -> List[Point]:
+    """Each policy's knob, two or three settings each (sized to finish in about an hour on two
+    CPU cores): DuCa ratio and cycle (and its fp8 store), ToCa, DuCa with first-order
+    forecasting at cycle 3 and 4, FORA / TrunkReuse interval (plain and with forecasting),
+    TaylorSeer interval and order, TeaCache / FirstBlockCache thresholds, PAB."""
+    pts: List[Point] = []
+    for ratio in (0.1, 0.2):
+        pts.append(("DuCa", dict(type="DuCa", fresh_ratio=ratio)))
+    pts.append(("DuCa", dict(type="DuCa", **_duca_tables(4))))
+    pts.append(("DuCa (fp8 store)", dict(type="DuCa", stored_dtype="fp8")))
+    pts.append(("ToCa", dict(type="ToCa")))
+    for cycle in (3, 4):
+        cfg = dict(type="DuCa", forecast=dict(order=1))
+        if cycle != 3:
+            cfg.update(_duca_tables(cycle))
+        pts.append(("DuCa+forecast", cfg))
+    for interval in (3, 5):
+        pts.append(("FORA", dict(type="FORA", interval=interval)))
+    for interval in (2, 3):
+        pts.append(("TrunkReuse", dict(type="TrunkReuse", interval=interval)))
+    for interval in (4, 5, 6):
+        pts.append(("FORA+forecast", dict(type="FORA", interval=interval,
+                                          forecast=dict(order=1))))
+    for interval in (4, 5):
+        pts.append(("TrunkReuse+forecast", dict(type="TrunkReuse", interval=interval,
+                                                forecast=dict(order=1))))
+    for interval, order in ((4, 1), (5, 2)):
+        pts.append(("TaylorSeer", dict(type="TaylorSeer", interval=interval, order=order)))
+    for thr in (0.1, 0.3):
+        cfg = dict(type="TeaCache", threshold=thr)
+        if calibration:
+            cfg["calibration"] = calibration
+        pts.append(("TeaCache", cfg))
+    for thr in (0.1, 0.2):
+        pts.append(("FirstBlockCache", dict(type="FirstBlockCache", threshold=thr)))
+    pts.append(("PAB", dict(type="PAB")))
+    return pts
+
+
+def quick_sweep() -> List[Point]:
+    """One point per family (for tests and smoke runs)."""
+    seen, out = set(), []
+    for fam, cfg in default_sweep():
+        if fam not in seen:
+            seen.add(fam)
+            out.append((fam, cfg))
+    return out
+
+
+def point_key(cfg: Dict[str, Any]) -> str:
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _generate(pipe, jobs, batch_size: int, progress: bool, desc: str):
+    frames, verdicts, wall, cpu, stats = [], [], 0.0, 0.0, None
+    for b0 in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress,
+                   leave=False):
+        batch = jobs[b0:b0 + batch_size]
+        c0 = time.process_time()
+        res = pipe.generate([p for p, _ in batch], seeds=[s for _, s in batch],
+                            batch_size=len(batch))
+        cpu += time.process_time() - c0
+        wall += res["timings"]["sample_s"]
+        for (prompt, _), video in zip(batch, res["video"]):
+            verdicts.append(judge(to_uint8_frames(video), prompt))
+            frames.append(((video.transpose(0, 1) + 1) / 2).float())  # [T, C, H, W] in [0, 1]
+        if pipe.cache_manager is not None:
+            stats = pipe.cache_manager.stats()
+    return torch.stack(frames), verdicts, wall, cpu, stats
+
+
+def run_frontier(pipe, points: Sequence[Point], prompts: Sequence[str], seeds: Sequence[int],
+                 out_json: str, batch_size: int = 16, progress: bool = True,
+                 meta: Optional[dict] = None) -> dict:
+    """Evaluate the uncached reference and every point (resuming from ``out_json``)."""
+    jobs = [(p, s) for s in seeds for p in prompts]
+    meta = dict(meta or {}, prompts=list(prompts), seeds=list(seeds),
+                steps=pipe.scheduler.num_sampling_steps)
+    ref_path = out_json + ".reference.pt"
+    result = {"meta": meta, "reference": None, "points": []}
+    if os.path.isfile(out_json) and os.path.isfile(ref_path):
+        with open(out_json, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("meta") == meta:  # same run settings: resume
+            result = old
+    if pipe.cache_manager is not None:
+        remove_cache(pipe.model)
+        pipe.cache_manager = None
+    if result["reference"] is None:
+        frames, verdicts, wall, cpu, _ = _generate(pipe, jobs, batch_size, progress, "none")
+        save_torch(ref_path, {"frames": frames, "ok": [v["ok"] for v in verdicts]})
+        result["reference"] = dict(policy="none", wall_s=wall, cpu_s=cpu, **summarize(verdicts))
+        write_json(out_json, result)
+    ref = torch.load(ref_path, weights_only=True)
+    ref_frames, ref_ok = ref["frames"], ref["ok"]
+    done = {point_key(p["config"]) for p in result["points"]}
+    for family, cfg in points:
+        if point_key(cfg) in done:
+            continue
+        pipe.cache_manager = apply_cache(pipe.model, cfg)
+        try:
+            frames, verdicts, wall, cpu, stats = _generate(pipe, jobs, batch_size, progress,
+                                                           family)
+        finally:
+            remove_cache(pipe.model)
+            pipe.cache_manager = None
+        summary = summarize(verdicts)
+        result["points"].append(dict(
+            family=family, config=cfg, **summary, ok_clips=[v["ok"] for v in verdicts],
+            agreement=sum(v["ok"] == r for v, r in zip(verdicts, ref_ok)) / len(verdicts),
+            psnr=psnr(frames, ref_frames, layout="BTCHW"),
+            ssim=ssim(frames, ref_frames, layout="BTCHW"),
+            flops_ratio=stats["flops_ratio"], steps_by_kind=stats["steps_by_kind"],
+            peak_stored_bytes=stats["peak_stored_bytes"], wall_s=wall, cpu_s=cpu,
+            speedup_wall=result["reference"]["wall_s"] / wall,
+            speedup_cpu=result["reference"]["cpu_s"] / cpu))
+        write_json(out_json, result)
+    return result
+
+
+def _label(cfg: dict) -> str:
+    keys = [k for k in cfg if k != "type"]
+    return ", ".join(f"{k}={json.dumps(cfg[k], separators=(',', ':'))}" for k in keys) or "default"
+
+
+def format_table(result: dict) -> str:
+    lines = ["| family | settings | FLOPs ratio | CPU speedup | PSNR dB | SSIM | judge ok "
+             "| agrees with uncached | stored MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    ref = result["reference"]
+    lines.append(f"| none | - | 1.00x | 1.00x | inf | 1.0000 | {ref['ok']:.1%} | 100.0% | 0 |")
+    for p in sorted(result["points"], key=lambda p: (p["family"], p["flops_ratio"])):
+        lines.append(f"| {p['family']} | {_label(p['config'])} | {p['flops_ratio']:.2f}x "
+                     f"| {p['speedup_cpu']:.2f}x | {p['psnr']:.2f} | {p['ssim']:.4f} "
+                     f"| {p['ok']:.1%} | {p['agreement']:.1%} "
+                     f"| {p['peak_stored_bytes'] / 2 ** 20:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    families: Dict[str, List[dict]] = {}
+    for p in result["points"]:
+        families.setdefault(p["family"], []).append(p)
+    for ax, xkey, xlabel in ((axes[0], "flops_ratio", "FLOPs ratio (uncached / cached)"),
+                             (axes[1], "speedup_cpu", "measured CPU speedup")):
+        for fam, pts in sorted(families.items()):
+            pts = sorted(pts, key=lambda p: p[xkey])
+            ax.plot([p[xkey] for p in pts], [p["psnr"] for p in pts], "o-", label=fam, ms=4)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("PSNR vs uncached (dB)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    meta = result["meta"]
+    fig.suptitle(f"{len(meta['prompts'])} captions x {len(meta['seeds'])} seeds, "
+                 f"{meta['steps']} steps")
+    fig.tight_layout()
+    save_figure(path, fig, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""Atomic file writes: the one way the package and its tools write an output file.
+
+A writer gets a temporary path of its own in the target's folder, named
+``.{name}.{pid}-{host}.{random}.partial``: hidden, unique per call (the random part is drawn
+until the name is free, and the file is created exclusively), and naming the process that owns
+it. When the writer returns, the file is flushed to disk (fsync) and renamed onto the target
+with :func:`os.replace`, which is atomic within a folder. A reader therefore sees either the
+previous file or a complete new one. When several processes write the same target at once,
+each writes its own temporary file and the last rename wins: the target is always one
+writer's complete output. If the writer fails (or is interrupted), only its own temporary file
+is removed and the exception propagates.
+
+:func:`remove_stale_temps` removes the temporary files of a target left behind by processes
+that no longer run (same host, pid gone); files of live processes, of other hosts and files
+whose owner cannot be read are never touched.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import socket
+from typing import Any, Callable, Iterator, Optional
+
+TEMP_SUFFIX = ".partial"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for temporary files of this module (never treat them as finished outputs)."""
+    base = os.path.basename(name)
+    return base.startswith(".") and base.endswith(TEMP_SUFFIX)
+
+
+def _temp_prefix(path: str) -> str:
+    return "." + os.path.basename(os.path.abspath(path)) + "."
+
+
+def _create_temp(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    stem = f"{_temp_prefix(path)}{os.getpid()}-{_host()}."
+    while True:
+        tmp = os.path.join(folder, stem + secrets.token_hex(6) + TEMP_SUFFIX)
+        try:  # exclusive create, permissions from the umask (as open(path, "w") would give)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:  # some platforms and file systems cannot open a folder: best effort
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a fresh temporary path beside ``path``; on a normal exit move it onto ``path``
+    (fsync, then :func:`os.replace`); on any exception remove it and re-raise.
+
+    The folder of ``path`` is created when missing. The writer may replace the temporary file
+    (write it by path), but must write it under the yielded name."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = _create_temp(path)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _fsync(folder, directory=True)
+
+
+def atomic_write(path: str, write: Callable[[str], Any]) -> str:
+    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically; returns ``path``."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return path
+
+
+def write_bytes(path: str, data: bytes) -> str:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return atomic_write(path, write)
+
+
+def write_text(path: str, text: str) -> str:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    return atomic_write(path, write)
+
+
+def write_json(path: str, obj: Any, indent: Optional[int] = 2) -> str:
+    """``obj`` as JSON (``json.dumps`` with ``indent``) at ``path``, atomically."""
+    return write_text(path, json.dumps(obj, indent=indent))
+
+
+def save_torch(path: str, obj: Any) -> str:
+    """``torch.save(obj)`` at ``path``, atomically."""
+    import torch
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_figure(path: str, fig: Any, **kwargs: Any) -> str:
+    """A matplotlib figure at ``path``, atomically; the format comes from ``path``'s suffix."""
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def _owner(name: str, prefix: str) -> Optional[tuple[int, str]]:
+    """(pid, host) of a temporary file name of this module, or None."""
+    if not (name.startswith(prefix) and name.endswith(TEMP_SUFFIX)):
+        return None
+    m = re.fullmatch(r"(\d+)-([A-Za-z0-9._-]+)\.[0-9a-f]+",
+                     name[len(prefix):-len(TEMP_SUFFIX)])
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(path: str) -> int:
+    """Remove the temporary files of ``path`` whose owner process (on this host) has ended;
+    returns how many were removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix, host = _temp_prefix(path), _host()
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for name in names:
+        owner = _owner(name, prefix)
+        if owner is None or owner[1] != host or _alive(owner[0]):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+            removed += 1
+    return removed
+
+
+__all__ = ["TEMP_SUFFIX", "is_temp_name", "atomic_path", "atomic_write", "write_bytes",
+           "write_text", "write_json", "save_torch", "save_figure", "remove_stale_temps"]
