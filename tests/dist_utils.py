@@ -11,8 +11,10 @@
     results = run_distributed(worker, 2, arg)    # [result of rank 0, result of rank 1]
 
 Each worker process: ``torch.set_num_threads(1)``, ``dist.init_process_group("gloo")`` on
-127.0.0.1 with a free port, then ``fn(rank, world_size, *args)``; the process group is
-destroyed afterwards. A failure in any rank raises in the caller with that rank's traceback.
+127.0.0.1 with a free port, then ``fn(rank, world_size, *args)``. Afterwards what ``fn`` left
+(models in reference cycles, e.g. with a cache attached) is collected and only then is the
+process group destroyed, so no gloo worker thread outlives it (that aborted the process at
+exit now and then). A failure in any rank raises in the caller with that rank's traceback.
 ``world_size=1`` still runs in a child process with an initialised group of one rank (use
 the function directly for a plain single-process run).
 """
@@ -28,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from opensora_duca.parallel import release_process_group
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -41,23 +45,22 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world_size)
+    failed = False
     try:
-        result = fn(rank, world_size, *args, **kwargs)
-        torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+        torch.save(fn(rank, world_size, *args, **kwargs), os.path.join(outdir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
-        raise
-    finally:
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
+        failed = True
+    release_process_group()  # here, not in the except block: its traceback holds fn's frames
+    if failed:
+        raise SystemExit(1)
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, **kwargs: Any) -> list:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned gloo ranks and
-    return the list of per-rank results (loaded with ``torch.load(weights_only=False)``)."""
+    return the list of per-rank results (loaded with ``torch.load(weights_only=False)``: they
+    are written by this harness's own child processes and may hold any picklable object)."""
     with tempfile.TemporaryDirectory(prefix="dist_utils_") as outdir:
         port = free_port()
         try:

@@ -67,6 +67,7 @@ def _worker(rank, world, count_collectives):
                 m(x, t, y, mask=mask)
                 per_step.append(list(calls))
             labels = mgr.stats()["step_labels"]
+        remove_cache(m)  # breaks the model <-> manager cycle
     finally:
         for n, fn in originals.items():
             setattr(dist, n, fn)

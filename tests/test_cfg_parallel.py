@@ -14,6 +14,7 @@ import torch.distributed as dist
 from dist_utils import free_port, run_distributed
 
 from opensora_duca.cache import build_policy
+from opensora_duca.config_check import check_inference_config, check_video_fits
 from opensora_duca.parallel.cfg import check_cache_policy, check_degree, setup_cfg_parallel
 from opensora_duca.pipeline import build_from_config
 from opensora_duca.schedulers.rflow import RFlow
@@ -185,6 +186,23 @@ def test_bad_degree_is_one_line():
     with pytest.raises(ValueError, match="cfg_parallel=2 needs a world size divisible by 2; "
                                          "this run has 1 rank"):
         build_from_config(_cfg(cfg_parallel=2), device="cpu")
+
+
+def test_config_check_knows_the_key_and_the_memory_of_a_half(monkeypatch):
+    cfg = _cfg(cfg_parallel=2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    check_inference_config(cfg)
+    for world, value, msg in (("3", 2, "needs a world size divisible by 2; this run has 3"),
+                              ("4", 4, "cfg_parallel=4 is not accepted")):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(ValueError, match=msg):
+            check_inference_config(_cfg(cfg_parallel=value))
+    # one hidden state of batch x tokens instead of 2 x batch x tokens (each rank runs a half):
+    # 2 frames of 64 x 128, batch 3, hidden 16 -> 3*ceil(2*64*128/1024)*16*4 bytes
+    video, half = 3 * 3 * 2 * 64 * 128 * 4, 3 * 16 * 16 * 4
+    check_video_fits(2, (64, 128), 3, 16, video + half, None, cfg_copies=1)
+    with pytest.raises(ValueError, match="cannot fit"):
+        check_video_fits(2, (64, 128), 3, 16, video + half, None)
 
 
 def _tool(args, nproc=1, timeout=240):

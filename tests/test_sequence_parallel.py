@@ -82,6 +82,34 @@ def bad_heads_worker(rank, world_size):
     return None
 
 
+def group_release_worker(rank, world_size):
+    model = make_model()
+    seen = []
+    model.spatial_blocks[0].attn.register_forward_pre_hook(
+        lambda mod, args: seen.append(mod.sp_state.group is not None))
+    x, t, y, mask, _, kw = make_inputs(8, 6)
+    with torch.no_grad():
+        model(x, t, y, mask=mask, **kw)
+    return dict(group_during_forward=seen, group_after_is_none=model.sp_state.group is None,
+                valid_len_after=model.sp_state.valid_len)
+
+
+def cache_group_release_worker(rank, world_size):
+    """The cache manager uses the group inside a step and holds none after it."""
+    from opensora_duca.cache import apply_cache, remove_cache
+    model = make_model()
+    mgr = apply_cache(model, dict(type="DuCa"))
+    seen = []
+    model.spatial_blocks[0].register_forward_pre_hook(
+        lambda mod, args: seen.append(mgr._group is not None))
+    x, t, y, mask, _, kw = make_inputs(8, 6)
+    with torch.no_grad():
+        model(x, t, y, mask=mask, **kw)
+    after = mgr._group is None and model.sp_state.group is None
+    remove_cache(model)
+    return dict(group_during_forward=seen, group_after_is_none=after)
+
+
 @pytest.fixture(scope="module")
 def single():
     return run_cases(make_model())
@@ -103,3 +131,17 @@ def test_heads_not_divisible_by_ranks():
     msgs = run_distributed(bad_heads_worker, 2)
     for msg in msgs:
         assert msg is not None and "num_heads=3" in msg and "group size 2" in msg
+
+
+def test_model_holds_no_process_group_after_forward():
+    """A group left in the model outlives destroy_process_group(); freed later, its gloo
+    threads abort the process at exit."""
+    for res in run_distributed(group_release_worker, 2):
+        assert res["group_during_forward"] == [True]
+        assert res["group_after_is_none"] and res["valid_len_after"] is None
+
+
+def test_cache_manager_holds_no_process_group_after_forward():
+    for res in run_distributed(cache_group_release_worker, 2):
+        assert res["group_during_forward"] == [True]
+        assert res["group_after_is_none"]

@@ -31,8 +31,7 @@ def cfg_for(tmp_path, name, **kw):
 
 
 def final_state(cfg):
-    ck = torch.load(os.path.join(cfg["outputs"], "checkpoints", "last.pt"), weights_only=False)
-    return ck
+    return torch.load(os.path.join(cfg["outputs"], "checkpoints", "last.pt"), weights_only=True)
 
 
 def assert_same_state(a, b):
@@ -217,3 +216,59 @@ def test_resume_refuses_other_settings(tmp_path):
     with pytest.raises(ValueError, match=r"\['lr'\].*saved: \[0.003\].*now: \[0.001\]"):
         T.train(cfg_for(tmp_path, "r", steps=4, lr=1e-3), progress=False)
     assert T.train(cfg_for(tmp_path, "r", steps=3, ckpt_every=1), progress=False)["step"] == 3
+
+
+class _Payload:
+    """Pickles as a call of open(marker, "w"): loading it runs code that creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_carries_code(tmp_path):
+    out, marker = tmp_path / "evil", tmp_path / "marker"
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text("".join(f"{k} = {v!r}\n" for k, v in dict(
+        TINY, outputs=str(out), steps=2).items()))
+    ckpt = out / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(dict(step=1, payload=_Payload(str(marker))), ckpt)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), str(cfg_file),
+                        "--no-progress"], cwd=str(tmp_path), capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "last.pt" in r.stderr and "is refused" in r.stderr and "--no-resume" in r.stderr
+    with pytest.raises(ValueError, match=r"is refused"):
+        T.train(T.load_config(dict(TINY, outputs=str(out), steps=2)), progress=False)
+    assert not marker.exists()
+    torch.load(ckpt, weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_global_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+    np.random.seed(5)
+    random.seed(5)
+    torch.manual_seed(5)
+    np.random.randn(3)  # odd count: numpy caches a Gaussian (has_gauss=1)
+    random.gauss(0, 1)  # python caches gauss_next
+    torch.save(T.global_rng_states(), tmp_path / "rng.pt")
+    want = (np.random.randn(5), [random.gauss(0, 1) for _ in range(3)], torch.randn(4))
+    np.random.seed(9)
+    random.seed(9)
+    torch.manual_seed(9)
+    T.set_global_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (np.random.randn(5), [random.gauss(0, 1) for _ in range(3)], torch.randn(4))
+    assert np.array_equal(want[0], got[0]) and want[1] == got[1]
+    assert torch.equal(want[2], got[2])
+
+
+def test_shipped_training_config_loads():
+    cfg = T.load_config(os.path.join(ROOT, "configs", "demo", "train.py"))
+    assert cfg["model"]["type"] and cfg["export_dtype"] in ("fp32", "fp16", "bf16")

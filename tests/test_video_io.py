@@ -1,4 +1,5 @@
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -136,3 +137,30 @@ def test_is_complete_video(tmp_path):
 def test_read_missing_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_video(str(tmp_path / "nope.mp4"))
+
+
+_ENCODE = """
+import os, sys
+import numpy as np
+from opensora_duca.utils.video import save_video
+if sys.argv[2] == "one-cpu":
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+frames = np.random.default_rng(0).integers(0, 256, size=(12, 256, 320, 3), dtype=np.uint8)
+save_video(frames, sys.argv[1], fps=8)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs >= 2 usable CPUs (the encoder's thread count follows them)")
+def test_identical_frames_encode_to_identical_bytes_in_separate_processes(tmp_path):
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    paths = []
+    for i, cpus in enumerate(("all-cpus", "one-cpu", "all-cpus")):
+        paths.append(tmp_path / f"v{i}.mp4")
+        subprocess.run([sys.executable, "-c", _ENCODE, str(paths[-1]), cpus], env=env,
+                       check=True, timeout=120)
+    data = [p.read_bytes() for p in paths]
+    assert data[0] == data[1] == data[2]
+    assert b"creation_time" not in data[0]

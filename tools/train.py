@@ -37,8 +37,10 @@ import argparse
 import json
 import math
 import os
+import pickle
 import random
 import signal
+import sys
 import time
 from typing import Any
 
@@ -49,20 +51,21 @@ from torch import nn
 from opensora_duca.models.checkpoint import PARAMETER_FREE_OPTIONS
 from opensora_duca.registry import DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
 from opensora_duca.utils.atomic import atomic_write, save_torch, write_json
+from opensora_duca.utils.dtype import SHORT_DTYPES
 
 REQUIRED_KEYS = ("model", "text_encoder", "vae", "dataset")
 DEFAULTS = dict(
     seed=42, batch_size=16, steps=None, epochs=None, lr=1e-3, weight_decay=0.0,
     betas=(0.9, 0.999), warmup_steps=50, lr_schedule="constant", min_lr_ratio=0.1,
     grad_clip=1.0, ema_decay=0.999, caption_dropout=0.1, ckpt_every=100, log_every=10,
-    num_threads=None, device="cpu", time_limit=None, outputs="outputs/train", export=None, export_dtype="fp32",
+    num_threads=None, device="cpu", time_limit=None, outputs="outputs/train", export=None,
+    export_dtype="fp32",
     scheduler=dict(type="rflow", sample_method="logit-normal"), fps=None,
     temporal_init="zero", caption_init="default",
 )
 TEMPORAL_INITS = ("zero", "xavier")
 CAPTION_INITS = ("default", "xavier")
 LR_SCHEDULES = ("constant", "cosine")
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------- config
@@ -101,7 +104,7 @@ def load_config(path_or_dict: Any, overrides: dict | None = None) -> dict:
     if not isinstance(cfg["lr"], (int, float)) or cfg["lr"] <= 0:
         raise ValueError(f"config key lr={cfg['lr']!r} is not accepted; accepted: a number > 0")
     for k, accepted in (("lr_schedule", LR_SCHEDULES), ("temporal_init", TEMPORAL_INITS),
-                        ("caption_init", CAPTION_INITS), ("export_dtype", EXPORT_DTYPES)):
+                        ("caption_init", CAPTION_INITS), ("export_dtype", SHORT_DTYPES)):
         if cfg[k] not in accepted:
             raise ValueError(f"config key {k}={cfg[k]!r} is not accepted; accepted: "
                              f"{list(accepted)}")
@@ -222,6 +225,42 @@ def update_ema(ema: dict, module: nn.Module, decay: float) -> None:
             ema[k].copy_(v)
 
 
+def global_rng_states() -> dict:
+    """The torch, numpy and python RNG states as tensors, lists and numbers only, so that a
+    checkpoint holding them loads with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, py_gauss = random.getstate()
+    return dict(torch=torch.get_rng_state(),
+                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), gauss=float(gauss)),
+                python=dict(version=version, words=list(words), gauss=py_gauss))
+
+
+def set_global_rng_states(rng: dict) -> None:
+    """Inverse of :func:`global_rng_states`."""
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(p["words"]), p["gauss"]))
+
+
+def load_training_checkpoint(path: str, device: torch.device) -> dict:
+    """``torch.load(path, weights_only=True)``: a checkpoint whose pickle names anything but
+    tensors, containers and numbers (code to run, or the numpy objects of older checkpoints) is
+    refused with a one-line ValueError before any of it runs."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines()
+                       if "GLOBAL" in line or "Unsupported" in line), type(err).__name__)
+        raise ValueError(f"checkpoint {path!r} is refused: it holds more than tensors, "
+                         f"containers and numbers ({detail}); accepted: a checkpoint written by "
+                         "this tools/train.py — use --no-resume or another outputs folder to "
+                         "start a new run") from None
+
+
 def export_safetensors(ema: dict, path: str, dtype: torch.dtype, metadata: dict) -> None:
     from safetensors.torch import save_file
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
@@ -292,7 +331,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
     if resume:
         if not os.path.isfile(resume):
             raise FileNotFoundError(f"--resume {resume!r}: no such checkpoint")
-        ck = torch.load(resume, map_location=device, weights_only=False)
+        ck = load_training_checkpoint(resume, device)
         check_resume_config(ck.get("config", {}), cfg, resume)
         if ck["world_size"] != world:
             raise ValueError(f"checkpoint {resume!r} was written with world_size="
@@ -302,9 +341,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
         opt.load_state_dict(ck["optimizer"])
         ema = {k: v.to(device) for k, v in ck["ema"].items()}
         gen.set_state(ck["rng"]["generators"][rank])
-        torch.set_rng_state(ck["rng"]["torch"])
-        np.random.set_state(ck["rng"]["numpy"])
-        random.setstate(ck["rng"]["python"])
+        set_global_rng_states(ck["rng"])
         step, history, wall = ck["step"], ck["history"], ck.get("wall_time", 0.0)
         if rank == 0:
             print(f"resumed from {resume} at step {step}", flush=True)
@@ -320,9 +357,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
             save_torch(ckpt_path, dict(
                 step=step, trainee=trainee.state_dict(), ema=ema, optimizer=opt.state_dict(),
                 history=history, world_size=world, wall_time=wall + (time.time() - t_start),
-                config=_jsonable(cfg), rng=dict(generators=gens, torch=torch.get_rng_state(),
-                                                numpy=np.random.get_state(),
-                                                python=random.getstate())))
+                config=_jsonable(cfg), rng=dict(global_rng_states(), generators=gens)))
         if world > 1:
             torch.distributed.barrier()
 
@@ -422,7 +457,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
     summary = dict(step=step, steps=steps, finished=True, ckpt=ckpt_path, final_loss=final_loss,
                    wall_time=wall_total, seed=seed, time_limited=steps != planned_steps)
     if rank == 0 and cfg.get("export"):
-        dtype = EXPORT_DTYPES[cfg["export_dtype"]]
+        dtype = SHORT_DTYPES[cfg["export_dtype"]]
         meta = dict(format="opensora_duca demo bundle: model.* = STDiT3, text_encoder.* = "
                            "DemoTextEncoder (EMA weights)",
                     config=json.dumps(_jsonable(export_config(cfg, model, te))), steps=step,
@@ -498,10 +533,14 @@ def main(argv=None) -> dict:
         overrides["outputs"] = args.outputs
     if args.steps:
         overrides.update(steps=args.steps, epochs=None)
-    cfg = load_config(args.config, overrides)
     resume = False if args.no_resume else (args.resume or None)
-    summary = train(cfg, resume=resume, stop_after=args.stop_after,
-                    progress=not args.no_progress)
+    try:
+        summary = train(load_config(args.config, overrides), resume=resume,
+                        stop_after=args.stop_after, progress=not args.no_progress)
+    except (KeyError, ValueError, FileNotFoundError) as err:  # settings / checkpoint: one line
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"train.py: error: {type(err).__name__}: {msg}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), flush=True)
     return summary

@@ -362,6 +362,7 @@ class CacheManager:
             self._trunk.clear()
             self._residual.clear()
             self.adaptive = {}
+        self._group = None  # hold no process group between calls (set again by the next one)
         return None
 
     def _set_shapes(self, model, x, y):

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from mmengine.config import DictAction
 
 from ..cache import apply_cache, remove_cache
 from ..eval.fidelity import psnr, ssim
 from ..eval.judge import judge, summarize
+from ..parallel import release_process_group
+from ..parallel.agreement import check_ranks_agree
 from ..parallel.launch import init_distributed
 from ..pipeline import build_from_config, unique_filenames
 from ..utils.atomic import write_json
@@ -39,7 +42,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    """Run the demo; the process group (under torchrun) is released once the models are gone."""
+    try:
+        return _demo(parse_args(argv))
+    finally:
+        release_process_group()  # after _demo's models are out of scope; then destroys the group
+
+
+def _demo(args) -> int:
     try:
         cfg = load_config(args.config, args.cfg_options)
     except FileNotFoundError as err:
@@ -56,6 +66,12 @@ def main(argv=None) -> int:
     save_dir = args.save_dir or cfg.get("save_dir", "./samples/demo")
 
     rank, world, device = init_distributed(None)
+    try:  # every rank must generate the same videos
+        check_ranks_agree(dict(config=cfg.to_dict(), cache=cache_cfg, prompts=prompts, seed=seed,
+                               steps=args.num_sampling_steps, save_dir=save_dir))
+    except ValueError as err:
+        print(f"demo.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
     is_main = rank == 0
     pipe = build_from_config(cfg, device=device, enable_sequence_parallelism=world > 1)
     steps = args.num_sampling_steps or pipe.scheduler.num_sampling_steps

@@ -34,19 +34,30 @@ Under torchrun every rank runs the same prompts with the same seed; the model sh
 over the ranks (``enable_sequence_parallelism=True``); only rank 0 writes files and prints.
 With ``--cfg-parallel 2`` (config key ``cfg_parallel``) the conditional and unconditional halves
 of the guidance batch run on two groups of P = world / 2 ranks, each sequence-parallel.
-The process group uses NCCL on CUDA and gloo on the CPU, launched through colossalai when it
-is installed (as Open-Sora's script does), else through plain torch.distributed.
+The process group uses NCCL on CUDA and gloo on the CPU (torch.distributed; colossalai is not
+needed, and its launcher keeps references to the group after it is destroyed). Before
+anything is built the config is checked (:mod:`opensora_duca.config_check`: unknown keys, ranges,
+sizes that cannot fit) and every rank checks that all ranks share the same settings
+(:mod:`opensora_duca.parallel.agreement`); a mistake is one line on stderr and exit code 2.
+``--dist-timeout`` (config key ``dist_timeout``, seconds, default 600) bounds how long a rank
+waits for a stalled or dead one (exit code 1).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 import time
 
+import torch
 import torch.distributed as dist
 from mmengine.config import DictAction
+from safetensors import SafetensorError
 
+from ..config_check import check_inference_config, dist_timeout, run_settings
+from ..parallel import release_process_group
+from ..parallel.agreement import check_ranks_agree
 from ..parallel.launch import init_distributed
 from ..pipeline import build_from_config, load_prompts, unique_filenames
 from ..utils.atomic import save_torch
@@ -80,6 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--save-latents", action="store_true", help="also write {name}.latents.pt")
     p.add_argument("--ckpt-path", default=None, help="model weights (replaces from_pretrained)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--dist-timeout", type=float, default=None,
+                   help="seconds a rank waits for the others before failing (default 600)")
     p.add_argument("--compile", action="store_true",
                    help="run the per-block work compiled (torch.compile); the config key "
                         "compile=dict(mode=..., backend=...) sets the options")
@@ -103,7 +116,8 @@ def merge_args(cfg, args):
     elif args.resolution is not None or args.aspect_ratio is not None:
         cfg.image_size = None  # the named size wins over the config's image_size
     for key in ("resolution", "aspect_ratio", "num_frames", "fps", "save_fps", "seed",
-                "batch_size", "dtype", "save_dir", "sample_name", "cfg_parallel"):
+                "batch_size", "dtype", "save_dir", "sample_name", "dist_timeout",
+                "cfg_parallel"):
         val = getattr(args, key)
         if val is not None:
             cfg[key] = val
@@ -175,21 +189,33 @@ def main(argv=None, t_start=None) -> int:
     t_start = time.perf_counter() if t_start is None else t_start
     args = parse_args(argv)
     try:
+        # the settings are checked before anything is built or waits for other ranks
         cfg = merge_args(load_config(args.config, args.cfg_options), args)
-        rank, world, device = init_distributed(args.device)
+        check_inference_config(cfg, args.start_index, args.end_index, device=args.device or (
+            "cuda" if torch.cuda.is_available() else "cpu"))
+        rank, world, device = init_distributed(args.device, dist_timeout(cfg))
+        check_ranks_agree(run_settings(cfg, args.start_index, args.end_index))
         return run(cfg, args, rank, world, device, rank == 0, t_start)
-    except (KeyError, ValueError, FileNotFoundError, ImportError) as err:
+    except (KeyError, ValueError, TypeError, OSError, ImportError, SafetensorError,
+            pickle.UnpicklingError) as err:
         # configuration mistakes: one clear line (the message names the key and the accepted
         # values) instead of a traceback
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        msg = str(msg).strip().splitlines()[0] if str(msg).strip() else repr(err)
+        if isinstance(err, pickle.UnpicklingError):  # torch's text suggests an unsafe load
+            msg = "a weights file holds more than tensors (or is no checkpoint); refused"
         print(f"inference.py: error: {type(err).__name__}: {msg}", file=sys.stderr, flush=True)
         return 2
     except OutputError as err:
         print(f"inference.py: error: {err}", file=sys.stderr, flush=True)
         return 1
+    except dist.DistError as err:  # a rank died or stalled: fail instead of waiting forever
+        print(f"inference.py: error: {type(err).__name__} (a rank died or did not answer "
+              f"within dist_timeout={dist_timeout(cfg)} s): {str(err).strip().splitlines()[0]}",
+              file=sys.stderr, flush=True)
+        return 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        release_process_group()  # after the pipeline is gone; collects cycles, then destroys
 
 
 def run(cfg, args, rank, world, device, is_main, t_start) -> int:

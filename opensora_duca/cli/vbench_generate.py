@@ -43,6 +43,7 @@ import torch.distributed as dist
 from mmengine.config import DictAction
 
 from ..eval import vbench as vb
+from ..parallel import release_process_group
 from ..parallel.launch import init_distributed
 from ..pipeline import build_from_config
 from ..utils.atomic import remove_stale_temps
@@ -111,8 +112,7 @@ def main(argv=None) -> int:
     try:
         return run(cfg, args, rank, world, device)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        release_process_group()  # collects what still holds the group, then destroys it
 
 
 def run(cfg, args, rank, world, device) -> int:

@@ -436,20 +436,23 @@ class STDiT3(nn.Module):
         group = self.sequence_parallel_group()
         self.sp_state.group = group
         self.sp_state.valid_len = S
-        x = sp.split_rows(x, group, H, W)
-        s_local = x.shape[2]
-        x = x.reshape(b, T * s_local, -1)
-        # blocks get Open-Sora 1.3's extra arguments only where they matter, so a 1.2 model
-        # calls its blocks exactly as Open-Sora 1.2 does
-        args = (y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
-        if self.kernel_size is not None or self.use_spatial_rope:
-            args += (s_local // W, W, scale)
-        kw = {} if mask_index is None else dict(mask_index=mask_index, y_null=y_null)
-        for i, spatial in enumerate(self.spatial_blocks):
-            x = spatial(x, *args, **kw)
-            if not self.skip_temporal:
-                x = self.temporal_blocks[i](x, *args, **kw)
-        x = sp.gather_rows(x.view(b, T, s_local, -1), group, H, W).reshape(b, T * S, -1)
+        try:
+            x = sp.split_rows(x, group, H, W)
+            s_local = x.shape[2]
+            x = x.reshape(b, T * s_local, -1)
+            # blocks get Open-Sora 1.3's extra arguments only where they matter, so a 1.2 model
+            # calls its blocks exactly as Open-Sora 1.2 does
+            args = (y, t_mlp, y_mask, x_mask, t0_mlp, T, s_local)
+            if self.kernel_size is not None or self.use_spatial_rope:
+                args += (s_local // W, W, scale)
+            kw = {} if mask_index is None else dict(mask_index=mask_index, y_null=y_null)
+            for i, spatial in enumerate(self.spatial_blocks):
+                x = spatial(x, *args, **kw)
+                if not self.skip_temporal:
+                    x = self.temporal_blocks[i](x, *args, **kw)
+            x = sp.gather_rows(x.view(b, T, s_local, -1), group, H, W).reshape(b, T * S, -1)
+        finally:  # hold no process group between calls: it must be freed before shutdown
+            self.sp_state.group = self.sp_state.valid_len = None
 
         x = self.final_layer(x, t, x_mask, t0, T, S)
         return self.unpatchify(x, T, H, W, tx, hx, wx).float()

@@ -4,9 +4,15 @@ Tokens are sharded along the spatial axis S in whole latent rows. The group is, 
 preference: one set with :func:`set_sequence_parallel_group`; the group upstream Open-Sora
 (``opensora.acceleration.parallel_states``) already registered in this process; WORLD when
 torch.distributed is initialised with more than one rank; otherwise None (single process).
+
+Shutdown: :func:`release_process_group` instead of a bare ``destroy_process_group()``. A gloo
+group that some Python object still references after it was destroyed is freed later, at
+interpreter exit or by a garbage-collection pass on another thread, and its worker threads
+then abort the process ("terminate called without an active exception").
 """
 from __future__ import annotations
 
+import gc
 import sys
 
 import torch
@@ -25,6 +31,16 @@ def set_sequence_parallel_group(group) -> None:
 def reset_sequence_parallel_group() -> None:
     global _GROUP, _GROUP_SET
     _GROUP, _GROUP_SET = None, False
+
+
+def release_process_group() -> None:
+    """Drop this module's group, collect reference cycles (e.g. a model with a cache attached)
+    so nothing unreachable still holds a group, then destroy the default process group (when
+    one is initialised). Call it after the models are out of scope."""
+    reset_sequence_parallel_group()
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _upstream_group():

@@ -72,6 +72,14 @@ def check_degree(cfg_parallel) -> int:
     return int(value)
 
 
+def check_world(degree: int, world: int) -> None:
+    """Refuse a world size the CFG degree does not divide."""
+    if world % degree:
+        raise ValueError(f"cfg_parallel={degree} needs a world size divisible by {degree}; this "
+                         f"run has {world} rank(s) (start {degree} x P ranks, e.g. torchrun "
+                         f"--nproc_per_node {degree})")
+
+
 def setup_cfg_parallel(cfg_parallel) -> Optional[CFGParallel]:
     """None for ``cfg_parallel=1``. For 2: create the groups (collectively: every rank calls
     this), make this rank's half group the sequence-parallel group of the process, and return
@@ -79,9 +87,7 @@ def setup_cfg_parallel(cfg_parallel) -> Optional[CFGParallel]:
     if check_degree(cfg_parallel) == 1:
         return None
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world % 2:
-        raise ValueError(f"cfg_parallel=2 needs a world size divisible by 2; this run has "
-                         f"{world} rank(s) (start 2 x P ranks, e.g. torchrun --nproc_per_node 2)")
+    check_world(2, world)
     layout = CFGParallel(dist.get_rank(), world)
     set_sequence_parallel_group(layout.sp_group)
     return layout
@@ -103,4 +109,5 @@ def check_cache_policy(policy) -> None:
                          "cfg_parallel=1")
 
 
-__all__ = ["CFGParallel", "check_degree", "setup_cfg_parallel", "check_cache_policy"]
+__all__ = ["CFGParallel", "check_degree", "check_world", "setup_cfg_parallel",
+           "check_cache_policy"]

@@ -6,6 +6,9 @@ Accepted inputs for :func:`save_video` / :func:`to_uint8_frames`:
   ``[-1, 1]`` (the layout an Open-Sora VAE decoder returns for one sample), ``C`` in ``{1, 3}``;
 * a ``uint8`` ``torch.Tensor`` or ``numpy.ndarray`` of shape ``[T, H, W, 3]`` (or ``[T, H, W, 1]``).
 
+Encoding is deterministic: identical frames give identical bytes in any process on any
+machine with the same PyAV/FFmpeg build (libx264 runs one thread; the muxer writes no dates).
+
 A file is written to a temporary file of its own in the destination folder and renamed onto
 ``{name}`` only once the encoder has been flushed and the container closed
 (:mod:`opensora_duca.utils.atomic`), so a reader never sees a half-written ``{name}``, and two
@@ -120,6 +123,10 @@ def save_video(video: ArrayLike, path: str, fps: float = 8, crf: int | None = No
             stream.width = w
             stream.height = h
             stream.pix_fmt = "yuv420p"
+            # one encoder thread: libx264 picks its thread count (and with it the bitstream)
+            # from the CPUs the process may use, so identical frames gave different bytes
+            stream.codec_context.thread_count = 1
+            stream.codec_context.thread_type = "NONE"
             if crf is not None:
                 stream.options = {"crf": str(int(crf))}
             for frame in frames:

@@ -1,0 +1,187 @@
+"""Checks of an inference config before anything is built (:mod:`opensora_duca.cli.inference`).
+
+Every mistake a user can make in a config or on the command line is reported here, before a
+model is built or a process group waits, as one ``ValueError`` naming the key, the value and
+what is accepted: unknown top-level keys, counts and indices out of range, non-finite numbers,
+and video sizes whose memory estimate cannot fit on this machine.
+
+The size estimate is a lower bound of what a run holds at once, so nothing that could run is
+refused: the decoded float32 video (``batch x 3 x T x H x W x 4`` bytes, on the device and
+again on the CPU) and one hidden state of the model for the classifier-free-guidance batch
+(``2 x batch x tokens x hidden_size x 4`` bytes, with at least 1024 pixels per token: the
+strongest compression of a supported codec, 4 x 8 x 8, times the 1 x 2 x 2 patch; with
+``cfg_parallel=2`` a rank holds one half of that batch, ``batch x tokens x ...``).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Any, Optional
+
+import torch
+
+from .parallel.cfg import check_degree, check_world
+from .parallel.launch import DEFAULT_TIMEOUT_S
+from .pipeline import get_num_frames, resolve_dtype, resolve_image_size
+from .utils.compile import compile_options
+
+#: top-level keys of an inference config and what they hold
+INFERENCE_KEYS = {
+    "prompt": "a prompt or a list of prompts",
+    "prompt_path": "a text file, one prompt per line",
+    "image_size": "(H, W) in pixels",
+    "resolution": "a resolution name such as '480p'",
+    "aspect_ratio": "'H:W' such as '9:16'",
+    "num_frames": "a frame count or a name such as '2s'",
+    "fps": "fps conditioning of the model",
+    "save_fps": "fps of the written files",
+    "save_dir": "output folder",
+    "sample_name": "file name prefix",
+    "seed": "an int",
+    "batch_size": "an int >= 1",
+    "dtype": "fp32 | fp16 | bf16",
+    "model": "dict(type=...)", "vae": "dict(type=...)", "text_encoder": "dict(type=...)",
+    "scheduler": "dict(type=...)", "cache": "dict(type=...) or None",
+    "aes": "aesthetic score appended to prompts", "flow": "motion score appended to prompts",
+    "dist_timeout": "seconds a rank waits for the others",
+    "compile": "None, True or dict(mode=..., backend=..., fullgraph=...) (torch.compile)",
+    "cfg_parallel": "1, or 2: the guidance batch halves on two groups of ranks",
+    # Open-Sora 1.2 keys kept so its configs load; they change nothing without reference
+    # (image / video) conditioning, which this tool does not do
+    "frame_interval": "Open-Sora key (no effect here)",
+    "multi_resolution": "Open-Sora key (no effect here: height, width and fps are always "
+                        "passed to the model)",
+    "condition_frame_length": "Open-Sora key (no effect here)",
+    "align": "Open-Sora key (no effect here)",
+    "custom_imports": "mmengine imports",
+}
+#: the settings every rank must share (they decide what is generated)
+AGREED_KEYS = ("prompt", "prompt_path", "image_size", "resolution", "aspect_ratio", "num_frames",
+               "fps", "seed", "batch_size", "dtype", "model", "vae", "text_encoder", "scheduler",
+               "cache", "aes", "flow", "compile", "cfg_parallel")
+PIXELS_PER_TOKEN = 4 * 8 * 8 * 2 * 2
+
+
+def _bad(key: str, value: Any, accepted: str) -> ValueError:
+    return ValueError(f"{key}={value!r} is not accepted; accepted: {accepted}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def dist_timeout(cfg: Any) -> float:
+    """The config's ``dist_timeout`` in seconds (default 600), checked."""
+    value = cfg.get("dist_timeout")
+    if value is None:
+        return DEFAULT_TIMEOUT_S
+    if not _is_number(value) or value <= 0:
+        raise _bad("dist_timeout", value, "a number of seconds > 0 (default 600)")
+    return float(value)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:.1f} GiB"
+
+
+def memory_bytes(device: torch.device) -> Optional[int]:
+    """Memory of ``device`` (host RAM for the CPU), or None when it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_video_fits(num_frames: int, image_size: tuple[int, int], batch_size: int,
+                     hidden_size: int, device_bytes: Optional[int], host_bytes: Optional[int],
+                     device_type: str = "cpu", cfg_copies: int = 2) -> None:
+    """Refuse a video size whose lower-bound memory estimate exceeds the memory there is
+    (``None``: unknown, not checked). ``cfg_copies``: samples of the guidance batch a rank
+    runs per prompt (1 with ``cfg_parallel=2``)."""
+    h, w = image_size
+    pixels = num_frames * h * w
+    video = batch_size * 3 * pixels * 4
+    hidden = cfg_copies * batch_size * math.ceil(pixels / PIXELS_PER_TOKEN) * hidden_size * 4
+    size = f"num_frames={num_frames}, image_size=({h}, {w}), batch_size={batch_size}"
+    for where, need, have, parts in (
+            (device_type, video + hidden, device_bytes,
+             f"decoded float32 video {_gib(video)} + one hidden state {_gib(hidden)}"),
+            ("host", video, host_bytes, f"decoded float32 video {_gib(video)}")):
+        if have is not None and need > have:
+            raise ValueError(f"{size} cannot fit: it needs at least {_gib(need)} of {where} "
+                             f"memory ({parts}) and the {where} has {_gib(have)}; accepted: a "
+                             "smaller size, fewer frames or a smaller batch")
+
+
+def check_inference_config(cfg: Any, start_index: Any = None, end_index: Any = None,
+                           device: Optional[torch.device] = None) -> None:
+    """Check everything a run reads from ``cfg`` (an mmengine Config or a dict, after the
+    command-line overrides) and the prompt range; raise one ValueError on the first mistake."""
+    unknown = sorted(k for k in cfg.keys() if k not in INFERENCE_KEYS and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"config keys {unknown} are not known; accepted: {sorted(INFERENCE_KEYS)}"
+                         " (or names starting with '_' for helper variables)")
+    for key in ("model", "vae", "text_encoder", "scheduler"):
+        val = cfg.get(key)
+        if not hasattr(val, "get") or "type" not in val:
+            raise _bad(key, val, "dict(type=...) naming a registered type")
+    cache = cfg.get("cache")
+    if cache is not None and (not hasattr(cache, "get") or "type" not in cache):
+        raise _bad("cache", cache, "dict(type=<a registered cache policy>, ...) or None")
+    seed = cfg.get("seed", 0)
+    if not _is_int(seed):
+        raise _bad("seed", seed, "an int")
+    batch_size = cfg.get("batch_size") if cfg.get("batch_size") is not None else 1
+    if not _is_int(batch_size) or batch_size < 1:
+        raise _bad("batch_size", batch_size, "an int >= 1")
+    for key, value, low in (("start_index", start_index, 0), ("end_index", end_index, 1)):
+        if value is not None and (not _is_int(value) or value < low):
+            raise _bad(key, value, f"an int >= {low}")
+    if start_index is not None and end_index is not None and end_index <= start_index:
+        raise _bad("end_index", end_index, f"an int > start_index={start_index}")
+    for key in ("fps", "save_fps"):
+        if cfg.get(key) is not None and (not _is_number(cfg[key]) or cfg[key] <= 0):
+            raise _bad(key, cfg[key], "a positive finite number")
+    sched = cfg["scheduler"]
+    steps = sched.get("num_sampling_steps")
+    if steps is not None and (not _is_int(steps) or steps < 1):
+        raise _bad("scheduler.num_sampling_steps", steps, "an int >= 1")
+    if sched.get("cfg_scale") is not None and not _is_number(sched["cfg_scale"]):
+        raise _bad("scheduler.cfg_scale", sched["cfg_scale"], "a finite number")
+    resolve_dtype(cfg.get("dtype", "fp32"))
+    compile_options(cfg.get("compile"))
+    dist_timeout(cfg)
+    cfg_parallel = check_degree(cfg.get("cfg_parallel"))
+    check_world(cfg_parallel, int(os.environ.get("WORLD_SIZE", "1")))  # as launch reads it
+    num_frames = get_num_frames(cfg.get("num_frames", 1))
+    image_size = resolve_image_size(cfg.get("image_size"), cfg.get("resolution"),
+                                    cfg.get("aspect_ratio"))
+    device = torch.device("cpu") if device is None else torch.device(device)
+    hidden = cfg["model"].get("hidden_size") or 1
+    check_video_fits(num_frames, image_size, batch_size, hidden if _is_int(hidden) else 1,
+                     memory_bytes(device), memory_bytes(torch.device("cpu")), device.type,
+                     cfg_copies=2 // cfg_parallel)
+
+
+def run_settings(cfg: Any, start_index: Any = None, end_index: Any = None) -> dict:
+    """The settings that decide what a run generates (for
+    :func:`opensora_duca.parallel.agreement.check_ranks_agree`); a prompt file is represented
+    by the sha256 of its bytes, so ranks reading different files disagree."""
+    out = {k: cfg.get(k) for k in AGREED_KEYS}
+    out.update(start_index=start_index, end_index=end_index)
+    path = cfg.get("prompt_path")
+    if cfg.get("prompt") is None and isinstance(path, str) and os.path.isfile(path):
+        with open(path, "rb") as f:
+            out["prompt_path"] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+__all__ = ["check_inference_config", "check_video_fits", "dist_timeout", "memory_bytes",
+           "run_settings", "INFERENCE_KEYS", "AGREED_KEYS"]
