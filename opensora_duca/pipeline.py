@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .cache import apply_cache, get_cache_manager
-from .parallel.cfg import check_cache_policy, check_degree, setup_cfg_parallel
+from .parallel.cfg import check_cache_policy, setup_cfg_parallel
 from .registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
 from .utils.compile import compile_options
 from .utils.dtype import resolve_dtype
@@ -366,7 +366,6 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
         if not isinstance(_as_dict(val), dict):
             raise ValueError(f"config key {key!r}={val!r} is not accepted; accepted: "
                              f"dict(type=...)")
-    check_degree(_cfg_get(cfg, "cfg_parallel"))
     device = torch.device(device if device is not None else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(_cfg_get(cfg, "dtype", "fp32") if dtype is None else dtype)
