@@ -44,6 +44,8 @@ INFERENCE_KEYS = {
     "aes": "aesthetic score appended to prompts", "flow": "motion score appended to prompts",
     "dist_timeout": "seconds a rank waits for the others",
     "compile": "None, True or dict(mode=..., backend=..., fullgraph=...) (torch.compile)",
+    "compare_caches": "tools/demo.py only: {run name: dict(type=...)} compared beside `cache` "
+                      "(tools/inference.py runs `cache` alone)",
     # Open-Sora 1.2 keys kept so its configs load; they change nothing without reference
     # (image / video) conditioning, which this tool does not do
     "frame_interval": "Open-Sora key (no effect here)",
