@@ -47,6 +47,8 @@ INFERENCE_KEYS = {
     "dist_timeout": "seconds a rank waits for the others",
     "compile": "None, True or dict(mode=..., backend=..., fullgraph=...) (torch.compile)",
     "cfg_parallel": "1, or 2: the guidance batch halves on two groups of ranks",
+    "compare_caches": "tools/demo.py only: {run name: dict(type=...)} compared beside `cache` "
+                      "(tools/inference.py runs `cache` alone)",
     # Open-Sora 1.2 keys kept so its configs load; they change nothing without reference
     # (image / video) conditioning, which this tool does not do
     "frame_interval": "Open-Sora key (no effect here)",

@@ -151,3 +151,18 @@ def test_forecast_and_taylorseer_validation():
     labels = [str(ts.plan(s, 20, [0.0] * (s + 1)).label) for s in range(10)]
     assert labels == ["full"] * 4 + ["forecast"] * 4 + ["full", "forecast"]
     assert math.isclose(build_policy(dict(type="DuCa", stored_dtype="fp8")).fresh_ratio, 0.1)
+
+
+def test_int8_codec_accuracy_against_a_direct_formula():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 30, 64, generator=g, dtype=torch.float64) * 3
+    codec = Codec("int8")
+    e = codec.encode(x)
+    assert e.data.dtype == torch.int8 and e.nbytes == x.numel() + 2 * 30 * 4
+    step = x.abs().amax(-1, keepdim=True) / 127  # the quantisation step of each token
+    back = codec.decode(e, torch.float64)
+    assert float(((back - x).abs() / step).max()) <= 0.5 + 1e-6  # round to nearest
+    idx = torch.tensor([[3], [4]])
+    codec.scatter_(e, idx, torch.full((2, 1, 64), -2.0, dtype=torch.float64))
+    out = codec.decode(e, torch.float64)
+    assert torch.allclose(out[0, 3], torch.full((64,), -2.0, dtype=torch.float64))

@@ -8,10 +8,6 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "opensora_duca"
 
-# Files that still load a tool by file path, each waiting for a change in another branch.
-KNOWN_PATH_LOADS = {
-    os.path.join("tests", "test_train.py"),  # tools/train.py is not yet in opensora_duca.cli
-}
 
 
 def _modules() -> dict[str, str]:
@@ -148,5 +144,4 @@ def test_no_sys_path_edits_or_tools_loaded_by_path():
                 text = open(path, encoding="utf-8").read()
                 if any(p in text for p in patterns):
                     found.add(os.path.relpath(path, ROOT))
-    assert found - KNOWN_PATH_LOADS == set()
-    assert KNOWN_PATH_LOADS <= found, "a known path load is gone: update KNOWN_PATH_LOADS"
+    assert found == set()

@@ -1,5 +1,4 @@
 """tools/train.py: rflow training lowers the loss, resumes bit-identically, exports a bundle."""
-import importlib.util
 import json
 import os
 import signal
@@ -10,11 +9,9 @@ import time
 import pytest
 import torch
 
+from opensora_duca.cli import train as T
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-_spec = importlib.util.spec_from_file_location("train_tool", os.path.join(ROOT, "tools",
-                                                                          "train.py"))
-T = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(T)
 
 TINY = dict(
     model=dict(type="STDiT3-demo", depth=1, hidden_size=32, num_heads=2),

@@ -41,7 +41,7 @@ class Entry(_Name):
     AGGRESSIVE = "aggressive"
 
 
-STORED_DTYPES = (None, "fp32", "fp16", "bf16", "fp8")
+STORED_DTYPES = (None, "fp32", "fp16", "bf16", "fp8", "int8")
 DISTANCES = ("step", "timestep")
 MAX_ORDER = 2
 RATIO_SCHEDULES = {"constant": {}, "linear": {"start": 1.0, "end": 1.0}, "exp": {"decay": 1.0},
@@ -227,7 +227,7 @@ class DuCa(_Forecasting, CachePolicy):
         cfg_shared_selection: one token selection shared by the conditional and unconditional
             halves of the CFG batch (False: each sample selects its own, as the released code).
         stored_dtype: None (model dtype) | fp32 | fp16 | bf16 | fp8 (float8_e4m3fn, one scale
-            per token).
+            per token) | int8 (symmetric integers, one scale per token).
         final_step: "plan" (follow the cycle, as released) or "full" (compute the last step).
         seed: seed of the random scorer.
         forecast: dict(order=0|1|2, distance="step"|"timestep"): order 0 reuses stored

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8_MAX = 127.0
 
 
 class StoredBytes:
@@ -59,23 +60,29 @@ class Encoded:
 
 class Codec:
     """How features are stored. ``None`` keeps the model's tensors as they are; ``fp32`` /
-    ``fp16`` / ``bf16`` cast; ``fp8`` stores float8_e4m3fn with one float32 scale per token
-    (amax over channels / 448), kept as bytes so gathers and scatters work on every device."""
+    ``fp16`` / ``bf16`` cast; the 8-bit stores keep one float32 scale per token (its largest
+    magnitude over the channels mapped to the code's largest value): ``fp8`` float8_e4m3fn
+    (kept as bytes so gathers and scatters work on every device), ``int8`` symmetric integers
+    (round to nearest, -127..127)."""
 
     CASTS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
     def __init__(self, stored_dtype: Optional[str]):
         self.name = stored_dtype
-        self.fp8 = stored_dtype == "fp8"
+        self.fp8, self.int8 = stored_dtype == "fp8", stored_dtype == "int8"
         self.cast = self.CASTS.get(stored_dtype)
         if self.fp8 and not hasattr(torch, "float8_e4m3fn"):  # pragma: no cover - torch < 2.1
             raise ValueError("stored_dtype='fp8' needs torch >= 2.1 (float8_e4m3fn)")
 
     def encode(self, x: torch.Tensor) -> Encoded:
-        if self.fp8:
-            scale = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
-            q = (x.float() / scale).to(torch.float8_e4m3fn)
-            return Encoded(q.view(torch.uint8).contiguous(), scale)
+        if self.fp8 or self.int8:
+            top = FP8_MAX if self.fp8 else INT8_MAX
+            scale = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / top
+            if self.fp8:
+                q = (x.float() / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+            else:
+                q = torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+            return Encoded(q.contiguous(), scale)
         if self.cast is not None and x.dtype != self.cast:
             return Encoded(x.to(self.cast).contiguous())
         return Encoded(x.contiguous())
@@ -83,6 +90,8 @@ class Codec:
     def decode(self, e: Encoded, dtype: torch.dtype) -> torch.Tensor:
         if self.fp8:
             return (e.data.view(torch.float8_e4m3fn).float() * e.scale).to(dtype)
+        if self.int8:
+            return (e.data.float() * e.scale).to(dtype)
         return e.data if e.data.dtype == dtype else e.data.to(dtype)
 
     def scatter_(self, e: Encoded, idx: torch.Tensor, src: torch.Tensor) -> None:

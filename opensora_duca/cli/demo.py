@@ -1,13 +1,14 @@
-"""The main job: generate with the demo model uncached and with the configured cache policy
-(DuCa), then report speed, the caption judge's verdicts and fidelity against the uncached video.
+"""The main job: generate with the demo model uncached, with the configured cache policy (DuCa)
+and with every policy of the config's ``compare_caches`` ({run name: cache config}), then report
+speed, the caption judge's verdicts and fidelity against the uncached video.
 
     torchrun --nproc_per_node 2 tools/demo.py configs/demo/inference.py   # sequence parallel
     python tools/demo.py configs/demo/inference.py [--prompt ...] [--save-dir DIR]
 
-Both runs use the same prompts and seeds (and the same weights). Timings are the sampling wall
-time after one warm-up generation, measured the same way for both runs. Rank 0 writes
-``{save_dir}/{uncached,<policy>}/{prompt}.mp4`` (atomically; names as ``--prompt-as-path`` of
-``tools/inference.py``) and ``{save_dir}/summary.json``.
+All runs use the same prompts and seeds (and the same weights). Timings are the sampling wall
+time after one warm-up generation, measured the same way for every run. Rank 0 writes
+``{save_dir}/{uncached,<policy>,<compare name>}/{prompt}.mp4`` (atomically; names as
+``--prompt-as-path`` of ``tools/inference.py``) and ``{save_dir}/summary.json``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import sys
 
 from mmengine.config import DictAction
 
-from ..cache import apply_cache, remove_cache
+from ..cache import apply_cache, build_policy, remove_cache
 from ..eval.fidelity import psnr, ssim
 from ..eval.judge import judge, summarize
 from ..parallel import release_process_group
@@ -49,25 +50,49 @@ def main(argv=None) -> int:
         release_process_group()  # after _demo's models are out of scope; then destroys the group
 
 
+def _plain(cfg):
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _policies(cfg) -> dict:
+    """{run name: cache config}: the config's ``cache`` (named by its type), then each entry of
+    ``compare_caches`` ({name: cache config}), all validated before anything is built."""
+    cache_cfg = cfg.get("cache")
+    if cache_cfg is None:
+        raise ValueError("the config has no `cache = dict(type=...)`: nothing to compare")
+    out = {_plain(cache_cfg)["type"]: _plain(cache_cfg)}
+    extra = cfg.get("compare_caches") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"compare_caches={extra!r} is not accepted; accepted: a dict "
+                         f"{{run name: dict(type=...)}}")
+    for name, c in extra.items():
+        if not isinstance(name, str) or not name or "/" in name or name in ("uncached", *out):
+            raise ValueError(f"compare_caches: run name {name!r} is not accepted; accepted: a "
+                             f"new non-empty name without '/'")
+        out[name] = _plain(c)
+    for c in out.values():
+        build_policy(c)  # a bad key or value fails here, with the key named
+    return out
+
+
 def _demo(args) -> int:
     try:
         cfg = load_config(args.config, args.cfg_options)
-    except FileNotFoundError as err:
-        raise SystemExit(str(err)) from None
-    cache_cfg = cfg.get("cache")
-    if cache_cfg is None:
-        raise SystemExit("the config has no `cache = dict(type=...)`: nothing to compare")
-    cache_cfg = cache_cfg.to_dict() if hasattr(cache_cfg, "to_dict") else dict(cache_cfg)
-    cfg.cache = None  # built uncached; the policy is attached for the second run
-    prompts = list(args.prompt or cfg.get("prompt") or [])
-    if not prompts:
-        raise SystemExit("no prompts: give --prompt or a `prompt` list in the config")
+        policies = _policies(cfg)
+        prompts = list(args.prompt or cfg.get("prompt") or [])
+        if not prompts:
+            raise ValueError("no prompts: give --prompt or a `prompt` list in the config")
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"demo.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    cfg.cache = None  # built uncached; the policies are attached run by run
+    cfg.compare_caches = None
     seed = cfg.get("seed", 0) if args.seed is None else args.seed
     save_dir = args.save_dir or cfg.get("save_dir", "./samples/demo")
 
     rank, world, device = init_distributed(None)
     try:  # every rank must generate the same videos
-        check_ranks_agree(dict(config=cfg.to_dict(), cache=cache_cfg, prompts=prompts, seed=seed,
+        check_ranks_agree(dict(config=cfg.to_dict(), cache=policies, prompts=prompts, seed=seed,
                                steps=args.num_sampling_steps, save_dir=save_dir))
     except ValueError as err:
         print(f"demo.py: error: {err}", file=sys.stderr, flush=True)
@@ -79,15 +104,14 @@ def _demo(args) -> int:
     pipe.generate(prompts[:1], seed=seed, num_sampling_steps=2)  # warm-up (allocations, threads)
 
     runs = {}
-    policy = cache_cfg["type"]
-    for name in ("uncached", policy):
-        if name != "uncached":
-            pipe.cache_manager = apply_cache(pipe.model, cache_cfg)
+    for name, policy_cfg in (("uncached", None), *policies.items()):
+        if policy_cfg is not None:
+            pipe.cache_manager = apply_cache(pipe.model, policy_cfg)
         out = pipe.generate(prompts, progress=is_main, **gen)
         runs[name] = dict(out=out, stats=pipe.cache_manager.stats() if pipe.cache_manager else None,
                           report=pipe.report())
-    remove_cache(pipe.model)
-    pipe.cache_manager = None
+        remove_cache(pipe.model)
+        pipe.cache_manager = None
     if not is_main:
         return 0
 
@@ -130,11 +154,12 @@ def _demo(args) -> int:
               f"| {r['peak_cache_mib']:.1f} | {sum(v['ok'] for v in r['verdicts'])}/{j['n']} "
               f"| {r['psnr']:.2f} | {r['ssim']:.4f} |")
     print("\nJudge verdicts (colour and motion right, one object?):")
-    for a, b in zip(rows[0]["verdicts"], rows[1]["verdicts"]):
-        print(f"  {a['prompt']!r}: uncached {'ok' if a['ok'] else 'WRONG'} "
-              f"({a['color']}, {a['direction']}); {policy} {'ok' if b['ok'] else 'WRONG'} "
-              f"({b['color']}, {b['direction']})")
-    print("\n" + (runs[policy]["report"] or ""))
+    for i, prompt in enumerate(prompts):
+        parts = [f"{r['run']} {'ok' if r['verdicts'][i]['ok'] else 'WRONG'} "
+                 f"({r['verdicts'][i]['color']}, {r['verdicts'][i]['direction']})" for r in rows]
+        print(f"  {prompt!r}: " + "; ".join(parts))
+    for name in policies:
+        print(f"\n[{name}]\n" + (runs[name]["report"] or ""))
     write_json(os.path.join(save_dir, "summary.json"),
                dict(config=args.config, prompts=prompts, seed=seed, steps=steps,
                     world_size=world, device=device.type, runs=rows))

@@ -38,7 +38,7 @@ def _duca_tables(cycle: int) -> dict:
 
 def default_sweep(calibration: Optional[str] = None) -> List[Point]:
     """Each policy's knob, two or three settings each (sized to finish in about an hour on two
-    CPU cores): DuCa ratio and cycle (and its fp8 store), ToCa, DuCa with first-order
+    CPU cores): DuCa ratio and cycle (and its 8-bit stores), ToCa, DuCa with first-order
     forecasting at cycle 3 and 4, FORA / TrunkReuse interval (plain and with forecasting),
     TaylorSeer interval and order, TeaCache / FirstBlockCache thresholds, PAB."""
     pts: List[Point] = []
@@ -46,6 +46,7 @@ def default_sweep(calibration: Optional[str] = None) -> List[Point]:
         pts.append(("DuCa", dict(type="DuCa", fresh_ratio=ratio)))
     pts.append(("DuCa", dict(type="DuCa", **_duca_tables(4))))
     pts.append(("DuCa (fp8 store)", dict(type="DuCa", stored_dtype="fp8")))
+    pts.append(("DuCa (int8 store)", dict(type="DuCa", stored_dtype="int8")))
     pts.append(("ToCa", dict(type="ToCa")))
     for cycle in (3, 4):
         cfg = dict(type="DuCa", forecast=dict(order=1))
