@@ -158,8 +158,18 @@ def run_frontier(pipe, points: Sequence[Point], prompts: Sequence[str], seeds: S
 
 
 def _label(cfg: dict) -> str:
-    keys = [k for k in cfg if k != "type"]
-    return ", ".join(f"{k}={json.dumps(cfg[k], separators=(',', ':'))}" for k in keys) or "default"
+    """Short settings: cycle tables as ``cycle=c``, a calibration file as ``calibrated``."""
+    parts = []
+    for k, v in cfg.items():
+        if k in ("type", "tables"):
+            continue
+        if k == "cycles":
+            parts.append(f"cycle={v['mlp']}")
+        elif k == "calibration":
+            parts.append("calibrated")
+        else:
+            parts.append(f"{k}={json.dumps(v, separators=(',', ':'))}")
+    return ", ".join(parts) or "default"
 
 
 def format_table(result: dict) -> str:
