@@ -198,9 +198,10 @@ def plot(result: dict, path: str) -> None:
         families.setdefault(p["family"], []).append(p)
     for ax, xkey, xlabel in ((axes[0], "flops_ratio", "FLOPs ratio (uncached / cached)"),
                              (axes[1], "speedup_cpu", "measured CPU speedup")):
-        for fam, pts in sorted(families.items()):
+        for j, (fam, pts) in enumerate(sorted(families.items())):
             pts = sorted(pts, key=lambda p: p[xkey])
-            ax.plot([p[xkey] for p in pts], [p["psnr"] for p in pts], "o-", label=fam, ms=4)
+            ax.plot([p[xkey] for p in pts], [p["psnr"] for p in pts], "-",
+                    marker="osD^v<>ph*"[j % 10], color=plt.cm.tab20(j % 20), label=fam, ms=5)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("PSNR vs uncached (dB)")
         ax.grid(alpha=0.3)
