@@ -3,7 +3,35 @@ from __future__ import annotations
 
 import torch
 
+from opensora_duca.cache.plan import FULL_STEP, KINDS, Action, StepPlan
+from opensora_duca.cache.policies import CachePolicy
 from opensora_duca.registry import MODELS, build_module
+
+
+class Scripted(CachePolicy):
+    """A test policy: step -> plan from a dict (default full); reuses everything."""
+
+    name = "scripted"
+
+    def __init__(self, plans, scorer="random"):
+        self.plans, self.scorer = plans, scorer
+
+    def plan(self, step, num_steps, timesteps):
+        return self.plans.get(step, FULL_STEP)
+
+    def reuses(self, kind):
+        return True
+
+
+def plan_of(**actions):
+    """A StepPlan: every kind FULL unless given as an Action or an (Action, ratio) pair."""
+    acts, ratios = {k: Action.FULL for k in KINDS}, {}
+    for k, v in actions.items():
+        if isinstance(v, tuple):
+            acts[k], ratios[k] = v
+        else:
+            acts[k] = v
+    return StepPlan(actions=acts, ratios=ratios, label="test")
 
 
 def small_model(seed: int = 0, depth: int = 2, hidden: int = 64, heads: int = 4, **kw):

@@ -3,41 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cache_utils import inputs, small_model, trajectory
+from cache_utils import Scripted, inputs, plan_of, small_model, trajectory
 
 from opensora_duca.cache import apply_cache, build_policy, get_cache_manager, remove_cache
 from opensora_duca.cache.flops import TrunkShape, run_flops_ratio
-from opensora_duca.cache.plan import FULL_STEP, KINDS, Action, Kind, StepPlan
-from opensora_duca.cache.policies import CachePolicy
+from opensora_duca.cache.plan import FULL_STEP, KINDS, Action, Kind
 
 SPATIAL_ATTN, TEMPORAL_ATTN, CROSS_ATTN, MLP = Kind
 FULL, REUSE, PARTIAL = Action
-
-
-class Scripted(CachePolicy):
-    """A test policy: step -> plan from a dict (default full); reuses everything."""
-
-    name = "scripted"
-
-    def __init__(self, plans, scorer="random"):
-        self.plans, self.scorer = plans, scorer
-
-    def plan(self, step, num_steps, timesteps):
-        return self.plans.get(step, FULL_STEP)
-
-    def reuses(self, kind):
-        return True
-
-
-def _plan(**actions):
-    acts = {k: FULL for k in KINDS}
-    ratios = {}
-    for k, v in actions.items():
-        if isinstance(v, tuple):
-            acts[k], ratios[k] = v
-        else:
-            acts[k] = v
-    return StepPlan(actions=acts, ratios=ratios, label="test")
 
 
 def test_none_is_bitwise_identical_and_remove_restores():
@@ -86,7 +59,7 @@ def test_ratio_one_partial_equals_full(use_x_mask, demo_options):
     x, y, mask = inputs()
     x_mask = torch.tensor([[True, False, True], [False, True, True]]) if use_x_mask else None
     ref = trajectory(m, x, y, mask, steps=3, x_mask=x_mask)
-    pol = Scripted({1: _plan(mlp=(PARTIAL, 1.0)), 2: _plan(cross_attn=(PARTIAL, 1.0),
+    pol = Scripted({1: plan_of(mlp=(PARTIAL, 1.0)), 2: plan_of(cross_attn=(PARTIAL, 1.0),
                                                              mlp=(PARTIAL, 1.0))})
     mgr = apply_cache(m, pol)
     with mgr.session(num_steps=3):
@@ -115,8 +88,8 @@ def test_reuse_after_full_equals_stored_value():
         captured.setdefault("mlp", out.clone())  # returns None: the output is not replaced
 
     h = m.spatial_blocks[1].mlp.register_forward_hook(grab)
-    for plan in (_plan(**{k: REUSE for k in KINDS}),
-                 _plan(spatial_attn=REUSE, temporal_attn=REUSE, cross_attn=REUSE,
+    for plan in (plan_of(**{k: REUSE for k in KINDS}),
+                 plan_of(spatial_attn=REUSE, temporal_attn=REUSE, cross_attn=REUSE,
                        mlp=(PARTIAL, 1.0))):
         captured.clear()
         mgr = apply_cache(m, Scripted({1: plan}))
@@ -386,7 +359,7 @@ def test_partial_updates_persist_in_lower_precision_storage():
         stored_dtype = "bf16"
 
     stored = {}
-    for name, plan in (("partial", _plan(cross_attn=(PARTIAL, 1.0))), ("full", FULL_STEP)):
+    for name, plan in (("partial", plan_of(cross_attn=(PARTIAL, 1.0))), ("full", FULL_STEP)):
         mgr = apply_cache(m, Low({1: plan}))
         assert mgr.codec.cast == torch.bfloat16
         with mgr.session(num_steps=3), torch.no_grad():
@@ -469,8 +442,8 @@ def test_the_block_forward_is_the_definition():
     t, t_next = torch.full((2,), 700.0), torch.full((2,), 600.0)
     with torch.no_grad():
         ref = m(x, t, y, mask=mask)
-    for plan in (_plan(**{k: REUSE for k in KINDS}),
-                 _plan(spatial_attn=REUSE, temporal_attn=REUSE, cross_attn=REUSE,
+    for plan in (plan_of(**{k: REUSE for k in KINDS}),
+                 plan_of(spatial_attn=REUSE, temporal_attn=REUSE, cross_attn=REUSE,
                        mlp=(PARTIAL, 1.0))):
         mgr = apply_cache(m, Scripted({1: plan}))
         with mgr.session(num_steps=2), torch.no_grad():

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cache_utils import inputs, small_model, trajectory
+from cache_utils import Scripted, inputs, plan_of, small_model, trajectory
 
 from opensora_duca.cache import Action, Kind, apply_cache, build_policy, remove_cache
-from opensora_duca.cache.plan import FULL_STEP, KINDS, StepPlan
-from opensora_duca.cache.policies import AdaptivePolicy, CachePolicy
+from opensora_duca.cache.plan import KINDS
+from opensora_duca.cache.policies import AdaptivePolicy
 from opensora_duca.registry import CACHES, registered
 
 V13 = dict(hidden=48, heads=4, kernel_size=(2, 4, -1), use_spatial_rope=True,
@@ -28,29 +28,6 @@ def i2v_args(x, y, frames=(0,)):
     g = torch.Generator().manual_seed(9)
     return dict(cond=x * cond_mask, cond_mask=cond_mask, mask_index=list(frames),
                 y_null=torch.randn(y.shape, generator=g))
-
-
-class Scripted(CachePolicy):
-    """step -> plan (default full); stores every module."""
-
-    name = "scripted"
-
-    def __init__(self, plans, scorer="random"):
-        self.plans, self.scorer = plans, scorer
-
-    def plan(self, step, num_steps, timesteps):
-        return self.plans.get(step, FULL_STEP)
-
-    def reuses(self, kind):
-        return True
-
-
-def _plan(**actions):
-    acts, ratios = {k: Action.FULL for k in KINDS}, {}
-    for k, v in actions.items():
-        acts[k], ratios[k] = v if isinstance(v, tuple) else (v, None)
-    return StepPlan(actions=acts, ratios={k: r for k, r in ratios.items() if r is not None},
-                    label="test")
 
 
 @pytest.mark.parametrize("i2v", [False, True])
@@ -92,8 +69,8 @@ def test_ratio_one_partial_equals_full():
     m = model13()
     x, y, mask = inputs(h=H, w=W)
     ref = trajectory(m, x, y, mask, steps=3)
-    pol = Scripted({1: _plan(mlp=(Action.PARTIAL, 1.0)),
-                    2: _plan(cross_attn=(Action.PARTIAL, 1.0), mlp=(Action.PARTIAL, 1.0))})
+    pol = Scripted({1: plan_of(mlp=(Action.PARTIAL, 1.0)),
+                    2: plan_of(cross_attn=(Action.PARTIAL, 1.0), mlp=(Action.PARTIAL, 1.0))})
     mgr = apply_cache(m, pol)
     with mgr.session(num_steps=3):
         out = trajectory(m, x, y, mask, steps=3)
@@ -111,8 +88,8 @@ def _reuse_right_after_full(m, x, y, mask, **kw):
     t, t_next = torch.full((2,), 700.0), torch.full((2,), 600.0)
     with torch.no_grad():
         ref = m(x, t, y, mask=mask, **kw)
-    for plan in (_plan(**{k: Action.REUSE for k in KINDS}),
-                 _plan(spatial_attn=Action.REUSE, temporal_attn=Action.REUSE,
+    for plan in (plan_of(**{k: Action.REUSE for k in KINDS}),
+                 plan_of(spatial_attn=Action.REUSE, temporal_attn=Action.REUSE,
                        cross_attn=Action.REUSE, mlp=(Action.PARTIAL, 1.0))):
         mgr = apply_cache(m, Scripted({1: plan}))
         with mgr.session(num_steps=2), torch.no_grad():
