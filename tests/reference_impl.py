@@ -67,6 +67,11 @@ def rotary(x):
     """x [..., T, d]: pair (x_2i, x_2i+1) at position p rotated by angle p * f_i."""
     n, d = x.shape[-2], x.shape[-1]
     ang = torch.arange(n, dtype=F64)[:, None] * rope_freqs(d)[None]  # [T, d/2]
+    return rotate_pairs(x, ang)
+
+
+def rotate_pairs(x, ang):
+    """x [..., n, 2m], ang [n, m]: pair (x_2i, x_2i+1) rotated by ang[:, i]."""
     c, s = torch.cos(ang), torch.sin(ang)
     x0, x1 = x[..., 0::2], x[..., 1::2]
     out = torch.empty_like(x)

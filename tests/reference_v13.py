@@ -11,17 +11,7 @@ import math
 
 import reference_impl as ref
 import torch
-from reference_impl import F64, layer_norm, linear, rms_norm, sdp_attention
-
-
-def rotate_pairs(x, ang):
-    """x [..., n, 2m], ang [n, m]: pair (x_2i, x_2i+1) rotated by ang[:, i]."""
-    c, s = torch.cos(ang), torch.sin(ang)
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x0 * c - x1 * s
-    out[..., 1::2] = x1 * c + x0 * s
-    return out
+from reference_impl import F64, layer_norm, linear, rms_norm, rotate_pairs, sdp_attention
 
 
 def rope3d(x, pos, freqs):
