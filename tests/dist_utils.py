@@ -20,6 +20,7 @@ the function directly for a plain single-process run).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -77,3 +78,28 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, **kwargs: Any) ->
                                f"{world_size} ranks failed:\n" + "\n".join(msgs)) from err
         return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
                 for r in range(world_size)]
+
+
+COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor",
+               "all_reduce", "broadcast", "reduce_scatter", "send", "recv", "barrier")
+
+
+@contextlib.contextmanager
+def observe_collectives(on_call: Callable[[str, dict], None], names=COLLECTIVES):
+    """Inside the ``with`` block every call of a ``torch.distributed`` collective in ``names``
+    first calls ``on_call(name, kwargs)``; the functions are restored afterwards."""
+    originals = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+
+    def wrap(name, fn):
+        def inner(*a, **k):
+            on_call(name, k)
+            return fn(*a, **k)
+        return inner
+
+    for n, fn in originals.items():
+        setattr(dist, n, wrap(n, fn))
+    try:
+        yield
+    finally:
+        for n, fn in originals.items():
+            setattr(dist, n, fn)

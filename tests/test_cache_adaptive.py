@@ -2,11 +2,12 @@
 and 4 gloo ranks, with one small collective per step; and the residual reuse itself."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
-import torch.distributed as dist
 from cache_utils import inputs, small_model
-from dist_utils import run_distributed
+from dist_utils import observe_collectives, run_distributed
 
 from opensora_duca.cache import apply_cache, remove_cache
 
@@ -16,8 +17,7 @@ CASES = {  # name -> (cache cfg, latent H, W)
     "teacache_padded_rows": (dict(type="TeaCache", threshold=0.15), 6, 10),  # 3 latent rows
     "fbc": (dict(type="FirstBlockCache", threshold=0.15), 8, 10),
 }
-_COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor",
-                "all_reduce", "broadcast", "reduce_scatter", "send", "recv", "barrier")
+
 
 
 def _run(sp: bool, cfg, h, w, count=False):
@@ -34,32 +34,22 @@ def _run(sp: bool, cfg, h, w, count=False):
                 lambda mod, a, i=i: where.__setitem__("block", i)))
             handles.append(blk.register_forward_hook(
                 lambda mod, a, o: where.__setitem__("block", None)))
-        originals = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
-
-        def wrap(name, fn):
-            def inner(*a, **k):
-                calls.append(where["block"])
-                return fn(*a, **k)
-            return inner
-
-        for n, fn in originals.items():
-            setattr(dist, n, wrap(n, fn))
+    observe = observe_collectives(lambda name, kw: calls.append(where["block"])) if count \
+        else contextlib.nullcontext()
     per_step = []
     try:
-        mgr = apply_cache(m, cfg)
-        with mgr.session(num_steps=STEPS), torch.no_grad():
-            outs = []
-            for i in range(STEPS):
-                calls.clear()
-                t = torch.full((2,), 1000.0 * (1 - i / STEPS))
-                outs.append(m(x * (1 - i / (2 * STEPS)), t, y, mask=mask))
-                per_step.append(list(calls))
-            changes = mgr.stats()["changes"]
-            labels = mgr.stats()["step_labels"]
+        with observe:
+            mgr = apply_cache(m, cfg)
+            with mgr.session(num_steps=STEPS), torch.no_grad():
+                outs = []
+                for i in range(STEPS):
+                    calls.clear()
+                    t = torch.full((2,), 1000.0 * (1 - i / STEPS))
+                    outs.append(m(x * (1 - i / (2 * STEPS)), t, y, mask=mask))
+                    per_step.append(list(calls))
+                changes = mgr.stats()["changes"]
+                labels = mgr.stats()["step_labels"]
     finally:
-        if count:
-            for n, fn in originals.items():
-                setattr(dist, n, fn)
         for hd in handles:
             hd.remove()
     remove_cache(m)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from cache_utils import inputs, small_model, trajectory
-from dist_utils import run_distributed
+from dist_utils import observe_collectives, run_distributed
 
 from opensora_duca.cache import apply_cache, remove_cache
 
@@ -32,26 +31,12 @@ def _run_cases(sp: bool):
     return out
 
 
-_COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor",
-                "all_reduce", "broadcast", "reduce_scatter", "send", "recv", "barrier")
-
-
 def _worker(rank, world, count_collectives):
     if not count_collectives:
         return _run_cases(sp=True)
     calls = []
-    originals = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
     in_trunk = {"on": False}
-
-    def wrap(name, fn):
-        def inner(*a, **k):
-            calls.append((name, in_trunk["on"]))
-            return fn(*a, **k)
-        return inner
-
-    for n, fn in originals.items():
-        setattr(dist, n, wrap(n, fn))
-    try:
+    with observe_collectives(lambda name, kw: calls.append((name, in_trunk["on"]))):
         m = small_model(enable_sequence_parallelism=True)
         x, y, mask = inputs()
         first, last = m.spatial_blocks[0], m.temporal_blocks[-1]
@@ -68,9 +53,6 @@ def _worker(rank, world, count_collectives):
                 per_step.append(list(calls))
             labels = mgr.stats()["step_labels"]
         remove_cache(m)  # breaks the model <-> manager cycle
-    finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
     return {"per_step": per_step, "labels": labels}
 
 

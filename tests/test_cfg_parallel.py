@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import free_port, run_distributed
+from dist_utils import free_port, observe_collectives, run_distributed
 
 from opensora_duca.cache import build_policy
 from opensora_duca.config_check import check_inference_config, check_video_fits
@@ -71,8 +71,6 @@ def _conditioned(cfg_parallel=None):
         cond_mask=cond_mask, progress=False, cfg_parallel=cfg_parallel)
 
 
-_COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor",
-                "all_reduce", "broadcast", "reduce_scatter", "send", "recv", "barrier")
 
 
 def _count_collectives(pipe):
@@ -81,28 +79,20 @@ def _count_collectives(pipe):
     par, model = pipe.cfg_parallel, pipe.model
     steps, in_trunk = [], {"on": False}
 
-    def wrap(name, fn):
-        def inner(*a, **k):
-            group = k.get("group")
-            kind = "pair" if group is par.pair_group else "sp" if group is par.sp_group \
-                else "other"
-            steps[-1].append((name, in_trunk["on"], kind))
-            return fn(*a, **k)
-        return inner
+    def record(name, k):
+        group = k.get("group")
+        kind = "pair" if group is par.pair_group else "sp" if group is par.sp_group else "other"
+        steps[-1].append((name, in_trunk["on"], kind))
 
-    originals = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
     hooks = [model.register_forward_pre_hook(lambda *a: steps.append([])),
              model.spatial_blocks[0].register_forward_pre_hook(
                  lambda *a: in_trunk.__setitem__("on", True)),
              model.temporal_blocks[-1].register_forward_hook(
                  lambda *a: in_trunk.__setitem__("on", False))]
-    for n, fn in originals.items():
-        setattr(dist, n, wrap(n, fn))
     try:
-        latents = _generate(pipe)
+        with observe_collectives(record):
+            latents = _generate(pipe)
     finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
         for h in hooks:
             h.remove()
     return latents, pipe.cache_manager.stats()["step_labels"], steps

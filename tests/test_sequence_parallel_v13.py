@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 from cache_utils import inputs, small_model, trajectory
-from dist_utils import run_distributed
+from dist_utils import observe_collectives, run_distributed
 
 TOL = 1e-6  # float64 inside, float32 output
 V13 = dict(kernel_size=(2, 4, -1), use_spatial_rope=True, cond_embedders=True)
@@ -78,17 +77,8 @@ def _count_collectives():
     """DuCa on 2 ranks: the collectives of each step, marked inside / outside the trunk."""
     from opensora_duca.cache import apply_cache
     calls, in_trunk = [], {"on": False}
-    originals = {n: getattr(dist, n) for n in _COLLECTIVES}
-
-    def wrap(name, fn):
-        def inner(*a, **k):
-            calls.append((name, in_trunk["on"]))
-            return fn(*a, **k)
-        return inner
-
-    for n, fn in originals.items():
-        setattr(dist, n, wrap(n, fn))
-    try:
+    with observe_collectives(lambda name, kw: calls.append((name, in_trunk["on"])),
+                             _COLLECTIVES):
         m = small_model(hidden=48, heads=4, enable_sequence_parallelism=True, **V13)
         x, y, mask = inputs(h=10, w=10)
         mgr = apply_cache(m, dict(type="DuCa"))
@@ -101,9 +91,6 @@ def _count_collectives():
                 m(x, torch.full((2,), 1000.0 * (1 - i / CACHE_STEPS)), y, mask=mask)
                 per_step.append(list(calls))
             labels = mgr.stats()["step_labels"]
-    finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
     return per_step, labels
 
 

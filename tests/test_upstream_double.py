@@ -8,8 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-import torch.distributed as dist
-from dist_utils import run_distributed
+from dist_utils import observe_collectives, run_distributed
 from upstream_double import UpstreamShapedSTDiT3, load_stdit3_state_dict
 
 from opensora_duca.cache import apply_cache, build_policy, get_cache_manager, remove_cache
@@ -144,25 +143,13 @@ def test_policy_follows_its_plan_and_matches_stdit3(name):
 
 
 # ------------------------------------------------------------------ sequence parallelism
-_COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor",
-                "all_reduce", "broadcast", "reduce_scatter", "send", "recv", "barrier")
 SP_POLICIES = {"DuCa": dict(type="DuCa"), "FORA": dict(type="FORA")}
 
 
 def _sp_worker(rank, world):
     out = {"uncached": trajectory(double(sp=True))}
     calls = []
-    originals = {n: getattr(dist, n) for n in _COLLECTIVES if hasattr(dist, n)}
-
-    def wrap(name, fn):
-        def inner(*a, **k):
-            calls.append(name)
-            return fn(*a, **k)
-        return inner
-
-    for n, fn in originals.items():
-        setattr(dist, n, wrap(n, fn))
-    try:
+    with observe_collectives(lambda name, kw: calls.append(name)):
         for name, cfg in SP_POLICIES.items():
             m = double(sp=True)
             mgr = apply_cache(m, cfg)
@@ -180,9 +167,6 @@ def _sp_worker(rank, world):
             remove_cache(m)
             out[name] = torch.stack(outs)
             out[name + ":calls"] = per_step
-    finally:
-        for n, fn in originals.items():
-            setattr(dist, n, fn)
     return out
 
 
