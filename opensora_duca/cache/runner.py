@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import torch
 
+from ..models.layers import modulate
 from ..models.stdit3 import block_modulation
 from ..utils.compile import CompileOptions, compile_region
 from . import selection as sel
@@ -81,9 +82,9 @@ def conservative_mlp_tokens(block, x, t, x_mask, t0, A, CA, idx, S: int, tempora
     -> [B, k, C]. LayerNorm and modulation are per token, so only the selected are computed."""
     b, n, c = x.shape
     _, _, g1, sh2, sc2, _ = block_modulation(block.scale_shift_table, t, x_mask, t0)
-    x2 = (gather_tokens(x, idx) + _gather_mod(g1, idx, S) * _gather_attn(A, idx, S, temporal)
-          + gather_tokens(CA.reshape(b, n, c), idx))
-    hs = block.norm2(x2) * (1 + _gather_mod(sc2, idx, S)) + _gather_mod(sh2, idx, S)
+    x2 = torch.addcmul(gather_tokens(x, idx), _gather_mod(g1, idx, S),
+                       _gather_attn(A, idx, S, temporal)) + gather_tokens(CA.reshape(b, n, c), idx)
+    hs = modulate(block.norm2(x2), _gather_mod(sh2, idx, S), _gather_mod(sc2, idx, S))
     return _own_forward(block.mlp, hs)
 
 
@@ -451,7 +452,7 @@ def modulated_input(block, x, y=None, t=None, mask=None, x_mask=None, t0=None, T
     [B, T*S, C], with the Open-Sora 1.2 modulation layout."""
     b, n, c = x.shape
     sh1, sc1 = block_modulation(block.scale_shift_table, t, x_mask, t0)[:2]
-    return (block.norm1(x.view(b, T, S, c)) * (1 + sc1) + sh1).view(b, n, c)
+    return modulate(block.norm1(x.view(b, T, S, c)), sh1, sc1).view(b, n, c)
 
 
 class ModuleTap:

@@ -39,6 +39,11 @@ of a shared machine's load hits every policy alike; ``--warmup`` untimed rounds 
 short untimed model call warms up instead). The session is given the sampler's timesteps on
 the host (``manager.session(n, timesteps=...)``), as the pipeline does.
 
+``--profile`` first profiles one uncached, uncompiled full step (the sampler's first model call)
+with ``torch.profiler`` and prints the time per kind of work (``opensora_duca.bench.profile``:
+matmul, attention, norm, activation, element-wise, copy) and the operator calls; JSON
+``profile``.
+
 ``--compile`` runs every policy with the per-block work compiled (torch.compile, static
 shapes; see README "Speed"); ``graphs_compiled_in_timed_runs`` (JSON top level) must be 0.
 
@@ -126,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend with --compile (e.g. aot_eager: no C++ needed)")
     p.add_argument("--allow-cpu", action="store_true", help="let the XL presets run on a CPU")
+    p.add_argument("--profile", action="store_true",
+                   help="first profile one uncached full step (torch.profiler): time by kind of "
+                        "work (matmul, attention, norm, element-wise, copy) and operator calls")
     p.add_argument("--quiet", action="store_true", help="no per-run lines")
     return p
 
@@ -150,7 +158,14 @@ def main(argv=None) -> int:
     print(f"benchmark {bench.name}: {info.get('tokens_per_sample')} tokens/sample, CFG batch "
           f"{info.get('cfg_batch')}, {bench.num_steps} steps, {bench.dtype}, "
           f"{device_name(bench.device)}", flush=True)
+    prof = None
+    if args.profile:
+        from ..bench.profile import first_model_call, profile_call, profile_table
+        prof = profile_call(first_model_call(bench), bench.device)
+        print(profile_table(prof), flush=True)
     report = run_benchmark(bench, policies, args.repeat, warmup, log=log, compile=compile_cfg)
+    if prof is not None:
+        report["profile"] = prof
     print(markdown_table(report), flush=True)
     print(f"\ntime per step kind (ideal: the kind's FLOPs share of the uncached step, "
           f"{report['full_step_s'] * 1e3:.1f} ms)", flush=True)

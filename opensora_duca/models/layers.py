@@ -12,10 +12,48 @@ from .. import parallel as sp
 from .attention import attention, check_backend
 from .window import from_windows, resolve_kernel, to_windows
 
+# torch's fused RMSNorm kernel (aten::_fused_rms_norm, CUDA); elsewhere F.rms_norm is a
+# composite that copies a strided input first, so the explicit formula is leaner there
+_FUSED_RMS_NORM = hasattr(F, "rms_norm") and hasattr(torch.ops.aten, "_fused_rms_norm")
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift (Open-Sora's t2i_modulate)."""
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift (Open-Sora's t2i_modulate), as one fused multiply-add over x
+    (one pass instead of two; fp32 rounding can differ from the two-op form by an ulp)."""
+    return torch.addcmul(shift, x, 1 + scale)
+
+
+def gated_add(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor,
+              drop_path: Optional[nn.Module] = None) -> torch.Tensor:
+    """A block's gated residual x + drop_path(gate * h), as one fused multiply-add whenever
+    ``drop_path`` is the identity (always at inference)."""
+    if isinstance(drop_path, DropPath) and drop_path.training and drop_path.p > 0:
+        return x + drop_path(gate * h)
+    return torch.addcmul(x, gate, h)
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call (no Python-side caches then)."""
+    fn = getattr(torch.compiler, "is_compiling", None)
+    if fn is None:  # pragma: no cover - torch < 2.3
+        from torch._dynamo import is_compiling as fn
+    return bool(fn())
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The interleaved-pair rotation x * cos + swap_pairs(x) * sin, where ``sin`` carries the
+    pair signs (-sin on even channels, +sin on odd ones): three passes over x (pair swap,
+    product, fused multiply-add), in x's dtype."""
+    swapped = torch.stack((x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin)
+
+
+def rotation_tables(ang: torch.Tensor, dtype: torch.dtype):
+    """Angles [n, d/2] (float32) -> (cos, signed sin) [n, d] in ``dtype`` for
+    :func:`rotate_pairs`."""
+    ang = ang.repeat_interleave(2, dim=-1)
+    sign = torch.tensor([-1.0, 1.0], dtype=ang.dtype, device=ang.device).repeat(ang.shape[-1] // 2)
+    return ang.cos().to(dtype), (ang.sin() * sign).to(dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: int = 10000) -> torch.Tensor:
@@ -104,7 +142,9 @@ class PatchEmbed3D(nn.Module):
         pt, ph, pw = self.patch_size
         _, _, t, h, w = x.shape
         x = F.pad(x, (0, (-w) % pw, 0, (-h) % ph, 0, (-t) % pt))
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # token-major [B, N, C] in memory: the whole residual stream then stays contiguous
+        # (a channel-major stream makes every LayerNorm and linear copy its input)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 def _sincos(pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -165,45 +205,74 @@ class FramePositionEmbedding(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Interleaved-pair rotary embedding over the sequence axis (rotary_embedding_torch layout)."""
+    """Interleaved-pair rotary embedding over the sequence axis (rotary_embedding_torch layout).
+
+    The angles are computed in float32 from ``freqs``; the rotation itself runs in the
+    activations' dtype (as upstream's bf16 models do) from cos / sin tables that are built once
+    per (length or grid, dtype, device) and reused by every block and step; they are rebuilt
+    when ``freqs`` changes (a checkpoint load, a move to another device or dtype).
+    """
 
     def __init__(self, dim: int, theta: float = 10000.0):
         super().__init__()
         exponents = torch.arange(0, dim, 2)[: dim // 2].float() / dim
         self.freqs = nn.Parameter(1.0 / theta ** exponents, requires_grad=False)
+        self._tables: dict = {}
+
+    def _cached(self, key: tuple, scale, build):
+        """The tables for ``key``, built by ``build()`` on a miss. A tensor ``scale`` (computed
+        on the device, read without a sync) is held by its entry and matched by identity."""
+        if _compiling():
+            return build()
+        f = self.freqs
+        key = key + (f.dtype, f.device, f.data_ptr(), f._version,
+                     None if isinstance(scale, torch.Tensor) else scale)
+        hit = self._tables.get(key)
+        if hit is not None and (not isinstance(scale, torch.Tensor) or hit[0] is scale):
+            return hit[1]
+        if len(self._tables) >= 16:
+            self._tables.clear()
+        tables = build()
+        self._tables[key] = (scale, tables)
+        return tables
 
     def rotate_queries_or_keys(self, x: torch.Tensor, seq_dim: int = -2) -> torch.Tensor:
         n = x.shape[seq_dim]
-        pos = torch.arange(n, device=x.device, dtype=torch.float32)
-        ang = (pos[:, None] * self.freqs.float()[None]).repeat_interleave(2, dim=-1)  # [n, d]
-        cos, sin = ang.cos(), ang.sin()
-        xf = x.float()
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        rot = torch.stack((-x2, x1), dim=-1).flatten(-2)
-        return (xf * cos + rot * sin).to(x.dtype)
+        if seq_dim not in (-2, x.ndim - 2):
+            raise ValueError(f"rotary embedding: seq_dim={seq_dim} is not supported; accepted: -2")
+
+        def build():
+            pos = torch.arange(n, device=x.device, dtype=torch.float32)
+            return rotation_tables(pos[:, None] * self.freqs.float()[None], x.dtype)
+
+        cos, sin = self._cached(("1d", n, x.dtype, x.device), None, build)
+        return rotate_pairs(x, cos, sin)
 
     def rotate_3d(self, x: torch.Tensor, grid, scale: Optional[float] = None) -> torch.Tensor:
         """Open-Sora 1.3's 3-D rotary embedding of x [..., N, d], N = n1*n2*n3 tokens ordered
         (n1 rows, n2 columns, n3 frames) = ``grid``. The head dimension is cut in three equal
         parts: the first is rotated by the frame index, the second by row / scale, the third
         by column / scale (``scale`` None = 1), each with these ``freqs`` (d/3 = 2 * len)."""
-        n1, n2, n3 = grid
+        n1, n2, n3 = (int(g) for g in grid)
         d = x.shape[-1]
         if d != 6 * self.freqs.shape[0]:
             raise ValueError(f"3-D rotary embedding: head dim {d} must be 3 x the rotation dim "
                              f"{2 * self.freqs.shape[0]}")
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        f = self.freqs.to(dtype)
-        s = 1.0 if scale is None else scale
-        dev = x.device
-        pos = (torch.arange(n3, device=dev, dtype=dtype)[None, None, :].expand(n1, n2, n3),
-               (torch.arange(n1, device=dev, dtype=dtype) / s)[:, None, None].expand(n1, n2, n3),
-               (torch.arange(n2, device=dev, dtype=dtype) / s)[None, :, None].expand(n1, n2, n3))
-        ang = torch.cat([p.reshape(-1, 1) * f[None] for p in pos], dim=-1)  # [N, d/2]
-        ang = ang.repeat_interleave(2, dim=-1)
-        xf = x.to(dtype)
-        rot = torch.stack((-xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
-        return (xf * ang.cos() + rot * ang.sin()).to(x.dtype)
+
+        def build():
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            f = self.freqs.to(dtype)
+            s = 1.0 if scale is None else scale
+            dev = x.device
+            shape = (n1, n2, n3)
+            pos = (torch.arange(n3, device=dev, dtype=dtype)[None, None, :].expand(shape),
+                   (torch.arange(n1, device=dev, dtype=dtype) / s)[:, None, None].expand(shape),
+                   (torch.arange(n2, device=dev, dtype=dtype) / s)[None, :, None].expand(shape))
+            ang = torch.cat([p.reshape(-1, 1) * f[None] for p in pos], dim=-1)  # [N, d/2]
+            return rotation_tables(ang, x.dtype)
+
+        cos, sin = self._cached(("3d", n1, n2, n3, x.dtype, x.device), scale, build)
+        return rotate_pairs(x, cos, sin)
 
 
 class LlamaRMSNorm(nn.Module):
@@ -213,6 +282,10 @@ class LlamaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x):
+        """weight * x / sqrt(mean(x^2) + eps), statistics in float32 (as upstream's
+        LlamaRMSNorm); one fused kernel on CUDA where torch has one."""
+        if _FUSED_RMS_NORM and x.is_cuda and x.dtype == self.weight.dtype:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)

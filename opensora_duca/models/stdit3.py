@@ -32,6 +32,7 @@ from .layers import (
     SizeEmbedder,
     T2IFinalLayer,
     TimestepEmbedder,
+    gated_add,
     modulate,
     select_by_frame,
 )
@@ -118,13 +119,13 @@ class STDiT3Block(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2 = block_modulation(self.scale_shift_table, t, x_mask, t0)
         xv = x.view(b, T, S, c)
         h = run_self_attn(self, modulate(self.norm1(xv), sh1, sc1), H, W, scale)
-        xv = xv + self.drop_path(g1 * h)
+        xv = gated_add(xv, g1, h, self.drop_path)
         if mask_index is not None and len(mask_index) > 0:
             xv = xv + split_cross_attn(self, xv, y, y_null, mask, mask_index)
         else:
             xv = xv + self.cross_attn(xv.reshape(b, n, c), y, mask).view(b, T, S, c)
         h = self.mlp(modulate(self.norm2(xv), sh2, sc2))
-        xv = xv + self.drop_path(g2 * h)
+        xv = gated_add(xv, g2, h, self.drop_path)
         return xv.reshape(b, n, c)
 
 
