@@ -1,7 +1,9 @@
 """Where one uncached model call spends its time, by kind of work (``benchmark --profile``).
 
-One full step (every block computed) of the bench's model is run under ``torch.profiler`` and
-each aten operator's *self* time (device time on CUDA, CPU time on a CPU) is put in one class:
+One full step (every block computed) of the bench's model is run under ``torch.profiler``; each
+operator called from Python is put in one class with its whole time (device time on CUDA, CPU
+time on a CPU), the work it calls inside included (so the bias copy inside ``addmm`` counts as
+matmul work):
 
 * ``matmul``: linear layers and convolutions (addmm, mm, bmm, baddbmm, convolution, ...);
 * ``attention``: fused attention kernels (scaled_dot_product_*, flash / efficient attention);
@@ -14,7 +16,8 @@ each aten operator's *self* time (device time on CUDA, CPU time on a CPU) is put
 
 ``elementwise + copy + norm`` is the share the issue's "lean base step" is about: work that is
 not a matrix product, attention or the model's activation function. Operator *calls* are counted
-too: on a GPU each is (at least) one kernel launch, so the count is the eager launch overhead.
+too (operators called from Python that do work): on a GPU each is at least one kernel launch,
+so the count is the eager launch overhead.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ from typing import Callable, Dict
 
 import torch
 
-MATMUL = ("addmm", "mm", "bmm", "baddbmm", "matmul", "convolution", "_convolution",
-          "mkldnn_convolution", "cudnn_convolution", "_addmm_activation", "addbmm", "_mm")
+MATMUL = ("linear", "addmm", "mm", "bmm", "baddbmm", "matmul", "conv3d", "conv2d",
+          "convolution", "_convolution", "mkldnn_convolution", "cudnn_convolution",
+          "_addmm_activation", "addbmm", "_mm", "einsum")
 ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "_flash_attention",
              "_efficient_attention", "cudnn_attention")
 NORM = ("native_layer_norm", "layer_norm", "rms_norm", "_fused_rms_norm", "group_norm",
@@ -32,17 +36,20 @@ NORM = ("native_layer_norm", "layer_norm", "rms_norm", "_fused_rms_norm", "group
 ACTIVATION = ("gelu", "silu", "gelu_", "silu_")
 COPY = ("copy_", "clone", "cat", "stack", "flip", "gather", "scatter", "scatter_", "index",
         "index_select", "repeat", "repeat_interleave", "contiguous", "_to_copy",
-        "constant_pad_nd", "roll", "masked_scatter", "index_put_")
+        "constant_pad_nd", "pad", "roll", "masked_scatter", "index_put_", "to", "type_as",
+        "reshape")
 ELEMENTWISE = ("add", "add_", "sub", "mul", "mul_", "div", "div_", "addcmul", "addcmul_", "pow",
                "rsqrt", "sqrt", "neg", "cos", "sin", "exp", "tanh", "where", "masked_fill",
                "clamp", "abs", "reciprocal", "sigmoid", "fill_", "lerp", "addcdiv", "sign")
 # view-like operators: no kernel, no time worth a class
-_VIEWS = ("view", "reshape", "_reshape_alias", "as_strided", "transpose", "permute", "unsqueeze",
+_VIEWS = ("view", "_reshape_alias", "as_strided", "transpose", "permute", "unsqueeze",
           "squeeze", "expand", "slice", "select", "t", "unbind", "split", "chunk", "narrow",
           "alias", "detach", "unflatten", "flatten", "empty", "empty_like", "empty_strided",
           "_unsafe_view", "split_with_sizes", "resolve_conj", "resolve_neg", "lift_fresh",
-          "to", "type_as", "linear", "dropout", "result_type", "_has_compatible_shallow_copy_type",
+          "dropout", "result_type", "_has_compatible_shallow_copy_type",
           "is_nonzero", "item", "_local_scalar_dense", "size", "stride", "numel", "dim")
+# copy-class composites that are often views or no-ops
+_MAYBE_COPY = ("aten::reshape", "aten::to", "aten::type_as", "aten::contiguous")
 CLASSES = ("matmul", "attention", "norm", "activation", "elementwise", "copy", "other")
 
 
@@ -66,13 +73,14 @@ def classify(op: str) -> str:
     return "other"
 
 
-def _self_time_us(event, cuda: bool) -> float:
+def _total_time_us(event, cuda: bool) -> float:
+    """An operator's time with its children's: device time on CUDA, CPU time otherwise."""
     if cuda:
-        for attr in ("self_device_time_total", "self_cuda_time_total"):
+        for attr in ("device_time_total", "cuda_time_total"):
             if hasattr(event, attr):
                 return float(getattr(event, attr))
         return 0.0
-    return float(event.self_cpu_time_total)
+    return float(event.cpu_time_total)
 
 
 def profile_call(call: Callable[[], object], device: torch.device, repeat: int = 3) -> Dict:
@@ -103,24 +111,40 @@ def profile_call(call: Callable[[], object], device: torch.device, repeat: int =
             call()
             sync()
     by_class = {c: dict(ms=0.0, calls=0) for c in CLASSES}
-    ops = []
-    for e in prof.key_averages():
-        if not e.key.startswith("aten::"):
+    per_op: Dict[str, list] = {}
+    for e in prof.events():
+        if not e.name.startswith("aten::"):
             continue
-        cls = classify(e.key)
+        parent, nested = e.cpu_parent, False
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if nested:
+            continue
+        # a top-level operator: its whole time, children included (addmm's bias copy is
+        # matmul work, a cast's copy is a cast), goes to its class
+        ms = _total_time_us(e, cuda) / 1e3
+        cls = classify(e.name)
         if not cls:
             continue
-        us = _self_time_us(e, cuda)
-        by_class[cls]["ms"] += us / 1e3
-        by_class[cls]["calls"] += int(e.count)
-        ops.append((us / 1e3, e.key, cls, int(e.count)))
+        if cls == "copy" and e.name in _MAYBE_COPY and not any(
+                c.name in ("aten::copy_", "aten::clone", "aten::_to_copy")
+                for c in e.cpu_children):
+            continue  # a reshape / to / contiguous that copied nothing
+        by_class[cls]["ms"] += ms
+        by_class[cls]["calls"] += 1
+        acc = per_op.setdefault(e.name, [0.0, cls, 0])
+        acc[0] += ms
+        acc[2] += 1
+    ops = sorted(((ms, k, c, n) for k, (ms, c, n) in per_op.items()), reverse=True)
     total = sum(v["ms"] for v in by_class.values()) or 1.0
     for v in by_class.values():
         v["share"] = v["ms"] / total
-    ops.sort(reverse=True)
     times.sort()
     return dict(step_s=times[len(times) // 2], profiled_ms=total,
-                time_source="device self time" if cuda else "CPU self time",
+                time_source="device time" if cuda else "CPU time",
                 by_class=by_class,
                 lean_share=sum(by_class[c]["share"] for c in ("elementwise", "copy", "norm")),
                 calls=sum(v["calls"] for v in by_class.values()),
@@ -131,7 +155,7 @@ def profile_table(prof: Dict) -> str:
     """Markdown table of :func:`profile_call`'s result."""
     lines = [f"one full step: {prof['step_s'] * 1e3:.1f} ms (median), profiled "
              f"{prof['profiled_ms']:.1f} ms of {prof['time_source']}, {prof['calls']} operator "
-             f"calls; element-wise + copy + norm: {prof['lean_share'] * 100:.1f}%",
+             f"calls from Python; element-wise + copy + norm: {prof['lean_share'] * 100:.1f}%",
              "", "| class | ms | share | calls |", "|---|---:|---:|---:|"]
     for c in CLASSES:
         v = prof["by_class"][c]
