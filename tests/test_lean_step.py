@@ -203,9 +203,10 @@ TEMPORAL_ELEMENTWISE = SPATIAL_ELEMENTWISE + 4
 TEMPORAL_COPIES = 1 + 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temporal", [False, True])
-def test_block_elementwise_operator_budget(temporal):
-    ops = block_ops(temporal)
+def test_block_elementwise_operator_budget(temporal, dtype):
+    ops = block_ops(temporal, dtype)
     assert ops["matmul"]["calls"] == 6  # qkv, proj, q_linear, proj, fc1, fc2
     assert ops["norm"]["calls"] == 2 and ops["activation"]["calls"] == 1
     assert ops["elementwise"]["calls"] <= (TEMPORAL_ELEMENTWISE if temporal
@@ -215,9 +216,28 @@ def test_block_elementwise_operator_budget(temporal):
 
 
 def test_operator_count_sees_an_unfused_block(unfused):
-    """The budget test can fail: the unfused formulas exceed it."""
+    """The budget test can fail: the unfused formulas exceed it (and copy in bf16)."""
     assert block_ops(True)["elementwise"]["calls"] > TEMPORAL_ELEMENTWISE
     assert block_ops(False)["elementwise"]["calls"] > SPATIAL_ELEMENTWISE
+    assert block_ops(False, torch.bfloat16)["copy"]["calls"] > 0
+
+
+def test_rms_norm_inference_path_matches_formula():
+    norm = layers.LlamaRMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+    x = torch.randn(3, 5, 7, 16).transpose(1, 2)  # strided, as q and k are
+    with torch.no_grad():
+        lean = norm(x)
+        want = naive_rms(norm, x.double())
+    assert lean.stride() == x.stride()  # no copy into another layout
+    assert torch.allclose(lean.double(), want, rtol=1e-6, atol=1e-6)
+    xb, nb = x.bfloat16(), layers.LlamaRMSNorm(16).bfloat16()
+    with torch.no_grad():
+        nb.weight.copy_(norm.weight)
+        err_lean = (nb(xb).double() - want).abs().max()
+        err_naive = (naive_rms(nb, xb).double() - want).abs().max()
+    assert err_lean <= err_naive * 1.01
 
 
 def test_rms_norm_forms_agree():

@@ -15,6 +15,7 @@ from .window import from_windows, resolve_kernel, to_windows
 # torch's fused RMSNorm kernel (aten::_fused_rms_norm, CUDA); elsewhere F.rms_norm is a
 # composite that copies a strided input first, so the explicit formula is leaner there
 _FUSED_RMS_NORM = hasattr(F, "rms_norm") and hasattr(torch.ops.aten, "_fused_rms_norm")
+_LOW_OR_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -283,9 +284,18 @@ class LlamaRMSNorm(nn.Module):
 
     def forward(self, x):
         """weight * x / sqrt(mean(x^2) + eps), statistics in float32 (as upstream's
-        LlamaRMSNorm); one fused kernel on CUDA where torch has one."""
+        LlamaRMSNorm). One fused kernel on CUDA where torch has one; elsewhere at inference
+        three passes without a float32 copy of x (the sum of squares accumulates in float32,
+        x * rstd is computed in float32 and rounded once to x's dtype, the weight multiplies in
+        place); with autograd, under torch.compile (which fuses it) or in float64 the formula
+        as written."""
         if _FUSED_RMS_NORM and x.is_cuda and x.dtype == self.weight.dtype:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
+        if (x.dtype in _LOW_OR_SINGLE and x.dtype == self.weight.dtype
+                and not torch.is_grad_enabled() and not _compiling()):
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+            rstd = torch.rsqrt(norm.square() / x.shape[-1] + self.variance_epsilon)
+            return torch.mul(x, rstd, out=torch.empty_like(x)).mul_(self.weight)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
