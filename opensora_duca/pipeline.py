@@ -412,6 +412,7 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
 
     if cfg_parallel is not None and manager is not None:
         check_cache_policy(manager.policy)
+        manager.batch_part = (cfg_parallel.cfg_rank, 2)
     defaults = dict(num_frames=num_frames, image_size=image_size,
                     fps=_cfg_get(cfg, "fps", 24), seed=_cfg_get(cfg, "seed", 0),
                     batch_size=_cfg_get(cfg, "batch_size", 1))

@@ -23,7 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red circle moving left", "a blue square staying still"]
 STEPS = 10
 DEPTH = 2
-CACHES = {"uncached": None, "duca": dict(type="DuCa")}  # DuCa scores tokens per sample (vnorm)
+# DuCa scores tokens per sample (vnorm); with the random scorer each half draws from the whole
+# batch's numbers
+CACHES = {"uncached": None, "duca": dict(type="DuCa"),
+          "duca_random": dict(type="DuCa", scorer="random")}
 
 
 def _cfg(**over):

@@ -99,6 +99,9 @@ class CacheManager:
         self.plan: Optional[StepPlan] = None
         self.step = 0
         self.num_steps: Optional[int] = None
+        # (part, parts): this process holds part ``part`` of ``parts`` equal slices of the CFG
+        # batch (CFG parallelism: (cfg_rank, 2)); per-batch random draws follow the whole batch
+        self.batch_part = (0, 1)
         self._session = False
         self._session_ts: Optional[List[float]] = None  # the run's timesteps, known on the host
         self._timesteps: List[float] = []

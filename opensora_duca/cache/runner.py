@@ -390,8 +390,10 @@ class BlockRunner:
                                    f"before it in the same run")
             base = st.score
         elif scorer == Scorer.RANDOM:
+            part, parts = m.batch_part
             base = sel.random_scores(x_in.shape[0], grid, pol.seed, m.step, self.slot.index,
-                                     x_in.device)
+                                     x_in.device, batch_offset=part * x_in.shape[0],
+                                     batch_total=parts * x_in.shape[0])
         elif scorer == Scorer.SIMILARITY:
             if st.x_ref is None:
                 raise RuntimeError(f"similarity scores of block {self.slot.name} need a fully "

@@ -11,6 +11,7 @@ and sliced. Padding rows (beyond H) get quota 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -101,11 +102,18 @@ def select_tokens(score: torch.Tensor, ratio: float, grid: TokenGrid,
 
 
 def random_scores(batch: int, grid: TokenGrid, seed: int, step: int, block: int,
-                  device) -> torch.Tensor:
-    """Uniform scores drawn for the global grid [B, T, H, W] and sliced to the local rows."""
+                  device, batch_offset: int = 0, batch_total: Optional[int] = None
+                  ) -> torch.Tensor:
+    """Uniform scores drawn for the global grid [B, T, H, W] and sliced to the local rows.
+
+    Under CFG parallelism a process holds samples ``batch_offset`` .. ``+ batch`` of a batch of
+    ``batch_total``: the draw is made for the whole batch and sliced, so every sample gets the
+    numbers it gets in a single-process run."""
     g = torch.Generator(device="cpu")
     g.manual_seed((seed * 1_000_003 + step * 10_007 + block) % (2 ** 63))
-    full = torch.rand(batch, grid.frames, grid.rows, grid.width, generator=g)
+    total = batch if batch_total is None else batch_total
+    full = torch.rand(total, grid.frames, grid.rows, grid.width, generator=g)
+    full = full[batch_offset:batch_offset + batch]
     lo, hi = grid.row_offset, grid.row_offset + grid.local_rows
     local = full[:, :, lo:min(hi, grid.rows)]
     if hi > grid.rows:  # padding rows

@@ -14,8 +14,8 @@ stored features of its own half and its cached steps communicate only inside its
 sequence-parallel group (an aggressive step not at all). What a policy computes per sample
 (token scores such as ``vnorm``, row quotas, stored features) is unchanged; what couples the two
 halves is refused by :func:`check_cache_policy`. The ``random`` scorer draws its numbers for the
-batch it is given, so the unconditional half gets another (equally uniform) draw than in a
-single-process run: its outputs match that run only with a per-sample scorer.
+whole CFG batch and takes this half's rows (the pipeline sets the manager's ``batch_part``), so
+every sample gets the draw of a single-process run.
 """
 from __future__ import annotations
 
