@@ -55,6 +55,7 @@ from ..bench import error_analysis as ea
 from ..bench.benches import PRESETS, build_bench
 from ..bench.measure import device_name, parse_policies
 from ..utils.atomic import write_json
+from ..utils.host_memory import keep_freed_host_memory
 
 DEFAULT_POLICIES = "none,DuCa,ToCa,FORA,PAB,TrunkReuse"
 
@@ -85,6 +86,7 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    keep_freed_host_memory()  # CPU runs: no page faults per step
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -99,6 +99,7 @@ from ..bench.benches import PRESETS, build_bench, option_error
 from ..bench.measure import device_name, parse_policies, run_benchmark
 from ..bench.report import markdown_table, plot, step_kind_table
 from ..utils.atomic import write_json
+from ..utils.host_memory import keep_freed_host_memory
 
 DEFAULT_POLICIES = "none,DuCa,ToCa,FORA,PAB"
 
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    keep_freed_host_memory()  # CPU runs: no page faults per step
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:

@@ -27,6 +27,7 @@ from ..cache.calibrate import collect_changes, fit_polynomial
 from ..pipeline import build_from_config
 from ..utils.atomic import write_json
 from ..utils.config import load_config
+from ..utils.host_memory import keep_freed_host_memory
 
 
 def parse_args(argv=None):
@@ -44,6 +45,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    keep_freed_host_memory()  # CPU runs: no page faults per step
     args = parse_args(argv)
     try:
         if args.degree < 0:

@@ -27,6 +27,7 @@ from ..parallel.launch import init_distributed
 from ..pipeline import build_from_config, unique_filenames
 from ..utils.atomic import write_json
 from ..utils.config import load_config
+from ..utils.host_memory import keep_freed_host_memory
 from ..utils.video import save_video, to_uint8_frames
 
 
@@ -44,6 +45,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     """Run the demo; the process group (under torchrun) is released once the models are gone."""
+    keep_freed_host_memory()  # CPU runs: no page faults per step
     try:
         return _demo(parse_args(argv))
     finally:

@@ -26,6 +26,7 @@ from ..data.synthetic import caption_set
 from ..eval.frontier import default_sweep, format_table, plot, quick_sweep, run_frontier
 from ..pipeline import build_from_config
 from ..utils.config import load_config
+from ..utils.host_memory import keep_freed_host_memory
 
 
 def parse_args(argv=None):
@@ -63,6 +64,7 @@ def _points(args):
 
 
 def main(argv=None) -> int:
+    keep_freed_host_memory()  # CPU runs: no page faults per step
     args = parse_args(argv)
     try:
         if args.quick:

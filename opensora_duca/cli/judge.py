@@ -32,6 +32,7 @@ from ..eval.judge import (
     to_jsonable,
 )
 from ..utils.atomic import write_json
+from ..utils.host_memory import keep_freed_host_memory
 
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
@@ -99,6 +100,7 @@ def collect(args) -> list[tuple[str, str]]:
 
 
 def main(argv=None) -> dict:
+    keep_freed_host_memory()  # CPU runs: no page faults per step
     args = parse_args(argv)
     if args.config:
         return run_caption_set(args)

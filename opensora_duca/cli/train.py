@@ -52,6 +52,7 @@ from ..models.checkpoint import PARAMETER_FREE_OPTIONS
 from ..registry import DATASETS, MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
 from ..utils.atomic import atomic_write, save_torch, write_json
 from ..utils.dtype import SHORT_DTYPES
+from ..utils.host_memory import keep_freed_host_memory
 
 REQUIRED_KEYS = ("model", "text_encoder", "vae", "dataset")
 DEFAULTS = dict(
@@ -509,6 +510,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def main(argv=None) -> dict:
+    keep_freed_host_memory()  # CPU runs: no page faults per step
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config", help="mmengine config file (e.g. configs/demo/train.py)")
     g = p.add_mutually_exclusive_group()

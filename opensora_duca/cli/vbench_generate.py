@@ -48,6 +48,7 @@ from ..parallel.launch import init_distributed
 from ..pipeline import build_from_config
 from ..utils.atomic import remove_stale_temps
 from ..utils.config import load_config
+from ..utils.host_memory import keep_freed_host_memory
 from ..utils.video import save_video
 
 
@@ -105,6 +106,7 @@ def load_suite(args):
 
 
 def main(argv=None) -> int:
+    keep_freed_host_memory()  # CPU runs: no page faults per step
     args = parse_args(argv)
     _check_args(args)
     cfg = load_config(args.config, args.cfg_options)
