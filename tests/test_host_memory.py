@@ -44,8 +44,8 @@ def test_freed_blocks_are_reused_not_faulted_in_again():
         pytest.skip("not glibc")
     _, default = probe("default")
     # 160 MiB made per step: by default glibc maps and faults most of it in afresh every time
-    assert default > 5000, default
-    assert kept < 0.05 * default, (kept, default)
+    assert default > 2000, default  # measured 4,600 - 25,500
+    assert kept < default / 5, (kept, default)  # measured 0 - 512
 
 
 def test_user_choices_win():
