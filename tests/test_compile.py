@@ -17,8 +17,8 @@ TIMESTEPS = [1000.0 - 150.0 * i for i in range(6)]
 # DuCa with one warm-up step: full, conservative, aggressive, cross-reused, conservative, aggr.
 DUCA = dict(type="DuCa", warmup_steps=1)
 # graphs per block type (spatial, temporal): none: the block forward; DuCa: the block forward
-# of full and cross-reused steps, and the two conservative functions
-BOUND = {"none": 2 * 1, "DuCa": 2 * 4}
+# of full and cross-reused steps, and the three conservative functions
+BOUND = {"none": 2 * 1, "DuCa": 2 * 5}
 
 
 def _run(model, policy, compile_cfg, monkeypatch):

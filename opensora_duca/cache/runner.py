@@ -15,9 +15,10 @@ op order stay untouched; a reused module issues no collective because it is not 
 
 The only block math written here is the token-sparse conservative step (self- and
 cross-attention reused, MLP reused or on a token subset), for the Open-Sora 1.2 block layout
-(``TOKEN_SPARSE_BLOCKS``; other blocks take it through their own forward): the selected tokens
-are gathered first (LayerNorm and modulation are per token), only their trajectory is computed,
-and every token then takes x + g1 * A + CA + g2 * M in two fused passes. It needs the block's
+(``TOKEN_SPARSE_BLOCKS``; other blocks take it through their own forward): every token takes
+the residual x2 = x + g1 * A + CA (two passes, associated as the block does), the selected
+tokens of x2 are gathered (LayerNorm and modulation are per token) and only their MLP is
+computed, and every token then takes x2 + g2 * M (one fused pass). It needs the block's
 modulation, which ``models.stdit3.block_modulation`` defines for the Open-Sora 1.2 layout.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional
 
 import torch
 
-from ..models.layers import modulate
+from ..models.layers import gated_add, modulate
 from ..models.stdit3 import block_modulation
 from ..utils.compile import CompileOptions, compile_region
 from . import selection as sel
@@ -66,40 +67,35 @@ def _own_forward(module: torch.nn.Module, *args):
     return type(module).forward(module, *args)
 
 
-def _gather_attn(A: torch.Tensor, idx: torch.Tensor, S: int, temporal: bool) -> torch.Tensor:
-    """Stored self-attention A [B, T, S, C] (a view of the layout the module returned) at the
-    tokens idx [B, k] -> [B, k, C]."""
-    b, T, _, c = A.shape
-    if temporal:  # token t*S + s sits at s*T + t in the [(B S), T, C] layout
-        native = A.transpose(1, 2).reshape(b, -1, c)  # a view of the stored tensor
-        return gather_tokens(native, (idx % S) * T + idx // S)
-    return gather_tokens(A.reshape(b, -1, c), idx)
+def conservative_residual(block, x, t, x_mask, t0, A, CA):
+    """Conservative step, every token: x + g1 * A + CA, with the block's own association
+    (``gated_add`` then the cross-attention residual), from the stored self-attention A and
+    cross-attention CA ([B, T, S, C] views) -> [B, T, S, C] (token-major)."""
+    g1 = block_modulation(block.scale_shift_table, t, x_mask, t0)[2]
+    return gated_add(x.view(A.shape), g1, A) + CA
 
 
-def conservative_mlp_tokens(block, x, t, x_mask, t0, A, CA, idx, S: int, temporal: bool):
-    """Conservative step, MLP on a token subset: the selected tokens idx [B, k] of x [B, N, C]
-    take x + g1 * A + CA (A and CA stored, as [B, T, S, C]), norm2, modulation and the MLP
+def conservative_mlp_tokens(block, x2, t, x_mask, t0, idx, S: int):
+    """Conservative step, MLP on a token subset: the selected tokens idx [B, k] of the
+    residual x2 [B, T, S, C] (:func:`conservative_residual`) take norm2, modulation and the MLP
     -> [B, k, C]. LayerNorm and modulation are per token, so only the selected are computed."""
-    b, n, c = x.shape
-    _, _, g1, sh2, sc2, _ = block_modulation(block.scale_shift_table, t, x_mask, t0)
-    x2 = torch.addcmul(gather_tokens(x, idx), _gather_mod(g1, idx, S),
-                       _gather_attn(A, idx, S, temporal)) + gather_tokens(CA.reshape(b, n, c), idx)
-    hs = modulate(block.norm2(x2), _gather_mod(sh2, idx, S), _gather_mod(sc2, idx, S))
+    b, T, _, c = x2.shape
+    sh2, sc2 = block_modulation(block.scale_shift_table, t, x_mask, t0)[3:5]
+    xs = gather_tokens(x2.view(b, -1, c), idx)
+    hs = modulate(block.norm2(xs), _gather_mod(sh2, idx, S), _gather_mod(sc2, idx, S))
     return _own_forward(block.mlp, hs)
 
 
-def conservative_combine(block, x, t, x_mask, t0, A, CA, M):
-    """Conservative step, every token: x + g1 * A + CA + g2 * M in two fused passes, with A, CA
-    and M [B, T, S, C] (stored, M with the recomputed tokens written in) -> [B, N, C]."""
-    b, n, c = x.shape
-    _, _, g1, _, _, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
-    out = torch.addcmul(x.view(A.shape) + CA, g1, A)
-    out.addcmul_(g2, M)
-    return out.view(b, n, c)
+def conservative_output(block, x2, t, x_mask, t0, M):
+    """Conservative step, every token: x2 + g2 * M (M [B, T, S, C] stored, with the
+    recomputed tokens written in) -> [B, N, C]."""
+    b, T, S, c = x2.shape
+    g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)[5]
+    return gated_add(x2, g2, M).view(b, T * S, c)
 
 
 class Regions:
-    """The per-block work the runner calls: the block's own forward and the two functions of the
+    """The per-block work the runner calls: the block's own forward and the three functions of the
     token-sparse conservative step, compiled with ``opts`` (one compiled function per block
     class, shared by all its blocks) or, without options, as they are."""
 
@@ -107,8 +103,9 @@ class Regions:
         self.opts = opts
         self._blocks: Dict[type, Callable] = {}
         wrap = (lambda f: compile_region(f, opts)) if opts is not None else (lambda f: f)
+        self.residual = wrap(conservative_residual)
         self.mlp_tokens = wrap(conservative_mlp_tokens)
-        self.combine = wrap(conservative_combine)
+        self.output = wrap(conservative_output)
 
     @property
     def compiled(self) -> bool:
@@ -435,9 +432,11 @@ class BlockRunner:
                 idx = self._select(Kind.MLP, self._ratio(Kind.MLP))
             finally:
                 self.x_in = None
-            new = regions.mlp_tokens(block, x, t, x_mask, t0, A, CA, idx, S, self.temporal)
+        x2 = regions.residual(block, x, t, x_mask, t0, A, CA)
+        if plan.actions[Kind.MLP] == Action.PARTIAL:
+            new = regions.mlp_tokens(block, x2, t, x_mask, t0, idx, S)
             M = self._overwrite("mlp", M, idx, new, x.dtype)
-        return regions.combine(block, x, t, x_mask, t0, A, CA, M.view(b, T, S, c))
+        return regions.output(block, x2, t, x_mask, t0, M.view(b, T, S, c))
 
     def _attn_tokens(self, a: torch.Tensor, b: int, T: int, S: int) -> torch.Tensor:
         """Stored self-attention output (as the attention module returned it) as [B, T, S, C]
