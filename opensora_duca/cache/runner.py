@@ -67,30 +67,27 @@ def _own_forward(module: torch.nn.Module, *args):
     return type(module).forward(module, *args)
 
 
-def conservative_residual(block, x, t, x_mask, t0, A, CA):
+def conservative_residual(x, g1, A, CA):
     """Conservative step, every token: x + g1 * A + CA, with the block's own association
     (``gated_add`` then the cross-attention residual), from the stored self-attention A and
     cross-attention CA ([B, T, S, C] views) -> [B, T, S, C] (token-major)."""
-    g1 = block_modulation(block.scale_shift_table, t, x_mask, t0)[2]
     return gated_add(x.view(A.shape), g1, A) + CA
 
 
-def conservative_mlp_tokens(block, x2, t, x_mask, t0, idx, S: int):
+def conservative_mlp_tokens(block, x2, sh2, sc2, idx, S: int):
     """Conservative step, MLP on a token subset: the selected tokens idx [B, k] of the
-    residual x2 [B, T, S, C] (:func:`conservative_residual`) take norm2, modulation and the MLP
-    -> [B, k, C]. LayerNorm and modulation are per token, so only the selected are computed."""
-    b, T, _, c = x2.shape
-    sh2, sc2 = block_modulation(block.scale_shift_table, t, x_mask, t0)[3:5]
-    xs = gather_tokens(x2.view(b, -1, c), idx)
+    residual x2 [B, T, S, C] (:func:`conservative_residual`) take norm2, modulation (sh2, sc2
+    of ``block_modulation``) and the MLP -> [B, k, C]. LayerNorm and modulation are per token,
+    so only the selected are computed."""
+    xs = gather_tokens(x2.view(x2.shape[0], -1, x2.shape[-1]), idx)
     hs = modulate(block.norm2(xs), _gather_mod(sh2, idx, S), _gather_mod(sc2, idx, S))
     return _own_forward(block.mlp, hs)
 
 
-def conservative_output(block, x2, t, x_mask, t0, M):
+def conservative_output(x2, g2, M):
     """Conservative step, every token: x2 + g2 * M (M [B, T, S, C] stored, with the
     recomputed tokens written in) -> [B, N, C]."""
     b, T, S, c = x2.shape
-    g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)[5]
     return gated_add(x2, g2, M).view(b, T * S, c)
 
 
@@ -432,11 +429,13 @@ class BlockRunner:
                 idx = self._select(Kind.MLP, self._ratio(Kind.MLP))
             finally:
                 self.x_in = None
-        x2 = regions.residual(block, x, t, x_mask, t0, A, CA)
+        # the block's six modulation vectors, computed once for the three regions
+        _, _, g1, sh2, sc2, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
+        x2 = regions.residual(x, g1, A, CA)
         if plan.actions[Kind.MLP] == Action.PARTIAL:
-            new = regions.mlp_tokens(block, x2, t, x_mask, t0, idx, S)
+            new = regions.mlp_tokens(block, x2, sh2, sc2, idx, S)
             M = self._overwrite("mlp", M, idx, new, x.dtype)
-        return regions.output(block, x2, t, x_mask, t0, M.view(b, T, S, c))
+        return regions.output(x2, g2, M.view(b, T, S, c))
 
     def _attn_tokens(self, a: torch.Tensor, b: int, T: int, S: int) -> torch.Tensor:
         """Stored self-attention output (as the attention module returned it) as [B, T, S, C]
