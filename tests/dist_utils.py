@@ -20,6 +20,7 @@ the function directly for a plain single-process run).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import socket
@@ -60,8 +61,9 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, **kwargs: Any) -> list:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned gloo ranks and
-    return the list of per-rank results (loaded with ``torch.load(weights_only=False)``: they
-    are written by this harness's own child processes and may hold any picklable object)."""
+    return the list of per-rank results. They are loaded with ``torch.load(weights_only=True)``:
+    tensors, numbers, strings, None and lists / tuples / dicts (and ``collections.Counter``) of
+    them, nothing that runs code when read."""
     with tempfile.TemporaryDirectory(prefix="dist_utils_") as outdir:
         port = free_port()
         try:
@@ -76,8 +78,15 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, **kwargs: Any) ->
                         msgs.append(f"--- rank {r} ---\n{f.read()}")
             raise RuntimeError(f"distributed run of {getattr(fn, '__name__', fn)} on "
                                f"{world_size} ranks failed:\n" + "\n".join(msgs)) from err
-        return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
-                for r in range(world_size)]
+        with _safe_result_types():
+            return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=True)
+                    for r in range(world_size)]
+
+
+def _safe_result_types():
+    """Allow ``collections.Counter`` (collective counts) in the weights-only loader."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    return allow([collections.Counter]) if allow is not None else contextlib.nullcontext()
 
 
 COLLECTIVES = ("all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor",
