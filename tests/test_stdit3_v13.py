@@ -269,3 +269,50 @@ def test_window_attention_flops_equal_counted_matmuls(kernel):
     if kernel == (-1, -1, -1):  # one window: full attention over all T*H*W tokens
         n = T * H * W
         assert window_attention_flops(B, T, H, W, C, kernel) == B * (8 * n * C * C + 4 * n * n * C)
+
+
+# ------------------------------------------------ a local Hugging Face folder (force_huggingface)
+def _hf_folder(tmp_path, config, model):
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "OpenSora-STDiT-v4"
+    folder.mkdir()
+    save_file({k: v.float().contiguous() for k, v in model.state_dict().items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_hf_folder_config_builds_the_model(tmp_path):
+    """As upstream's STDiT3.from_pretrained: config.json's options replace the preset's
+    (STDiT3-XL/2's depth 28 / hidden 1152 here), the run config's own keys win, and the 1.3
+    reference-frame embedders are built because the weights hold them."""
+    src = make_model(depth=1, kernel_size=(2, 3, -1), use_spatial_rope=True,
+                     cond_embedders=True).float()
+    config = dict(architectures=["STDiT3"], model_type="STDiT3", torch_dtype="float32",
+                  transformers_version="4.39.3", in_channels=3, hidden_size=HIDDEN, depth=1,
+                  num_heads=HEADS, caption_channels=CY, model_max_length=L, input_sq_size=64,
+                  patch_size=[1, 2, 2], kernel_size=[2, 3, -1], use_spatial_rope=True,
+                  input_size=[None, None, None], qk_norm=True)
+    folder = _hf_folder(tmp_path, config, src)
+    built = MODELS.build(dict(type="STDiT3-XL/2", from_pretrained=str(folder),
+                              force_huggingface=True, class_dropout_prob=0.0))
+    assert built.kernel_size == (2, 3, -1) and len(built.spatial_blocks) == 1
+    assert hasattr(built, "x_embedder_cond")
+    z, timestep, y, mask = (t.float() if t.is_floating_point() else t for t in inputs())
+    with torch.no_grad():
+        assert torch.equal(built(z, timestep, y, mask=mask), src(z, timestep, y, mask=mask))
+    # without force_huggingface the folder is only a checkpoint: the preset's shapes refuse it
+    with pytest.raises(RuntimeError, match="does not match"):
+        MODELS.build(dict(type="STDiT3-S/2", from_pretrained=str(folder)))
+
+
+def test_hf_folder_bad_config_is_one_line(tmp_path):
+    folder = _hf_folder(tmp_path, {}, make_model(depth=1).float())
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not readable JSON") as err:
+        MODELS.build(dict(type="STDiT3-XL/2", from_pretrained=str(folder),
+                          force_huggingface=True))
+    assert "\n" not in str(err.value)

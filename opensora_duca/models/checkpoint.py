@@ -6,7 +6,7 @@ shipped demo checkpoint, which also holds its text encoder) are left to the text
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -29,6 +29,18 @@ def resolve_checkpoint_path(path: str) -> str:
         hint = (f" {path!r} looks like a hub id: nothing is downloaded at run time, so download "
                 f"it first (e.g. huggingface-cli download {path} --local-dir DIR) and pass DIR")
     raise FileNotFoundError(f"checkpoint path {path!r} does not exist.{hint}")
+
+
+def checkpoint_keys(path: str) -> List[str]:
+    """The tensor names of a checkpoint (a .safetensors file's header only; other formats are
+    read with ``weights_only=True``)."""
+    resolved = resolve_checkpoint_path(path)
+    if resolved.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(resolved, framework="pt") as f:
+            keys = list(f.keys())
+        return [k[len("module."):] if k.startswith("module.") else k for k in keys]
+    return list(read_state_dict(resolved))
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:

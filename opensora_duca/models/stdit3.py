@@ -9,6 +9,7 @@ correct; H is padded to a multiple of the group size and padded rows are kept ou
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -467,15 +468,53 @@ class STDiT3(nn.Module):
 
 
 # --------------------------------------------------------------------- presets
+def hf_folder_options(folder: str) -> dict:
+    """The model options a local Hugging Face folder records, as upstream's
+    ``STDiT3.from_pretrained`` takes them: the ``config.json`` entries that are STDiT3 options
+    (upstream's ``STDiT3Config`` fields; transformers' own bookkeeping such as ``model_type`` or
+    ``torch_dtype`` is not a model option), and ``cond_embedders=True`` when the weights hold
+    Open-Sora 1.3's reference-frame embedders (upstream's 1.3 class always builds them).
+    Read as JSON and from the weights' key names only: nothing in the folder runs."""
+    import inspect
+    import json
+
+    from .checkpoint import checkpoint_keys
+
+    path = os.path.join(os.path.expanduser(str(folder)), "config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model from_pretrained={folder!r}: config.json is not readable JSON "
+                         f"({err}); accepted: the folder's Hugging Face config.json") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"model from_pretrained={folder!r}: config.json holds a "
+                         f"{type(raw).__name__}; accepted: a JSON object of STDiT3 options")
+    accepted = set(inspect.signature(STDiT3.__init__).parameters) - {"self", "input_size"}
+    opts = {}
+    for key, value in raw.items():
+        if key in accepted:
+            opts[key] = tuple(value) if isinstance(value, list) else value
+    if any(k.startswith("x_embedder_cond.") for k in checkpoint_keys(folder)):
+        opts.setdefault("cond_embedders", True)
+    return opts
+
+
 def _build(preset: dict, from_pretrained: Optional[str] = None, force_huggingface: bool = False,
            **kwargs) -> STDiT3:
-    """``force_huggingface`` (Open-Sora 1.3 configs): upstream then loads ``from_pretrained``
-    through transformers; here a local Hugging Face folder (config.json + model.safetensors)
-    is read the same way as any other checkpoint path, and nothing is downloaded."""
+    """``force_huggingface`` (Open-Sora 1.3 configs): upstream then builds the model from the
+    Hugging Face folder ``from_pretrained`` through transformers; here a *local* folder is
+    read: its config.json options (:func:`hf_folder_options`) replace the preset's, the
+    config's own ``model`` keys win over both, and the weights load like any checkpoint.
+    Nothing is downloaded."""
     if force_huggingface and from_pretrained is None:
         raise ValueError("model force_huggingface=True needs from_pretrained (a local Hugging "
                          "Face folder); accepted: a path, or force_huggingface=False")
     cfg = dict(preset)
+    if force_huggingface and os.path.isdir(os.path.expanduser(str(from_pretrained))):
+        cfg.update(hf_folder_options(from_pretrained))
     cfg.update(kwargs)
     model = STDiT3(**cfg)
     if from_pretrained is not None:
