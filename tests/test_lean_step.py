@@ -109,7 +109,7 @@ def test_bf16_lean_step_no_less_accurate_than_unfused(request, seed):
     assert err_lean <= 1.25 * err_naive, (err_lean, err_naive)
 
 
-def test_unfused_formulas_differ_from_a_broken_step(request, monkeypatch):
+def test_fp32_bound_catches_a_wrong_modulation(monkeypatch):
     """The fp32 bound above can fail: a step that drops the modulation's '1 +' is far off."""
     inputs = model_inputs()
     want = run(make_model(), torch.float64, inputs)
