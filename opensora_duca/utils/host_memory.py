@@ -4,12 +4,12 @@ glibc's malloc serves blocks above its mmap threshold (dynamic, up to 32 MiB) wi
 ``mmap`` calls and returns freed memory at the top of the heap to the OS once more than its trim
 threshold is free. A diffusion step frees and reallocates the same activations every step, so
 an uncached CPU run paid tens of thousands of page faults per step (measured on the ``cpu``
-benchmark preset: 33,700 minor faults and about 19% of a full step). :func:`keep_freed_host_memory`
-fixes both thresholds so freed blocks stay in the process and are reused. It changes no result,
-only where host memory comes from; it is a no-op where the C library is not glibc, where the
-user already chose (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` set, or an allocator
-preloaded with ``LD_PRELOAD`` such as jemalloc or tcmalloc), or with
-``OPENSORA_DUCA_HOST_MALLOC=default``.
+benchmark preset: 33,700 minor faults and 12-19% of an fp32 full step, by run).
+:func:`keep_freed_host_memory` fixes both thresholds so freed blocks stay in the process and
+are reused. It changes no result, only where host memory comes from. It is a no-op where the C
+library is not glibc, where the user already chose (``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_TRIM_THRESHOLD_`` set, or an allocator preloaded with ``LD_PRELOAD`` such as jemalloc
+or tcmalloc), or with ``OPENSORA_DUCA_HOST_MALLOC=default``.
 """
 from __future__ import annotations
 
