@@ -423,16 +423,15 @@ class BlockRunner:
         m.count_module(self.kind, Action.REUSE)
         m.count_module(Kind.CROSS_ATTN, Action.REUSE)
         m.count_module(Kind.MLP, plan.actions[Kind.MLP])
+        # the block's six modulation vectors, computed once for the three regions
+        _, _, g1, sh2, sc2, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
+        x2 = regions.residual(x, g1, A, CA)
         if plan.actions[Kind.MLP] == Action.PARTIAL:
             self.x_in = x
             try:
                 idx = self._select(Kind.MLP, self._ratio(Kind.MLP))
             finally:
                 self.x_in = None
-        # the block's six modulation vectors, computed once for the three regions
-        _, _, g1, sh2, sc2, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
-        x2 = regions.residual(x, g1, A, CA)
-        if plan.actions[Kind.MLP] == Action.PARTIAL:
             new = regions.mlp_tokens(block, x2, sh2, sc2, idx, S)
             M = self._overwrite("mlp", M, idx, new, x.dtype)
         return regions.output(x2, g2, M.view(b, T, S, c))

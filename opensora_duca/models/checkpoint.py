@@ -32,14 +32,13 @@ def resolve_checkpoint_path(path: str) -> str:
 
 
 def checkpoint_keys(path: str) -> List[str]:
-    """The tensor names of a checkpoint (a .safetensors file's header only; other formats are
-    read with ``weights_only=True``)."""
+    """The model's tensor names in a checkpoint, as :func:`read_state_dict` names them (a
+    .safetensors file's header only; other formats are read with ``weights_only=True``)."""
     resolved = resolve_checkpoint_path(path)
     if resolved.endswith(".safetensors"):
         from safetensors import safe_open
         with safe_open(resolved, framework="pt") as f:
-            keys = list(f.keys())
-        return [k[len("module."):] if k.startswith("module.") else k for k in keys]
+            return list(_model_entries(dict.fromkeys(f.keys())))
     return list(read_state_dict(resolved))
 
 
@@ -57,6 +56,11 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not isinstance(sd, dict):
         raise ValueError(f"checkpoint {path!r} does not hold a state dict (got "
                          f"{type(sd).__name__})")
+    return _model_entries(sd)
+
+
+def _model_entries(sd: dict) -> dict:
+    """The model's entries of a checkpoint's name -> value dict, under the model's names."""
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
     if any(k.startswith("model.") for k in sd):  # a bundle with prefixed model keys
         sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
