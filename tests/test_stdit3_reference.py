@@ -53,12 +53,17 @@ def make_model(qk_norm=True, hidden=32, heads=4, depth=2, cy=12, L=6, backend="s
     m = STDiT3(in_channels=3, hidden_size=hidden, depth=depth, num_heads=heads,
                caption_channels=cy, model_max_length=L, qk_norm=qk_norm, input_sq_size=64,
                attn_backend=backend, temporal_pos_embed=temporal_pos_embed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # every parameter non-zero and O(0.1-1)
+    return randomise(m, seed + 1).double().eval()
+
+
+def randomise(m, seed):
+    """Every parameter but ``rope.freqs`` non-zero and O(0.1-1), drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
         for name, p in m.named_parameters():
             if name != "rope.freqs":
                 p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.5))
-    return m.double().eval()
+    return m
 
 
 def params(model):

@@ -11,7 +11,12 @@ from __future__ import annotations
 import pytest
 import reference_v13 as ref13
 import torch
-from test_stdit3_reference import float64_pieces, rel_err  # noqa: F401 (fixture)
+from test_stdit3_reference import (  # noqa: F401 (fixture)
+    float64_pieces,
+    params,
+    randomise,
+    rel_err,
+)
 
 from opensora_duca.models.stdit3 import STDiT3
 from opensora_duca.registry import MODELS
@@ -24,16 +29,7 @@ def make_model(depth=2, seed=0, **opts):
     torch.manual_seed(seed)
     m = STDiT3(in_channels=3, hidden_size=HIDDEN, depth=depth, num_heads=HEADS,
                caption_channels=CY, model_max_length=L, input_sq_size=64, **opts)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # every parameter non-zero and O(0.1-1) (cond embedders included)
-        for name, p in m.named_parameters():
-            if name != "rope.freqs":
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.5))
-    return m.double().eval()
-
-
-def params(m):
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+    return randomise(m, seed + 1).double().eval()  # cond embedders included
 
 
 def inputs(b=2, t=3, h=6, w=10, seed=0):
