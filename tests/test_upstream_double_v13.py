@@ -1,7 +1,7 @@
 """The cache plugin on an upstream-shaped Open-Sora 1.3 model (tests/upstream_double_v13.py):
-the double computes what this project's 1.3 STDiT3 computes; ``none`` is bitwise; policies whose
-steps run through the blocks' own forward follow their plan and match this project's model.
-What the runner does not handle yet on upstream's 1.3 layout is marked xfail (strict)."""
+the double computes what this project's 1.3 STDiT3 computes; ``none`` is bitwise; every policy
+and every scorer follows its plan and matches this project's model on upstream's layout (qkv on
+padded 5-D windows, attention maps through attn_drop)."""
 from __future__ import annotations
 
 import pytest
@@ -15,17 +15,17 @@ V13 = dict(kernel_size=(2, 4, -1), use_spatial_rope=True)
 H, W, STEPS = 6, 10, 10
 
 
-def pair():
-    ours = small_model(hidden=48, heads=4, cond_embedders=True, **V13)
+def pair(**kw):
+    ours = small_model(hidden=48, heads=4, cond_embedders=True, **V13, **kw)
     double = UpstreamShapedSTDiT3V13(hidden_size=48, depth=2, num_heads=4,
                                      caption_channels=32, model_max_length=8, **V13).eval()
     load_state_dict_v13(double, ours.state_dict())
     return ours, double
 
 
-def size_args(b=2):
-    return dict(fps=torch.tensor([24.0]), height=torch.tensor([256.0] * b),
-                width=torch.tensor([320.0] * b))
+def size_args(b=2, h=H, w=W):
+    return dict(fps=torch.tensor([24.0]), height=torch.tensor([256.0 * h / H] * b),
+                width=torch.tensor([320.0 * w / W] * b))
 
 
 def i2v(x, y):
@@ -57,10 +57,10 @@ def test_none_is_bitwise_identical_on_the_double():
     assert all(torch.equal(a, b) for a, b in zip(out, ref))
 
 
-def _cached(model, cfg, x, y, mask):
+def _cached(model, cfg, x, y, mask, h=H, w=W):
     mgr = apply_cache(model, cfg)
     with mgr.session(num_steps=STEPS):
-        out = trajectory(model, x, y, mask, steps=STEPS, **size_args())
+        out = trajectory(model, x, y, mask, steps=STEPS, **size_args(h=h, w=w))
         labels = mgr.stats()["step_labels"]
     remove_cache(model)
     return out, labels
@@ -89,8 +89,32 @@ def test_conservative_on_upstream_window_layout(cfg):
     _same_as_ours(cfg)
 
 
-def test_vnorm_on_upstream_window_attention_is_a_clear_error():
-    """Upstream 1.3 applies qkv to padded windows, not once per token in input order, so the
-    value-vector scores cannot be read from it: a clear error naming the alternatives."""
-    with pytest.raises(RuntimeError, match="scorer 'random', 'norm' or 'similarity'"):
-        _same_as_ours(dict(type="DuCa"))
+# latent grids 3 x 5 (windows 2 x 4 padded to 4 x 8) and 4 x 8 (no padding)
+GRIDS = {"padded": (6, 10), "unpadded": (8, 16)}
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+@pytest.mark.parametrize("scorer", ["vnorm", "attention", "similarity", "norm", "random"])
+def test_every_scorer_on_upstream_window_attention(scorer, grid):
+    """Upstream 1.3 applies qkv to the padded windows cut into the batch ([windows * B, kH, kW,
+    kT, C]) and passes attention maps through attn_drop: every scorer reads them, maps window
+    rows back to the token grid and drops padding, so the default DuCa (vnorm) and the others
+    follow the plan of this project's model and give its output."""
+    h, w = GRIDS[grid]
+    ours, double = pair(attn_backend="math" if scorer == "attention" else "sdpa")
+    x, y, mask = inputs(h=h, w=w)
+    cfg = dict(type="DuCa", scorer=scorer)
+    a, la = _cached(ours, cfg, x, y, mask, h, w)
+    b, lb = _cached(double, cfg, x, y, mask, h, w)
+    assert la == lb and "conservative" in la and "aggressive" in la
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_scorer_refused_on_fused_upstream_attention():
+    """Upstream's fused path (enable_flash_attn) computes no map: refused when attached."""
+    _, double = pair()
+    for blk in list(double.spatial_blocks) + list(double.temporal_blocks):
+        blk.attn.enable_flash_attn = True
+    with pytest.raises(ValueError, match="enable_flash_attn=False.*'vnorm'"):
+        apply_cache(double, dict(type="DuCa", scorer="attention"))

@@ -113,12 +113,14 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def softmax_attention(q, k, v, scale, bias=None):
-    """q [.., n, d], k/v [.., m, d]; softmax in float32 (upstream's non-flash path)."""
+def softmax_attention(q, k, v, scale, bias=None, drop=None):
+    """q [.., n, d], k/v [.., m, d]; softmax in float32 (upstream's non-flash path). Upstream
+    passes the map through the attention's ``attn_drop`` module (``drop``) before ``@ v``."""
     s = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         s = s.masked_fill(~bias, float("-inf"))
-    return s.float().softmax(dim=-1).to(q.dtype) @ v
+    s = s.float().softmax(dim=-1).to(q.dtype)
+    return (s if drop is None else drop(s)) @ v
 
 
 def block_diagonal_attention(q, k, v, q_lens, kv_lens):
@@ -141,6 +143,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.attn_drop = nn.Dropout(0.0)
         self.rope = rope is not None
         self.rotary_emb = rope
 
@@ -151,7 +154,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
             q, k = self.rotary_emb(q), self.rotary_emb(k)
-        out = softmax_attention(q, k, v, self.scale)
+        out = softmax_attention(q, k, v, self.scale, drop=self.attn_drop)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -166,7 +169,7 @@ class SeqParallelAttention(Attention):
             qkv = exchange(qkv, group, scatter_dim=3, gather_dim=1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h/P, N*P, d]
         q, k = self.q_norm(q), self.k_norm(k)
-        out = softmax_attention(q, k, v, self.scale).transpose(1, 2)  # [B, N*P, h/P, d]
+        out = softmax_attention(q, k, v, self.scale, drop=self.attn_drop).transpose(1, 2)
         if sp_size(group) > 1:
             out = exchange(out, group, scatter_dim=1, gather_dim=2)
         return self.proj(out.reshape(B, N, C))

@@ -6,7 +6,9 @@ upstream:
 - the block class is named ``STDiT3Block`` and is called
   ``block(x, y, t, y_lens, x_mask, t0, T, S, H, W, scale, mask_index=..., y_null=...)``;
 - the temporal window attention is called with the grid ``[B, H, W, T, C]``, pads it, cuts the
-  windows into the batch and applies ``qkv`` to the windowed (padded) tokens;
+  windows into the batch (window-major, sample-minor) and applies ``qkv`` to the 5-D windows
+  ``[windows * B, kH, kW, kT, C]``; its non-fused attention passes the map through
+  ``attn_drop``, as upstream's does;
 - the spatial attention is called ``attn(x, H=H, W=W, scale=scale)``;
 - with ``mask_index`` the block calls its cross-attention twice (given frames with ``y_null``,
   the others with ``y``); captions are packed with per-sample lengths as in 1.2.
@@ -60,6 +62,7 @@ class Attention13(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
+        self.attn_drop = nn.Dropout(0.0)
         self.freqs, self.kernel_size = freqs, kernel_size
 
     def forward(self, x, scale=None, H=None, W=None):
@@ -73,11 +76,11 @@ class Attention13(nn.Module):
             x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
             n = [s // k for s, k in zip(x.shape[1:4], ks)]
             x = x.view(B, n[0], ks[0], n[1], ks[1], n[2], ks[2], C).permute(
-                1, 3, 5, 0, 2, 4, 6, 7).reshape(-1, math.prod(ks), C)
+                1, 3, 5, 0, 2, 4, 6, 7).reshape(-1, *ks, C)  # 5-D windows, as upstream
             real = real.view(1, n[0], ks[0], n[1], ks[1], n[2], ks[2]).permute(
                 1, 3, 5, 0, 2, 4, 6).reshape(-1, 1, 1, math.prod(ks))
             bias = real.repeat_interleave(B, dim=0)
-        Bq, N, C = x.shape
+        Bq, C, N = x.shape[0], x.shape[-1], math.prod(x.shape[1:-1])
         q, k, v = self.qkv(x).view(Bq, N, 3, self.num_heads, self.head_dim).permute(
             2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -85,7 +88,7 @@ class Attention13(nn.Module):
             q, k = (rotate_3d(a, self.freqs, ks[0], ks[1], scale) for a in (q, k))
         elif self.freqs is not None:
             q, k = (rotate_3d(a, self.freqs, H, W, scale) for a in (q, k))
-        out = self.proj(softmax_attention(q, k, v, self.head_dim ** -0.5, bias)
+        out = self.proj(softmax_attention(q, k, v, self.head_dim ** -0.5, bias, self.attn_drop)
                         .transpose(1, 2).reshape(Bq, N, C))
         if self.kernel_size is None:
             return out

@@ -167,6 +167,10 @@ class CacheManager:
             if self.policy.scorer == Scorer.VNORM and self.needs_scores():
                 runner.qkv_tap = ModuleTap(None, "qkv")  # records the qkv output for scores
                 runner.qkv_tap.install(blk.attn.qkv)
+            if self.policy.scorer == Scorer.ATTENTION and self.needs_scores() and \
+                    not hasattr(blk.attn, "keep_attn_map"):  # upstream: the map's attn_drop
+                runner.map_tap = ModuleTap(None, "map")
+                runner.map_tap.install(blk.attn.attn_drop)
             self.slots.append(slot)
         self._handles.append(model.register_forward_pre_hook(_weak_method(self._pre_hook),
                                                              with_kwargs=True))
@@ -189,8 +193,11 @@ class CacheManager:
         self.reset()
         for slot in self.slots:
             slot.block.__dict__.pop("forward", None)
-            for mod in [slot.block.attn.qkv] + [getattr(slot.block, a) for a in _TAPPED]:
-                ModuleTap.remove(mod)
+            attn = slot.block.attn
+            for mod in [attn.qkv, getattr(attn, "attn_drop", None)] + \
+                    [getattr(slot.block, a) for a in _TAPPED]:
+                if mod is not None:
+                    ModuleTap.remove(mod)
         for h in self._handles:
             h.remove()
         self.slots, self._handles = [], []
@@ -199,17 +206,32 @@ class CacheManager:
             delattr(model, _ATTR)
 
     def _validate_scorer(self, model):
+        """Scorer 'attention' needs attention maps: this project's attention on the 'math'
+        backend returns them; upstream Open-Sora's attention computes them (and passes them
+        through its ``attn_drop``) unless it runs a fused kernel (``enable_flash_attn``)."""
         if self.policy.scorer != Scorer.ATTENTION:
             return
         for blocks in (model.spatial_blocks, _temporal_blocks(model)):
             for blk in blocks:
-                backend = getattr(blk.attn, "backend", None)
-                if not hasattr(blk.attn, "keep_attn_map") or backend != "math":
-                    raise ValueError(
-                        f"cache scorer 'attention' needs attention maps, which only the 'math' "
-                        f"attention backend returns; this model's self-attention uses "
-                        f"{backend!r} (build the model with attn_backend='math', or choose "
-                        f"scorer 'vnorm' / 'random', which work with fused attention)")
+                attn = blk.attn
+                if hasattr(attn, "keep_attn_map"):
+                    backend = getattr(attn, "backend", None)
+                    if backend == "math":
+                        continue
+                    what = f"uses the {backend!r} attention backend"
+                    fix = "build the model with attn_backend='math'"
+                elif isinstance(getattr(attn, "attn_drop", None), nn.Module):
+                    if not getattr(attn, "enable_flash_attn", False):
+                        continue
+                    what, fix = ("runs fused attention (enable_flash_attn=True)",
+                                 "build the model with enable_flash_attn=False")
+                else:
+                    what, fix = (f"({type(attn).__name__}) hands back no attention map",
+                                 "use an Open-Sora or opensora_duca attention module")
+                raise ValueError(
+                    f"cache scorer 'attention' needs attention maps, and this model's "
+                    f"self-attention {what}; {fix}, or choose scorer 'vnorm' / 'random', which "
+                    f"work with fused attention")
 
     # ------------------------------------------------------------------ runs
     def reset(self) -> None:

@@ -36,6 +36,7 @@ from ..models.layers import gated_add, modulate
 from ..models.stdit3 import block_modulation
 from ..utils.compile import CompileOptions, compile_region
 from . import selection as sel
+from .layouts import stdit3 as layout
 from .plan import Action, Kind, StepPlan
 from .policies import Scorer
 
@@ -140,6 +141,7 @@ class BlockRunner:
         self.calls: dict = {}  # calls of each tapped module in the current forward
         self.taps: Dict[str, "ModuleTap"] = {}    # installed by the manager
         self.qkv_tap: Optional["ModuleTap"] = None
+        self.map_tap: Optional["ModuleTap"] = None  # upstream attention's attn_drop (maps)
 
     @property
     def m(self) -> "CacheManager":
@@ -230,7 +232,7 @@ class BlockRunner:
                 if tap.mode == "record":
                     self._recorded(attr, tap.value)
             if capture is not None:
-                st.put("score", self._vnorm(capture.value))
+                st.put("score", self._vnorm(capture.value, self.taps["attn"].input))
         finally:
             for tap in list(self.taps.values()) + ([capture] if capture is not None else []):
                 tap.clear()
@@ -246,17 +248,12 @@ class BlockRunner:
         if attr == "mlp" and m.policy.scorer == Scorer.SIMILARITY and m.uses_selection(kind):
             self.slot.state.put("x_ref", self.x_in)
 
-    def _vnorm(self, qkv_out: torch.Tensor) -> torch.Tensor:
-        """v-norm token scores from the recorded qkv projection output of the self-attention."""
-        shape, rows = self.m._shape, qkv_out.shape[0] * qkv_out.shape[1]
-        if rows != shape.batch * self.x_in.shape[1]:
-            raise RuntimeError(
-                f"scorer 'vnorm' reads value vectors from {self.slot.name}.attn.qkv, which must "
-                f"run once per token in the attention's input order; here it ran on {rows} rows "
-                f"for {shape.batch} x {self.x_in.shape[1]} tokens (e.g. upstream window "
-                f"attention on padded windows); choose scorer 'random', 'norm' or 'similarity'")
-        return sel.vnorm_from_qkv(qkv_out, shape.batch, self.block.attn.num_heads,
-                                  self.temporal, shape.frames)
+    def _vnorm(self, qkv_out: torch.Tensor, attn_in: torch.Tensor) -> torch.Tensor:
+        """v-norm token scores [B, N] from the recorded qkv projection output of the
+        self-attention, which was called with ``attn_in``."""
+        return layout.attention_token_scores(
+            sel.vnorm_rows(qkv_out, self.block.attn.num_heads), attn_in, self.block.attn,
+            self.m._shape.batch, self.temporal, f"{self.slot.name}.attn")
 
     def _bind(self, args, kwargs) -> dict:
         """The block's forward arguments by name (defaults filled in)."""
@@ -309,27 +306,56 @@ class BlockRunner:
 
     def _self_attn(self, original, args, kwargs):
         """Full self-attention; captures this block's token scores when a selection needs them."""
-        m, st, block = self.m, self.slot.state, self.block
+        m, st = self.m, self.slot.state
         scorer = m.policy.scorer if m.needs_scores() else None
+        attn_in = args[0] if args else next(iter(kwargs.values()))
         if scorer == Scorer.ATTENTION:
-            block.attn.keep_attn_map = True
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                block.attn.keep_attn_map = False
-            amap, block.attn.last_attn_map = block.attn.last_attn_map, None
-            st.put("score", sel.attention_received(amap, self.x_in.shape[0], self.temporal,
-                                                   m.frames))
+            out, amap = self._attention_map(original, args, kwargs)
+            st.put("score", self._received(amap, attn_in))
             return out
         if scorer == Scorer.VNORM:
             self.qkv_tap.mode = "record"
             try:
                 out = original(*args, **kwargs)
-                st.put("score", self._vnorm(self.qkv_tap.value))
+                st.put("score", self._vnorm(self.qkv_tap.value, attn_in))
             finally:
                 self.qkv_tap.clear()
             return out
         return original(*args, **kwargs)
+
+    def _attention_map(self, original, args, kwargs):
+        """Run the self-attention -> (its output, its attention map [B', h, n, n]): this
+        project's attention hands the map back (``keep_attn_map``); upstream's non-fused path
+        passes it through its ``attn_drop`` module, where a tap records it."""
+        attn = self.block.attn
+        if self.map_tap is None:  # this project's attention module
+            attn.keep_attn_map = True
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                attn.keep_attn_map = False
+            amap, attn.last_attn_map = attn.last_attn_map, None
+            return out, amap
+        self.map_tap.mode = "record"
+        try:
+            out = original(*args, **kwargs)
+            amap = self.map_tap.value
+        finally:
+            self.map_tap.clear()
+        if amap is None:
+            raise RuntimeError(f"scorer 'attention': {self.slot.name}.attn computed no attention "
+                               f"map (a fused kernel ran: flash-attn or scaled_dot_product_"
+                               f"attention); build the model with enable_flash_attn=False or "
+                               f"choose scorer 'vnorm'")
+        return out, amap
+
+    def _received(self, amap: torch.Tensor, attn_in: torch.Tensor) -> torch.Tensor:
+        """Attention received per token [B, N] from an attention map of the self-attention."""
+        batch = self.m._shape.batch
+        rows = layout.received_per_row(amap, attn_in, self.block.attn, batch)
+        return layout.attention_token_scores(rows, attn_in, self.block.attn, batch,
+                                             self.temporal, f"{self.slot.name}.attn",
+                                             others="'vnorm', 'random', 'norm' or 'similarity'")
 
     @property
     def temporal(self) -> bool:
@@ -469,6 +495,7 @@ class ModuleTap:
         self.runner, self.attr = runner, attr
         self.mode = "off"
         self.value: Optional[torch.Tensor] = None
+        self.input: Optional[torch.Tensor] = None  # first argument of the recorded call
 
     def install(self, module: torch.nn.Module) -> None:
         module._duca_tap = self
@@ -480,7 +507,7 @@ class ModuleTap:
         module.__dict__.pop("_duca_tap", None)
 
     def clear(self) -> None:
-        self.mode, self.value = "off", None
+        self.mode, self.value, self.input = "off", None, None
 
 
 def _tapped_forward(module, *args, **kwargs):
@@ -493,4 +520,5 @@ def _tapped_forward(module, *args, **kwargs):
     out = type(module).forward(module, *args, **kwargs)
     if tap.mode == "record":
         tap.value = out
+        tap.input = args[0] if args else next(iter(kwargs.values()), None)
     return out

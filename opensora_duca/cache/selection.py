@@ -125,23 +125,9 @@ def random_scores(batch: int, grid: TokenGrid, seed: int, step: int, block: int,
     return local.to(device)
 
 
-def vnorm_from_qkv(qkv_out: torch.Tensor, batch: int, heads: int, temporal: bool,
-                   frames: int) -> torch.Tensor:
-    """r_i = sum_h (1 - ||v_i^h||_2) from the qkv projection output [B', n', 3C] of one block's
-    self-attention on local tokens -> [B, T*S_local] in token layout."""
-    bp, n, c3 = qkv_out.shape
-    c = c3 // 3
-    v = qkv_out[..., 2 * c:].float().view(bp, n, heads, c // heads)
-    r = (1.0 - v.norm(dim=-1)).sum(-1)  # [B', n']
-    if temporal:  # [(B S), T] -> [B, T, S]
-        return r.view(batch, -1, frames).transpose(1, 2).reshape(batch, -1)
-    return r.reshape(batch, -1)  # [(B T), S] -> [B, T*S]
-
-
-def attention_received(attn_map: torch.Tensor, batch: int, temporal: bool,
-                       frames: int) -> torch.Tensor:
-    """How much attention each token receives: column sums of [B', h, n, n] -> [B, N]."""
-    r = attn_map.float().sum(dim=(1, 2))  # [B', n]
-    if temporal:
-        return r.view(batch, -1, frames).transpose(1, 2).reshape(batch, -1)
-    return r.reshape(batch, -1)
+def vnorm_rows(qkv_out: torch.Tensor, heads: int) -> torch.Tensor:
+    """r = sum_h (1 - ||v^h||_2) for every row of a qkv projection output [..., 3C] -> [...]
+    (rows in the order the attention laid them out; ``cache.layouts`` maps them to tokens)."""
+    c = qkv_out.shape[-1] // 3
+    v = qkv_out[..., 2 * c:].float().unflatten(-1, (heads, c // heads))
+    return (1.0 - v.norm(dim=-1)).sum(-1)

@@ -1,0 +1,1 @@
+"""What the cache knows about a model family's block layout, one module per family."""
