@@ -12,7 +12,9 @@ Importing this module registers the ``DuCa`` wrapper into Open-Sora's MODELS reg
 (``opensora.registry.MODELS``); Open-Sora's script then builds it with its usual keyword
 arguments, which are forwarded to the inner model, and gets back the patched inner STDiT3.
 Steps are tracked from the timesteps the sampler passes (a timestep that does not decrease
-starts a new run), so no script change is needed.
+starts a new run), so no script change is needed; upstream's frame-conditioned, i2v / v2v and
+SDEdit loops are recognised as one run. Each finished run logs its cache report (rank 0,
+logger ``opensora_duca.cache``); ``cache_report=False`` in the ``DuCa`` entry keeps it quiet.
 """
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ except ImportError as err:  # pragma: no cover - exercised by tests with a missi
 from .cache.wrapper import build_cached  # also registers our own "DuCa" wrapper type
 
 
-def _duca_for_opensora(model, cache=None, **kwargs):
+def _duca_for_opensora(model, cache=None, cache_report=True, **kwargs):
     """Open-Sora MODELS entry ``DuCa``: build ``model`` through Open-Sora's registry with the
-    script's keyword arguments, attach ``cache`` and return the patched inner model."""
-    return build_cached(OPENSORA_MODELS, model, cache, **kwargs)
+    script's keyword arguments, attach ``cache`` and return the patched inner model; each
+    finished run logs its cache report (``cache_report=False``: quiet)."""
+    return build_cached(OPENSORA_MODELS, model, cache, cache_report, **kwargs)
 
 
 if "DuCa" not in OPENSORA_MODELS.module_dict:

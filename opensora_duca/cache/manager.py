@@ -8,8 +8,11 @@ garbage collector.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import inspect
+import logging
 import time
 import warnings
 import weakref
@@ -30,6 +33,7 @@ from .runner import _TAPPED, BlockRunner, ModuleTap, Regions
 from .state import BlockState, Codec, Feature, StoredBytes
 
 _ATTR = "_duca_cache_manager"
+LOGGER = logging.getLogger("opensora_duca.cache")
 _BLOCK_PARTS = ("norm1", "attn", "cross_attn", "norm2", "mlp", "scale_shift_table")
 # sessionless runs: a call whose input is not the previous input moved within the span of the
 # previous input and outputs (what any first-order or two-step sampler does) starts a new run
@@ -109,6 +113,16 @@ class CacheManager:
         self._prev_x: Optional[torch.Tensor] = None
         self._prev_outs: List[torch.Tensor] = []
         self._run_y: Optional[torch.Tensor] = None
+        self._prev_x_mask = None
+        # the model forward's positional parameter names (to read x_mask / mask_index)
+        self._arg_names = [n for n in inspect.signature(model.forward).parameters
+                           if n not in ("args", "kwargs")]
+        # runs: where the open run's counts start; its reason for a split; logging per run
+        self.log_runs = False
+        self._run_mark: Optional[tuple] = None
+        self._run_note: Optional[str] = None
+        self._warned_split = False
+        self._at_exit = None
         self._trunk = Feature(self.codec, self.bytes, self.order)
         self._store_trunk = False
         # adaptive policies: the stored residual of the blocks from the decision point on, the
@@ -191,6 +205,9 @@ class CacheManager:
 
     def detach(self) -> None:
         self.reset()
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
         for slot in self.slots:
             slot.block.__dict__.pop("forward", None)
             attn = slot.block.attn
@@ -235,7 +252,9 @@ class CacheManager:
 
     # ------------------------------------------------------------------ runs
     def reset(self) -> None:
-        """Forget every stored feature and start counting steps from 0."""
+        """Forget every stored feature and start counting steps from 0 (the open run, if any,
+        is finished: its report is logged where :attr:`log_runs` is set)."""
+        self._finish_run()
         for slot in self.slots:
             slot.state.clear()
         self._trunk.clear()
@@ -246,7 +265,7 @@ class CacheManager:
         self.plan = None
         self._timesteps = []
         self._last_shape = None
-        self._prev_x, self._prev_outs = None, []
+        self._prev_x, self._prev_outs, self._prev_x_mask = None, [], None
         self._run_y = None
 
     @contextlib.contextmanager
@@ -279,24 +298,91 @@ class CacheManager:
             self.reset()
             self.num_steps, self._session, self._session_ts = None, False, None
 
-    def _continues(self, x: torch.Tensor) -> bool:
-        """Sessionless runs: whether ``x`` is the previous input moved within the span of the
-        previous input and the last two calls' outputs (per sample, least squares)."""
+    def _continues(self, x: torch.Tensor, keep: Optional[torch.Tensor]) -> Optional[str]:
+        """Sessionless runs: None when ``x`` continues the run, else why not.
+
+        ``x`` continues when, per sample, it is the previous input moved within the span of the
+        previous input and the last two calls' outputs (least squares, relative residual at
+        most ``CONTINUATION_TOL``), measured on the frames the sampler does not overwrite
+        (``keep`` [B, T] bool, None: all): the reference frames of a frame-conditioned loop and
+        the conditioned frames of i2v / v2v are set by the sampler, not moved by the model.
+        Inner products are accumulated per frame in float64, a few frames at a time."""
         if self._prev_x is None or not self._prev_outs:
-            return False
-        b, cin = x.shape[0], x.shape[1]
-        prev = self._prev_x.double().reshape(b, -1)
-        delta = x.detach().double().reshape(b, -1) - prev
-        outs = [o[:, :cin].double().reshape(o.shape[0], -1) for o in self._prev_outs
-                if o.shape[0] == b and o.shape[1] >= cin and o[:, :cin].numel() == x.numel()]
+            return "no previous step"
+        b, cin, frames = x.shape[:3]
+        outs = [o[:, :cin] for o in self._prev_outs
+                if o.shape[0] == b and o.shape[1] >= cin and o.shape[2:] == x.shape[2:]]
         if not outs:
-            return False
-        basis = torch.cat([prev[:, None]] + [o[None].expand(b, -1, -1) for o in outs], 1)
-        gram = basis @ basis.transpose(1, 2)                       # [B, K, K]
-        coef = torch.linalg.pinv(gram, hermitian=True) @ (basis @ delta[..., None])
-        resid = delta - (basis.transpose(1, 2) @ coef)[..., 0]
-        ratio = resid.norm(dim=1) / delta.norm(dim=1).clamp_min(1e-30)
-        return bool((ratio <= CONTINUATION_TOL).all())
+            return "the previous outputs do not match the input's shape"
+        w = torch.ones(b, frames, dtype=torch.float64) if keep is None else keep.double().cpu()
+        if not bool((w.sum(1) > 0).any()):
+            return "every frame of the input is set by the sampler"
+        vecs = [self._prev_x] + outs
+        k = b * len(vecs)
+        gram = torch.zeros(frames, k, k, dtype=torch.float64, device=x.device)
+        proj = torch.zeros(frames, k, b, dtype=torch.float64, device=x.device)
+        norm2 = torch.zeros(frames, b, dtype=torch.float64, device=x.device)
+        per_frame = x[0, 0, 0].numel() * cin * k * 8
+        chunk = max(1, (64 << 20) // max(per_frame, 1))
+        for f0 in range(0, frames, chunk):
+            sl = slice(f0, min(f0 + chunk, frames))
+            v = torch.cat([t[:, :, sl].detach().double().transpose(1, 2).reshape(
+                b, sl.stop - f0, -1) for t in vecs]).transpose(0, 1)        # [f, K, D]
+            d = (x[:, :, sl].detach().double() - self._prev_x[:, :, sl].double()).transpose(
+                1, 2).reshape(b, sl.stop - f0, -1).transpose(0, 1)          # [f, B, D]
+            gram[sl] = v @ v.transpose(1, 2)
+            proj[sl] = v @ d.transpose(1, 2)
+            norm2[sl] = (d * d).sum(-1)
+        gram, proj, norm2 = gram.cpu(), proj.cpu(), norm2.cpu()
+        worst = 0.0
+        for i in range(b):
+            if not bool(w[i].any()):
+                continue
+            idx = [i] + list(range(b, k))  # this sample's previous input, every output row
+            g = (w[i, :, None, None] * gram[:, idx][:, :, idx]).sum(0)
+            r = (w[i, :, None] * proj[:, idx, i]).sum(0)
+            d2 = float((w[i] * norm2[:, i]).sum())
+            c = torch.linalg.pinv(g, hermitian=True) @ r
+            resid2 = d2 - 2 * float(c @ r) + float(c @ g @ c)
+            worst = max(worst, (max(resid2, 0.0) / d2) ** 0.5 if d2 > 0 else 0.0)
+        if worst <= CONTINUATION_TOL:
+            return None
+        return (f"the input is not the previous step's latents moved by the model's outputs "
+                f"(relative residual {worst:.3g} > {CONTINUATION_TOL})")
+
+    def _kept_frames(self, x: torch.Tensor, x_mask, mask_index) -> Optional[torch.Tensor]:
+        """[B, T] bool: the frames of ``x`` the sampler moves with the model's output, neither
+        held at a reference (``x_mask`` False, now or at the previous step) nor conditioned
+        (i2v / v2v ``mask_index``, which SDEdit re-noises every step); None: every frame."""
+        b, _, frames = x.shape[:3]
+        keep = None
+        for m in (x_mask, self._prev_x_mask):
+            if torch.is_tensor(m) and tuple(m.shape) == (b, frames):
+                m = m.detach().bool().cpu()
+                keep = m if keep is None else keep & m
+        if mask_index is not None and len(mask_index) > 0:
+            keep = torch.ones(b, frames, dtype=torch.bool) if keep is None else keep.clone()
+            keep[:, [int(i) for i in mask_index if 0 <= int(i) < frames]] = False
+        return keep
+
+    def _arg(self, args, kwargs, name: str):
+        """The model call's argument ``name`` (keyword, or positional by the forward's
+        signature), None when not given."""
+        if name in kwargs:
+            return kwargs[name]
+        i = self._arg_names.index(name) if name in self._arg_names else None
+        return args[i] if i is not None and i < len(args) else None
+
+    def _split(self, why: str, t: float) -> None:
+        """A sessionless run ends although the timestep went down: say so once."""
+        self._run_note = f"runs were split: {why}"
+        if not self._warned_split:
+            self._warned_split = True
+            warnings.warn(f"cache: the model call at timestep {t:g} does not continue the "
+                          f"previous step ({why}); a new run starts, nothing stored is reused "
+                          f"and its first steps are computed in full. If these calls are one "
+                          f"sampling run, run them inside manager.session(num_steps=...)",
+                          RuntimeWarning, stacklevel=3)
 
     def _check_grad(self, model):
         if torch.is_grad_enabled() and self.storing_anything() and any(
@@ -334,14 +420,22 @@ class CacheManager:
                               "run, so nothing is reused; batch the conditional and "
                               "unconditional passes into one call to benefit from the cache",
                               RuntimeWarning, stacklevel=2)
-            new_run = new_run or last_t is None or t >= last_t or not self._continues(x)
+            new_run = new_run or last_t is None or t >= last_t
+            if not new_run:
+                x_mask, mask_index = (self._arg(args, kwargs, n) for n in ("x_mask", "mask_index"))
+                why = self._continues(x, self._kept_frames(x, x_mask, mask_index))
+                if why is not None:
+                    new_run = True
+                    self._split(why, t)
         if new_run:
             self.reset()
         if not self._session:
             self._prev_x = x.detach()
+            self._prev_x_mask = self._arg(args, kwargs, "x_mask")
         self._run_y = y
         if not self._timesteps:
             self.runs += 1
+            self._open_run()
         self._timesteps.append(t)
         self._last_shape = shape
         tick = time.perf_counter()
@@ -554,6 +648,57 @@ class CacheManager:
             "bookkeeping_s": self.bookkeeping_s,
             "changes": list(self.changes),
         }
+
+    def _open_run(self) -> None:
+        self._run_mark = (len(self.step_labels), self.flops_uncached, self.flops_actual,
+                          self._run_note)
+        self._run_note = None
+        self.bytes.run_peak = self.bytes.current
+        if self.log_runs and self._at_exit is None:  # the last run of the process, too
+            ref = weakref.ref(self)
+            self._at_exit = lambda: ref() is not None and ref()._finish_run()
+            atexit.register(self._at_exit)
+
+    def run_summary(self) -> Optional[dict]:
+        """Counts of the open (or just finished) run: policy, steps by kind, FLOPs ratio, peak
+        stored bytes, and ``note``: why no step could be cached, when none was."""
+        if self._run_mark is None:
+            return None
+        start, unc0, act0, note = self._run_mark
+        labels = [str(lab) for lab in self.step_labels[start:]]
+        by_kind: Dict[str, int] = {}
+        for lab in labels:
+            by_kind[lab] = by_kind.get(lab, 0) + 1
+        unc, act = self.flops_uncached - unc0, self.flops_actual - act0
+        cached = [lab for lab in labels if lab not in (str(StepKind.FULL),)]
+        if not cached and self.storing_anything():
+            note = note or self._run_note or (
+                f"the run had {len(labels)} step(s), all computed in full by the policy's "
+                f"plan")
+        else:
+            note = None
+        return {"policy": self.policy.name, "steps": len(labels), "steps_by_kind": by_kind,
+                "flops_ratio": unc / act if act else (float("inf") if unc else 1.0),
+                "peak_stored_bytes": self.bytes.run_peak, "note": note}
+
+    def _finish_run(self) -> None:
+        """The open run is over: log its report once (rank 0) where :attr:`log_runs` is set."""
+        summary = self.run_summary()
+        self._run_mark = None
+        if summary is None or not summary["steps"] or not self.log_runs or sp.global_rank():
+            return
+        kinds = ", ".join(f"{n} {k}" for k, n in summary["steps_by_kind"].items())
+        line = (f"opensora_duca cache: run {self.runs} finished: {summary['policy']}, "
+                f"{summary['steps']} steps, {summary['flops_ratio']:.2f}x fewer FLOPs, peak "
+                f"{summary['peak_stored_bytes'] / 2**20:.1f} MiB stored")
+        rows = [f"  {'policy':<15}: {summary['policy']}",
+                f"  {'steps':<15}: {summary['steps']} ({kinds})",
+                f"  {'FLOPs ratio':<15}: {summary['flops_ratio']:.2f}x fewer than uncached "
+                f"(analytic, trunk matmuls)",
+                f"  {'peak cache mem':<15}: {summary['peak_stored_bytes'] / 2**20:.1f} MiB"]
+        if summary["note"]:
+            rows.append(f"  {'no step cached':<15}: {summary['note']}")
+        LOGGER.info("%s\n%s", line, "\n".join(rows))
 
     def report(self) -> str:
         s = self.stats()

@@ -22,15 +22,18 @@ INT8_MAX = 127.0
 
 
 class StoredBytes:
-    """Running total and peak of the bytes held by stored features."""
+    """Running total and peak of the bytes held by stored features (``peak`` since the
+    statistics were reset, ``run_peak`` since the current run started)."""
 
     def __init__(self):
         self.current = 0
         self.peak = 0
+        self.run_peak = 0
 
     def add(self, nbytes: int) -> None:
         self.current += nbytes
         self.peak = max(self.peak, self.current)
+        self.run_peak = max(self.run_peak, self.current)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

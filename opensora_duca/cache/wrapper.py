@@ -6,6 +6,11 @@ Open-Sora's inference script passes ``input_size``, ``in_channels``, ``caption_c
 patched *inner* model, so ``model.y_embedder`` and every other attribute still work. The manager
 is reachable with :func:`opensora_duca.cache.get_cache_manager`. (Registered in MODELS, whose
 locations include this package.)
+
+``cache_report`` (default True): each finished sampling run logs its cache report once, on rank
+0, through Python logging (logger ``opensora_duca.cache``, level INFO): one line (policy, steps,
+FLOPs ratio, peak stored bytes) and the table, with the reason when no step could be cached.
+``cache_report=False`` keeps the run quiet.
 """
 from __future__ import annotations
 
@@ -15,8 +20,13 @@ from ..registry import MODELS
 from .manager import apply_cache
 
 
-def build_cached(registry, model: Any, cache: Optional[dict] = None, **kwargs):
-    """Build ``model`` from ``registry`` with ``kwargs`` and attach ``cache`` (default DuCa)."""
+def build_cached(registry, model: Any, cache: Optional[dict] = None, cache_report: bool = True,
+                 **kwargs):
+    """Build ``model`` from ``registry`` with ``kwargs`` and attach ``cache`` (default DuCa);
+    with ``cache_report`` every finished run logs its report."""
+    if not isinstance(cache_report, bool):
+        raise ValueError(f"DuCa wrapper: cache_report={cache_report!r} is not accepted; "
+                         f"accepted: True (log each run's cache report) or False")
     if not isinstance(model, dict) and not hasattr(model, "to_dict"):
         raise ValueError(f"DuCa wrapper: model={model!r} is not accepted; accepted: "
                          f"dict(type=<a registered model>, ...)")
@@ -28,11 +38,12 @@ def build_cached(registry, model: Any, cache: Optional[dict] = None, **kwargs):
     cache_cfg = dict(type="DuCa") if cache is None else cache
     if hasattr(cache_cfg, "to_dict"):
         cache_cfg = cache_cfg.to_dict()
-    apply_cache(inner, cache_cfg)
+    apply_cache(inner, cache_cfg).log_runs = cache_report
     return inner
 
 
 @MODELS.register_module("DuCa")
-def duca_model(model: Any, cache: Optional[dict] = None, **kwargs):
-    """``dict(type="DuCa", model=dict(type="STDiT3-XL/2", ...), cache=dict(type=...))``."""
-    return build_cached(MODELS, model, cache, **kwargs)
+def duca_model(model: Any, cache: Optional[dict] = None, cache_report: bool = True, **kwargs):
+    """``dict(type="DuCa", model=dict(type="STDiT3-XL/2", ...), cache=dict(type=...),
+    cache_report=True)``."""
+    return build_cached(MODELS, model, cache, cache_report, **kwargs)
