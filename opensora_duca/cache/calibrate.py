@@ -36,8 +36,9 @@ def fit_polynomial(xs: Sequence[float], ys: Sequence[float], degree: int) -> Dic
 
 @torch.no_grad()
 def collect_changes(pipe, prompts: Sequence[str], seeds: Sequence[int]) -> Dict[str, List[float]]:
-    """Uncached runs of ``pipe`` (one per seed, all prompts in one batch): per step >= 1 the
-    modulated-input change (x) and the model-output change (y)."""
+    """Uncached runs of ``pipe`` (one per seed, all prompts in one batch): per step >= 1 and
+    clip (its rows of the CFG batch), the modulated-input change (x) and the model-output
+    change (y)."""
     if pipe.cache_manager is not None:
         remove_cache(pipe.model)
         pipe.cache_manager = None
@@ -53,16 +54,18 @@ def collect_changes(pipe, prompts: Sequence[str], seeds: Sequence[int]) -> Dict[
             try:
                 outs.clear()
                 pipe.generate(list(prompts), seeds=[seed] * len(prompts))
-                changes = mgr.stats()["changes"]
+                changes, groups = mgr.stats()["changes"], mgr.stats()["groups"]
             finally:
                 remove_cache(pipe.model)
                 pipe.cache_manager = None
-            for i in range(1, len(outs)):
-                if changes[i] is None:
-                    continue
+            for i in range(1, len(outs)):  # one point per decision group (clip) and step
                 prev, now = outs[i - 1].double(), outs[i].double()
-                xs.append(float(changes[i]))
-                ys.append(float((now - prev).abs().sum() / prev.abs().sum().clamp_min(1e-300)))
+                for change, rows in zip(changes[i], groups):
+                    if change is None:
+                        continue
+                    a, b = now[rows], prev[rows]
+                    xs.append(float(change))
+                    ys.append(float((a - b).abs().sum() / b.abs().sum().clamp_min(1e-300)))
     finally:
         hook.remove()
     return {"x": xs, "y": ys}

@@ -75,8 +75,11 @@ def step_flops(shape: TrunkShape, plan, partial_tokens: dict | None = None) -> f
         k = plan.residual_from
         spatial, temporal = ((k + 1) // 2, k // 2) if shape.temporal else (k, 0)
         per_block = module_flops(shape, Kind.CROSS_ATTN) + module_flops(shape, Kind.MLP)
-        return (spatial * (module_flops(shape, Kind.SPATIAL_ATTN) + per_block)
-                + temporal * (module_flops(shape, Kind.TEMPORAL_ATTN) + per_block))
+        before = (spatial * (module_flops(shape, Kind.SPATIAL_ATTN) + per_block)
+                  + temporal * (module_flops(shape, Kind.TEMPORAL_ATTN) + per_block))
+        # per-sample decisions: the computed rows pay the rest (FLOPs scale with the batch)
+        rest = full_step_flops(shape) - before
+        return before + rest * len(plan.computed_rows) / shape.batch
     total = 0.0
     for kind, count in shape.per_pair:
         act = plan.actions[kind]

@@ -27,8 +27,9 @@ from ..registry import CACHES, build_module, registered
 from ..utils.compile import check_available, compile_options
 from . import flops as fl
 from . import selection as sel
+from .adaptive import decision_groups
 from .plan import Action, Kind, StepKind, StepPlan
-from .policies import CachePolicy, NoCache, Scorer, accepted_keys
+from .policies import AdaptivePolicy, CachePolicy, NoCache, Scorer, accepted_keys
 from .runner import _TAPPED, BlockRunner, ModuleTap, Regions
 from .state import BlockState, Codec, Feature, StoredBytes
 
@@ -131,6 +132,9 @@ class CacheManager:
         self._residual_in: Optional[torch.Tensor] = None
         self._trunk_in: Optional[torch.Tensor] = None
         self.adaptive: Dict[str, Any] = {}
+        self._groups: List[List[int]] = [[0]]  # adaptive: batch rows deciding together
+        self._rows: Optional[torch.Tensor] = None  # rows computing on a per-sample step
+        self._sub: Optional[torch.Tensor] = None   # their hidden states between blocks
         self._group = None
         self._grid: Optional[sel.TokenGrid] = None
         self._grid_key = None
@@ -261,6 +265,7 @@ class CacheManager:
         self._residual.clear()
         self._residual_in = self._trunk_in = None
         self.adaptive = {}
+        self._rows = self._sub = None
         self.step = 0
         self.plan = None
         self._timesteps = []
@@ -436,6 +441,8 @@ class CacheManager:
         if not self._timesteps:
             self.runs += 1
             self._open_run()
+            if isinstance(self.policy, AdaptivePolicy):
+                self._groups = decision_groups(x)
         self._timesteps.append(t)
         self._last_shape = shape
         tick = time.perf_counter()
@@ -542,31 +549,46 @@ class CacheManager:
         if slot.is_last and self._residual_in is not None:
             self._residual.update(out - self._residual_in, self.at)
         if slot.is_last:
-            self._residual_in = self._trunk_in = None
+            self._residual_in = self._trunk_in = self._rows = self._sub = None
 
     # ----------------------------------------------------- adaptive policies
     def decide(self, slot: BlockSlot, x: torch.Tensor, bound: Optional[dict]) -> StepPlan:
-        """At block ``plan.decide_at``: measure the change (one all_gather), let the policy
-        decide, and set this step's final plan."""
-        from .adaptive import relative_l1
+        """At block ``plan.decide_at``: measure the change of every decision group (one
+        all_gather), let the policy decide per group, and set this step's final plan: compute
+        the rest of the trunk, skip it (add the stored residual), or compute it for the rows
+        of the groups that need it (``computed_rows``) while the others take their residual."""
+        from .adaptive import group_rows, relative_l1
         from .runner import modulated_input
 
-        pol, st = self.policy, self.adaptive
+        pol, st, groups = self.policy, self.adaptive, self._groups
         if pol.measure == "modulated_input":
             now = modulated_input(slot.block, **bound)
         else:  # first_pair_residual: what the blocks before this one added
             now = x - self._trunk_in
         ref = st.get("reference")
-        change = None  # no reference, or nothing to reuse yet: the policy computes
+        changes: List[Optional[float]] = [None] * len(groups)
         if ref is not None and ref.shape == now.shape and self._residual.shape is not None:
-            change = relative_l1(now, ref, self.grid_for(x.shape[1]), self._group)
-        compute = pol.decide(self.step, self.num_steps, change, st)
-        self.changes.append(change)
-        if compute or pol.reference_every_step:
+            changes = relative_l1(now, ref, self.grid_for(x.shape[1]), self._group, groups)
+        states = st.setdefault("groups", [{} for _ in groups])
+        flags = [bool(pol.decide(self.step, self.num_steps, c, g))
+                 for c, g in zip(changes, states)]
+        self.changes.append(changes)
+        self.group_labels.append([str(StepKind.FULL if f else StepKind.RESIDUAL)
+                                  for f in flags])
+        if pol.reference_every_step or all(flags) or ref is None or ref.shape != now.shape:
             st["reference"] = now
-        if compute:
+        elif any(flags):
+            rows = torch.tensor(group_rows(groups, flags), device=now.device)
+            st["reference"] = ref.index_copy(0, rows, now.index_select(0, rows))
+        if all(flags):
             self._residual_in = x
             self.plan = StepPlan(label=self.plan.label)
+        elif any(flags):
+            rows = group_rows(groups, flags)
+            self._rows = torch.tensor(rows, device=x.device)
+            self._sub = None
+            self.plan = StepPlan(residual_from=slot.index, computed_rows=tuple(rows),
+                                 label=StepKind.MIXED)
         else:
             self.plan = StepPlan(residual_from=slot.index, label=StepKind.RESIDUAL)
         return self.plan
@@ -575,6 +597,15 @@ class CacheManager:
         """Last block of a skipped step: its input (the input at the decision point, passed
         through) plus the stored residual."""
         return x + self._residual.value(self.at, x.dtype)
+
+    def mixed_output(self, x: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+        """Last block of a step decided per sample: the rows that computed the trunk take
+        ``sub`` (their sub-batch output) and store their new residual; the others take their
+        input (passed through from the decision point) plus their stored residual."""
+        rows, self._sub = self._rows, None
+        out = self.residual_output(x).index_copy_(0, rows, sub)
+        self._residual.write_rows_(rows, sub - x.index_select(0, rows))
+        return out
 
     def trunk_output(self, x: torch.Tensor) -> torch.Tensor:
         if self._trunk.shape is None or tuple(self._trunk.shape) != tuple(x.shape):
@@ -589,7 +620,9 @@ class CacheManager:
     # ------------------------------------------------------------------ stats
     def _reset_stats(self):
         self.runs = 0
-        self.changes: List[Optional[float]] = []  # adaptive policies: measured change per step
+        # adaptive policies, per step: the measured change and the decision of each group
+        self.changes: List[List[Optional[float]]] = []
+        self.group_labels: List[List[str]] = []
         self.step_labels: List[str] = []
         self.module_counts: Dict[str, Dict[str, int]] = {}
         self.partial_tokens = 0
@@ -625,7 +658,11 @@ class CacheManager:
         ``bookkeeping_s`` is host time spent planning, selecting tokens and gathering /
         scattering them, measured with ``time.perf_counter`` and no device synchronisation: on
         a CPU it is the real cost, on CUDA it is the launch overhead only (use
-        ``tools/benchmark.py`` for device time)."""
+        ``tools/benchmark.py`` for device time).
+
+        Adaptive policies decide per clip: ``groups`` are the batch rows that decide together
+        (a clip's CFG copies) in the last run, and per step ``changes`` holds each group's
+        measured change (None: nothing to compare with) and ``group_labels`` its decision."""
         by_kind: Dict[str, int] = {}
         for lab in map(str, self.step_labels):
             by_kind[lab] = by_kind.get(lab, 0) + 1
@@ -646,7 +683,9 @@ class CacheManager:
             "peak_stored_bytes": self.bytes.peak,
             "stored_bytes": self.bytes.current,
             "bookkeeping_s": self.bookkeeping_s,
-            "changes": list(self.changes),
+            "changes": [list(c) for c in self.changes],
+            "groups": [list(g) for g in self._groups],
+            "group_labels": [list(g) for g in self.group_labels],
         }
 
     def _open_run(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 
 class _Name(str, Enum):
@@ -51,6 +51,7 @@ class StepKind(_Name):
     FORECAST = "forecast"
     BROADCAST = "broadcast"
     RESIDUAL = "residual reused"  # adaptive: the rest of the trunk replaced by its residual
+    MIXED = "residual reused for some samples"  # adaptive, per sample: the others computed
 
 
 KINDS = tuple(Kind)
@@ -65,7 +66,9 @@ class StepPlan:
     Adaptive policies: ``decide_at`` is the block (index in call order: spatial 0, temporal 0,
     spatial 1, ...) before which the policy decides from a measured change whether to compute
     the rest of the trunk; ``residual_from`` (the decision "skip") passes the blocks from that
-    index on and adds the stored residual of those blocks to their input."""
+    index on and adds the stored residual of those blocks to their input; with
+    ``computed_rows`` (decisions per sample) the batch rows listed there compute those blocks
+    (on a sub-batch) and only the other rows take the stored residual."""
 
     actions: Mapping[Kind, Action] = field(default_factory=lambda: {k: Action.FULL for k in Kind})
     ratios: Mapping[Kind, float] = field(default_factory=dict)
@@ -73,6 +76,7 @@ class StepPlan:
     label: str = StepKind.FULL
     decide_at: Optional[int] = None
     residual_from: Optional[int] = None
+    computed_rows: Tuple[int, ...] = ()
 
     def __post_init__(self):
         acts: Dict[Kind, Action] = {Kind(k): Action(a) for k, a in self.actions.items()}

@@ -171,6 +171,12 @@ class BlockRunner:
                 plan = m.decide(self.slot, x, self._bind(args, kwargs)
                                 if m.policy.measure == "modulated_input" else None)
         if plan.residual_from is not None and index >= plan.residual_from:
+            if plan.computed_rows:  # per-sample decisions: some rows compute these blocks
+                m.count_module("trunk", Action.PARTIAL)
+                m._sub = self._rows_forward(m._sub, args, kwargs)
+                out = m.mixed_output(x, m._sub) if self.slot.is_last else x
+                m.after_block(self.slot, out)
+                return out
             m.count_module("trunk", Action.REUSE)
             return m.residual_output(x) if self.slot.is_last else x
         if plan.skip_trunk:
@@ -198,6 +204,20 @@ class BlockRunner:
                 self.plan, self.x_in = None, None
         m.after_block(self.slot, out)
         return out
+
+    def _rows_forward(self, sub: Optional[torch.Tensor], args, kwargs) -> torch.Tensor:
+        """This block on the batch rows ``m._rows`` only: its arguments cut to those samples
+        (:func:`layouts.stdit3.block_args_rows`), its input the rows' hidden states ``sub``
+        (the block's own input rows at the first block of the step's computed part)."""
+        m = self.m
+        bound = self._bind(args, kwargs)
+        x = bound["x"]
+        part = layout.block_args_rows(bound, m._rows, x.shape[0])
+        if sub is not None:
+            part["x"] = sub
+        if m.regions.compiled:
+            return m.regions.block(self.block)(self.block, **part)
+        return self.slot.original(**part)
 
     def _dense_compiles(self, plan: StepPlan, args, kwargs) -> bool:
         """Whether the block's compiled forward can run this step with its taps recording or

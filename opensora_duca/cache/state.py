@@ -97,6 +97,13 @@ class Codec:
             return (e.data.float() * e.scale).to(dtype)
         return e.data if e.data.dtype == dtype else e.data.to(dtype)
 
+    def write_rows_(self, e: Encoded, rows: torch.Tensor, src: torch.Tensor) -> None:
+        """Write src [k, ...] into the batch rows ``rows`` [k] of e."""
+        part = self.encode(src)
+        e.data.index_copy_(0, rows, part.data)
+        if e.scale is not None:
+            e.scale.index_copy_(0, rows, part.scale)
+
     def scatter_(self, e: Encoded, idx: torch.Tensor, src: torch.Tensor) -> None:
         """Write src [B, k, C] at token positions idx [B, k] of e (token layout)."""
         b, c = e.data.shape[0], e.data.shape[-1]
@@ -150,6 +157,10 @@ class Feature:
         for i in range(1, len(self.terms)):
             out = out + self.codec.decode(self.terms[i], work) * (d ** i / math.factorial(i))
         return out.to(dtype)
+
+    def write_rows_(self, rows: torch.Tensor, src: torch.Tensor) -> None:
+        """Replace the batch rows ``rows`` of the stored value (reuse without forecasting)."""
+        self.codec.write_rows_(self.terms[0], rows, src)
 
     def scatter_(self, idx: torch.Tensor, src: torch.Tensor) -> None:
         """Write recomputed tokens into the stored value (reuse without forecasting only)."""

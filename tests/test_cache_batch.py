@@ -1,0 +1,102 @@
+"""A clip never depends on its batch-mates: the adaptive policies (TeaCache, FirstBlockCache)
+decide per clip (its classifier-free-guidance copies decide together, measured on their own
+rows), compute the rest of the trunk for the clips that need it (a sub-batch) and give the
+others their stored residuals. Each clip alone and in a batch of 4 takes the same decision at
+every step; its output differs only by the float rounding the uncached model itself shows
+between a batch of 2 and one of 8 rows; on 2 ranks a batch gives what it gives on one."""
+from __future__ import annotations
+
+import pytest
+import torch
+from cache_utils import small_model
+from dist_utils import run_distributed
+
+from opensora_duca.cache import apply_cache, remove_cache
+
+STEPS = 12
+CLIPS = 4
+POLICIES = {"teacache": dict(type="TeaCache", threshold=0.12),
+            "fbc": dict(type="FirstBlockCache", threshold=0.2)}
+
+
+def clips():
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(CLIPS, 4, 3, 8, 10, generator=g)
+    y = torch.randn(CLIPS, 1, 8, 32, generator=g) * torch.tensor([0.5, 1.0, 2.0, 3.0])[
+        :, None, None, None]
+    y_null = torch.randn(1, 1, 8, 32, generator=g)
+    mask = torch.ones(CLIPS, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    return z, y, y_null, mask
+
+
+@torch.no_grad()
+def sample(model, rows, cfg=None, sp=False):
+    """A CFG sampler on the clips ``rows``: batch [z, z], captions [y, y_null], Euler steps;
+    -> (latents, per step the decisions of each clip)."""
+    z, y, y_null, mask = clips()
+    z, y, mask = z[rows], y[rows], mask[rows]
+    n = len(rows)
+    y_in = torch.cat([y, y_null.expand(n, -1, -1, -1)])
+    mgr = apply_cache(model, cfg) if cfg is not None else None
+    decisions = []
+    try:
+        ctx = mgr.session(num_steps=STEPS) if mgr is not None else _nothing()
+        with ctx:
+            for i in range(STEPS):
+                t = torch.full((2 * n,), 1000.0 * (1 - i / STEPS))
+                out = model(torch.cat([z, z]), t, y_in, mask=torch.cat([mask, mask]))
+                c, u = out[:, :4].chunk(2)
+                z = z + (u + 4.0 * (c - u)) * (1.0 / STEPS)
+            if mgr is not None:
+                st = mgr.stats()
+                assert st["groups"] == [[j, j + n] for j in range(n)]  # a clip's CFG pair
+                decisions = [[step[j] for step in st["group_labels"]] for j in range(n)]
+    finally:
+        if mgr is not None:
+            remove_cache(model)
+    return z, decisions
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_a_clip_alone_equals_the_clip_in_a_batch(name):
+    model = small_model(depth=3)
+    everything = list(range(CLIPS))
+    z_batch, dec_batch = sample(model, everything, POLICIES[name])
+    flat = [lab for d in dec_batch for lab in d]
+    assert "full" in flat and "residual reused" in flat
+    # the clips decide differently at some step: a batch-wide decision would change some
+    assert any(len({d[s] for d in dec_batch}) > 1 for s in range(STEPS))
+    z_plain = sample(model, everything)[0]
+    for i in everything:
+        z_alone, dec_alone = sample(model, [i], POLICIES[name])
+        assert dec_alone[0] == dec_batch[i], (name, i)
+        noise = rel(sample(model, [i])[0], z_plain[i:i + 1])  # uncached: batch 2 vs 8 rows
+        assert rel(z_alone, z_batch[i:i + 1]) <= max(5 * noise, 1e-6), (name, i, noise)
+
+
+def _ranks(rank, world):
+    torch.manual_seed(0)
+    model = small_model(depth=3, enable_sequence_parallelism=True)
+    return {name: sample(model, list(range(CLIPS)), cfg) for name, cfg in POLICIES.items()}
+
+
+def test_two_ranks_decide_and_compute_as_one():
+    model = small_model(depth=3)
+    one = {name: sample(model, list(range(CLIPS)), cfg) for name, cfg in POLICIES.items()}
+    for res in run_distributed(_ranks, 2):
+        for name in POLICIES:
+            assert res[name][1] == one[name][1], name
+            torch.testing.assert_close(res[name][0], one[name][0], rtol=1e-5, atol=1e-5)
