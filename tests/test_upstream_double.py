@@ -224,3 +224,16 @@ def test_token_sparse_path_on_upstream_layout_equals_block_forward(use_x_mask):
     assert stats["steps_by_kind"].get("conservative", 0) > 0
     assert min(tokens) < 60 // 4  # the MLP ran on gathered tokens only (60 tokens per sample)
     assert rel_err(sparse, general) < 1e-10
+
+
+def test_per_clip_decisions_on_packed_captions_match_stdit3():
+    """Adaptive policies decide per clip; a step where one clip computes and the other takes
+    its residual runs the computed clip's blocks on a sub-batch, which cuts upstream's packed
+    captions (y [1, sum(y_lens), C], mask = y_lens) to that clip: same as this project's model."""
+    cfg = dict(type="FirstBlockCache", threshold=0.875)
+    got, stats = cached_trajectory(double(), cfg)
+    want, want_stats = cached_trajectory(ours(), cfg)
+    assert stats["step_labels"] == want_stats["step_labels"]
+    assert "residual reused for some samples" in stats["step_labels"]
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, trajectory(double())) > 1e-4
