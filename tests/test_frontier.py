@@ -23,7 +23,7 @@ def _run(*args, timeout=600):
 def test_quick_frontier_writes_json_and_png_and_resumes(tmp_path):
     out = tmp_path / "f.json"
     args = ["--quick", "--families", "DuCa,FORA+forecast,TeaCache", "--out", str(out),
-            "--threads", "1"]
+            "--threads", "1", "--batch-size", "2"]
     r = _run(*args)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -32,6 +32,8 @@ def test_quick_frontier_writes_json_and_png_and_resumes(tmp_path):
     assert fams == ["DuCa", "FORA+forecast", "TeaCache"]  # one point per family in --quick
     for p in data["points"]:
         assert p["flops_ratio"] >= 1.0 and 0.0 <= p["agreement"] <= 1.0
+        # 3 clips in batches of 2 and 1: the counts are those of both batches
+        assert sum(p["steps_by_kind"].values()) == 2 * 10, p
         assert 0.0 < p["ssim"] <= 1.0 and p["psnr"] > 10
     assert data["meta"]["steps"] == 10 and len(data["meta"]["prompts"]) == 3
     before = out.read_text()

@@ -295,7 +295,6 @@ class CacheManager:
                                  f"step (num_steps={num_steps})")
         self.policy.validate_run(num_steps)
         self.reset()
-        self._reset_stats()
         self.num_steps, self._session, self._session_ts = num_steps, True, ts
         try:
             yield self
@@ -618,6 +617,10 @@ class CacheManager:
         return float(self.step) if self.distance == "step" else self._timesteps[-1]
 
     # ------------------------------------------------------------------ stats
+    def reset_stats(self) -> None:
+        """Start the counts of :meth:`stats` again (stored features are kept)."""
+        self._reset_stats()
+
     def _reset_stats(self):
         self.runs = 0
         # adaptive policies, per step: the measured change and the decision of each group
@@ -631,6 +634,8 @@ class CacheManager:
         self.step_flops: List[float] = []
         self.bookkeeping_s = 0.0
         self.bytes.peak = self.bytes.current
+        if getattr(self, "_run_mark", None) is not None:  # the open run counts from here
+            self._run_mark = (0, 0.0, 0.0, self._run_mark[3])
 
     def count_module(self, kind: str, action: Action) -> None:
         d = self.module_counts.setdefault(kind, {})
@@ -652,8 +657,10 @@ class CacheManager:
         self.flops_actual += self.step_flops[-1]
 
     def stats(self) -> dict:
-        """Counts of the current/last session: steps by kind, module actions, FLOPs ratio
-        (uncached / actual, analytic), peak stored bytes, bookkeeping seconds.
+        """Counts since the cache was attached (or :meth:`reset_stats`), summed over every run
+        and session, so a tool that generates in batches reports all of them: steps by kind,
+        module actions, FLOPs ratio (uncached / actual, analytic), peak stored bytes,
+        bookkeeping seconds. :meth:`run_summary` has the current run's.
 
         ``bookkeeping_s`` is host time spent planning, selecting tokens and gathering /
         scattering them, measured with ``time.perf_counter`` and no device synchronisation: on
