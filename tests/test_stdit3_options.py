@@ -2,6 +2,8 @@
 error; nothing is silently ignored."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -49,6 +51,21 @@ def test_upstream_sampler_keywords_are_accepted_and_ignored():
     assert torch.equal(plain, upstream)
     with pytest.raises(TypeError, match=r"unexpected arguments \['bogus'\].*'num_frames', 'ar'"):
         m(z, t, y, mask=mask, num_frames=51, bogus=1)
+
+
+def test_unknown_forward_argument_error_lists_every_accepted_one():
+    m = make()
+    z, t, y, mask = inputs()
+    with pytest.raises(TypeError) as err:
+        m(z, t, y, mask=mask, bogus=1)
+    msg = str(err.value)
+    accepted = ["x", "timestep", "y", "mask", "x_mask", "fps", "height", "width", "cond",
+                "cond_mask", "mask_index", "y_null", "text_uncond_prob"]
+    # exactly the signature's named arguments, in its order, then the ignored upstream ones
+    assert f"accepted: {accepted}, and ['num_frames', 'ar'] (ignored" in msg
+    params = [k for k in inspect.signature(STDiT3.forward).parameters if k not in ("self",
+                                                                                  "kwargs")]
+    assert params == accepted
 
 
 @pytest.mark.parametrize("key", ["enable_layernorm_kernel", "skip_y_embedder",

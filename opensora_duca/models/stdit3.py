@@ -8,6 +8,7 @@ correct; H is padded to a multiple of the group size and padded rows are kept ou
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from typing import Optional, Sequence
@@ -45,6 +46,15 @@ from .window import check_kernel_size
 # Upstream STDiT3.forward takes them through **kwargs and never reads them; so does this one.
 # Any other keyword is an error.
 UPSTREAM_IGNORED_ARGS = ("num_frames", "ar")
+
+
+def _forward_arguments() -> tuple:
+    """The named arguments of :meth:`STDiT3.forward` (its signature, so the error message that
+    lists them cannot fall behind it)."""
+    params = inspect.signature(STDiT3.forward).parameters
+    return tuple(k for k, p in params.items()
+                 if k != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD)
+
 
 # Boolean options of STDiT3.__init__ (validated as such).
 _BOOL_OPTIONS = ("pred_sigma", "qk_norm", "enable_flash_attn", "enable_layernorm_kernel",
@@ -386,8 +396,8 @@ class STDiT3(nn.Module):
                 **kwargs):
         unexpected = sorted(k for k in kwargs if k not in UPSTREAM_IGNORED_ARGS)
         if unexpected:
-            raise TypeError(f"STDiT3.forward got unexpected arguments {unexpected}; accepted "
-                            f"besides x, timestep, y, mask, x_mask, fps, height, width: "
+            raise TypeError(f"STDiT3.forward got unexpected arguments {unexpected}; accepted: "
+                            f"{list(_forward_arguments())}, and "
                             f"{list(UPSTREAM_IGNORED_ARGS)} (ignored, as upstream does)")
         if self.skip_y_embedder and y.ndim == 4 and mask is not None and not (
                 isinstance(mask, torch.Tensor) and mask.ndim >= 2):
