@@ -3,7 +3,8 @@
 Every mistake a user can make in a config or on the command line is reported here, before a
 model is built or a process group waits, as one ``ValueError`` naming the key, the value and
 what is accepted: unknown top-level keys, counts and indices out of range, non-finite numbers,
-and video sizes whose memory estimate cannot fit on this machine.
+the sampler's own option checks and its timesteps for the video (a frame count its timestep
+transform refuses), and video sizes whose memory estimate cannot fit on this machine.
 
 The size estimate is a lower bound of what a run holds at once, so nothing that could run is
 refused: the decoded float32 video (``batch x 3 x T x H x W x 4`` bytes, on the device and
@@ -24,6 +25,7 @@ import torch
 from .parallel.cfg import check_degree, check_world
 from .parallel.launch import DEFAULT_TIMEOUT_S
 from .pipeline import get_num_frames, resolve_dtype, resolve_image_size
+from .registry import SCHEDULERS, build_module
 from .utils.compile import compile_options
 
 #: top-level keys of an inference config and what they hold
@@ -165,6 +167,11 @@ def check_inference_config(cfg: Any, start_index: Any = None, end_index: Any = N
     num_frames = get_num_frames(cfg.get("num_frames", 1))
     image_size = resolve_image_size(cfg.get("image_size"), cfg.get("resolution"),
                                     cfg.get("aspect_ratio"))
+    # the sampler, built (cheap) for its own checks and its timesteps for this video: e.g. a
+    # frame count whose timestep transform upstream turns into NaN is refused here
+    scheduler = build_module(sched, SCHEDULERS)
+    if hasattr(scheduler, "timesteps"):
+        scheduler.timesteps(image_size[0], image_size[1], num_frames)
     device = torch.device("cpu") if device is None else torch.device(device)
     hidden = cfg["model"].get("hidden_size") or 1
     check_video_fits(num_frames, image_size, batch_size, hidden if _is_int(hidden) else 1,

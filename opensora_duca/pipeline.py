@@ -7,7 +7,7 @@
     out = pipe.generate(["a red circle moving left"], seed=42)
     out["video"]      # float32 [B, 3, T, H, W] in [-1, 1], on the CPU
     out["latents"]    # float32 [B, C, t, h, w], on the CPU
-    out["timings"]    # dict(text_s, sample_s, decode_s, total_s)
+    out["timings"]    # dict(text_s, encode_s, sample_s, decode_s, total_s)
 
 Config keys read (Open-Sora 1.2 names): ``model``, ``vae``, ``text_encoder``, ``scheduler``
 (each ``dict(type=...)``), ``resolution`` + ``aspect_ratio`` or ``image_size = (H, W)``,
@@ -15,7 +15,17 @@ Config keys read (Open-Sora 1.2 names): ``model``, ``vae``, ``text_encoder``, ``
 ``aes`` / ``flow`` (scores appended to prompts, as Open-Sora 1.2 does), the optional
 top-level ``cache = dict(type=...)`` (attached with :func:`opensora_duca.cache.apply_cache`) and
 ``cfg_parallel`` (1, or 2: the two halves of the classifier-free-guidance batch on two groups
-of ranks, see :mod:`opensora_duca.parallel.cfg`).
+of ranks, see :mod:`opensora_duca.parallel.cfg`), and Open-Sora 1.3's image / video
+conditioning settings ``cond_type``, ``condition_frame_length``, ``image_cfg_scale``,
+``use_sdedit``, ``use_oscillation_guidance_for_text`` / ``_for_image`` (defaults of
+:meth:`Pipeline.generate`, whose ``references`` argument supplies the reference frames).
+
+Image / video conditioning (one loop of upstream 1.3's ``cond_type`` runs): the references
+(pixels) are encoded by the VAE, placed into the reference latents ``z_cond`` and the given
+latent frames ``mask_index`` by :func:`reference_condition`, and the sampler runs its
+three-way guidance (:mod:`opensora_duca.schedulers.rflow`). Refused, before any model runs:
+``cfg_parallel=2``, a model without the 1.3 reference embedders, and a cache with
+``cfg_shared_selection``.
 
 Seeding: the initial noise of prompt ``j`` of a :meth:`Pipeline.generate` call is drawn on the
 CPU from a ``torch.Generator`` seeded with ``seeds[j]`` (default ``seed + j``) and then moved
@@ -174,6 +184,74 @@ def unique_filenames(prompts: Sequence[str], max_len: int = 100) -> list[str]:
     return names
 
 
+# ------------------------------------------------------- reference (i2v / v2v) conditioning
+#: Open-Sora 1.3's ``cond_type`` values (single-loop generation)
+COND_TYPES = ("i2v_head", "i2v_tail", "i2v_loop", "v2v_head")
+
+
+#: top-level config keys of Open-Sora 1.3's i2v / v2v runs that :meth:`Pipeline.generate` reads
+CONDITIONING_KEYS = ("cond_type", "condition_frame_length", "image_cfg_scale", "use_sdedit",
+                     "use_oscillation_guidance_for_text", "use_oscillation_guidance_for_image")
+
+
+def check_cond_type(cond_type: Any) -> Optional[str]:
+    """``cond_type`` (None or "none": text to video) -> None or one of :data:`COND_TYPES`."""
+    if cond_type is None or cond_type == "none":
+        return None
+    if cond_type not in COND_TYPES:
+        raise ValueError(f"cond_type={cond_type!r} is not accepted; accepted: None, 'none' or one "
+                         f"of {list(COND_TYPES)}")
+    return cond_type
+
+
+def reference_condition(cond_type: str, refs: Sequence[Sequence[torch.Tensor]],
+                        latent_shape: Sequence[int], condition_frame_length: int = 5
+                        ) -> tuple[torch.Tensor, list[int]]:
+    """The reference latents ``z_cond`` [B, C, T, H, W] (zero outside the given frames) and the
+    given latent frames ``mask_index`` of Open-Sora 1.3's single-loop ``cond_type``s.
+
+    ``refs[b]``: sample ``b``'s reference latents, one or two tensors [C, t_r, H, W].
+    ``i2v_head``: frame 0 <- the reference's first frame. ``i2v_tail``: the last frame <- the
+    reference's last frame. ``i2v_loop``: both (the last frame from the second reference's
+    first frame when a sample has two, else from the first reference's last frame; needs
+    T >= 2). ``v2v_head``: the first L frames <- the reference's first L frames, with
+    L = min(condition_frame_length, T, the shortest first reference of ``refs``).
+    """
+    b, c, t = latent_shape[:3]
+    cond_type = check_cond_type(cond_type)
+    if cond_type is None:
+        raise ValueError("reference_condition needs a cond_type; accepted: one of "
+                         f"{list(COND_TYPES)}")
+    if len(refs) != b or any(not 1 <= len(r) <= 2 for r in refs):
+        raise ValueError(f"references: {len(refs)} entries for a batch of {b}; accepted: one "
+                         f"entry per sample, each one or two references")
+    for j, entry in enumerate(refs):
+        for r in entry:
+            if r.dim() != 4 or r.shape[0] != c or tuple(r.shape[2:]) != tuple(latent_shape[3:]):
+                raise ValueError(f"references[{j}]: latent {tuple(r.shape)} is not accepted; "
+                                 f"accepted: [{c}, frames, {latent_shape[3]}, "
+                                 f"{latent_shape[4]}] (the run's latent size)")
+    if cond_type == "i2v_loop" and t < 2:
+        raise ValueError(f"cond_type='i2v_loop' needs at least 2 latent frames (it conditions "
+                         f"the first and the last); this run has {t}")
+    z_cond = torch.zeros(tuple(latent_shape), dtype=refs[0][0].dtype, device=refs[0][0].device)
+    if cond_type == "v2v_head":
+        n = min(condition_frame_length, t, min(r[0].shape[1] for r in refs))
+        index = list(range(n))
+        for j, entry in enumerate(refs):
+            z_cond[j, :, :n] = entry[0][:, :n]
+        return z_cond, index
+    index = {"i2v_head": [0], "i2v_tail": [t - 1], "i2v_loop": [0, t - 1]}[cond_type]
+    for j, entry in enumerate(refs):
+        if cond_type in ("i2v_head", "i2v_loop"):
+            z_cond[j, :, 0] = entry[0][:, 0]
+        if cond_type == "i2v_tail":
+            z_cond[j, :, t - 1] = entry[0][:, -1]
+        if cond_type == "i2v_loop":
+            z_cond[j, :, t - 1] = entry[1][:, 0] if len(entry) == 2 else entry[0][:, -1]
+    return z_cond, index
+
+
 # --------------------------------------------------------------------------- pipeline
 class Pipeline:
     """Text encoder + latent codec + STDiT3 + sampler (+ optional cache manager).
@@ -197,12 +275,15 @@ class Pipeline:
         return list(self.vae.get_latent_size((num_frames, height, width)))
 
     @torch.no_grad()
-    def initial_noise(self, seeds: Sequence[int], latent_size: Sequence[int]) -> torch.Tensor:
-        """[len(seeds), C, t, h, w] standard normal noise, one CPU generator per sample,
-        identical on every rank, moved to the pipeline's device and dtype."""
+    def initial_noise(self, seeds: Sequence[int], latent_size: Sequence[int],
+                      generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+        """[len(seeds), C, t, h, w] standard normal noise, one CPU generator per sample
+        (seeded with its seed, or ``generators``, which the draw advances), identical on every
+        rank, moved to the pipeline's device and dtype."""
+        if generators is None:
+            generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         zs = []
-        for s in seeds:
-            g = torch.Generator(device="cpu").manual_seed(int(s))
+        for g in generators:
             zs.append(torch.randn(self.vae.out_channels, *latent_size, generator=g,
                                   dtype=torch.float32))
         return torch.stack(zs).to(self.device, self.dtype)
@@ -213,7 +294,11 @@ class Pipeline:
                  seed: Optional[int] = None, fps: Optional[float] = None,
                  seeds: Optional[Sequence[int]] = None, batch_size: Optional[int] = None,
                  num_sampling_steps: Optional[int] = None, cfg_scale: Optional[float] = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, references: Optional[Sequence[Any]] = None,
+                 cond_type: Any = None, condition_frame_length: Optional[int] = None,
+                 image_cfg_scale: Optional[float] = None, use_sdedit: Optional[bool] = None,
+                 use_oscillation_guidance_for_text: Optional[bool] = None,
+                 use_oscillation_guidance_for_image: Optional[bool] = None) -> dict:
         """Generate one video per prompt.
 
         Args:
@@ -222,10 +307,27 @@ class Pipeline:
             seeds: one noise seed per prompt (default ``seed + j`` for prompt ``j``).
             num_sampling_steps, cfg_scale: override the scheduler's values for this call.
             progress: show the sampler's tqdm bar.
+            references, cond_type, condition_frame_length: Open-Sora 1.3 image / video
+                conditioning (i2v / v2v, one loop). ``references``: one entry per prompt, a
+                pixel video [3, F, H, W] in [-1, 1] at the run's size (an image: F = 1) or a
+                list of one or two of them; the VAE encodes them and
+                :func:`reference_condition` places them by ``cond_type`` (one of
+                :data:`COND_TYPES`; default: the config's ``cond_type``) with
+                ``condition_frame_length`` (v2v_head, latent frames; default: the config's,
+                else 5). The sampler then runs its three-way guidance with
+                ``image_cfg_scale`` (default: the config's, else 7.5, as upstream's script) and
+                ``use_sdedit`` (default: the config's, else False).
+            use_oscillation_guidance_for_text, use_oscillation_guidance_for_image: the
+                sampler's oscillation switches (default: the config's, else the scheduler's
+                ``use_oscillation_guidance``).
 
         Returns ``dict(video=[B, 3, T, H, W] float32 in [-1, 1], latents=[B, C, t, h, w]
-        float32, prompts=[the prompts as encoded], seeds=[...], timings=dict(...))`` with
-        tensors on the CPU.
+        float32, prompts=[the prompts as encoded], seeds=[...], timings=dict(...),
+        mask_index=[the given latent frames] or None, ...)`` with tensors on the CPU.
+
+        With a reference, the noise SDEdit draws at every step comes from the prompt's own CPU
+        generator (the one that drew its initial noise, continued), so a clip does not depend
+        on its batch-mates or on the rank.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -261,19 +363,37 @@ class Pipeline:
                     or num_sampling_steps < 1:
                 raise ValueError(f"num_sampling_steps={num_sampling_steps!r} is not accepted; "
                                  f"accepted: an int >= 1")
+        cond = self._conditioning(
+            len(prompts), num_frames, height, width, references,
+            d.get("cond_type") if cond_type is None else cond_type,
+            d.get("condition_frame_length") if condition_frame_length is None
+            else condition_frame_length,
+            d.get("image_cfg_scale") if image_cfg_scale is None else image_cfg_scale,
+            d.get("use_sdedit") if use_sdedit is None else use_sdedit,
+            d.get("use_oscillation_guidance_for_text") if use_oscillation_guidance_for_text
+            is None else use_oscillation_guidance_for_text,
+            d.get("use_oscillation_guidance_for_image") if use_oscillation_guidance_for_image
+            is None else use_oscillation_guidance_for_image)
+        if num_sampling_steps is not None:
             sched.num_sampling_steps = num_sampling_steps
         if cfg_scale is not None:
             sched.cfg_scale = float(cfg_scale)
-        timings = dict(text_s=0.0, sample_s=0.0, decode_s=0.0)
+        timings = dict(text_s=0.0, encode_s=0.0, sample_s=0.0, decode_s=0.0)
         t_all = time.perf_counter()
         videos, latents, encoded = [], [], []
+        mask_index = None
         try:
+            # the timestep transform's errors (a degenerate frame count) before any model runs
+            sched.timesteps(height, width, num_frames)
             latent_size = self.latent_size(num_frames, height, width)
             for b0 in range(0, len(prompts), batch_size):
                 batch = append_scores(prompts[b0:b0 + batch_size], self.aes, self.flow)
                 encoded += batch
-                z, v = self._generate_batch(batch, seeds[b0:b0 + batch_size], latent_size,
-                                            num_frames, height, width, fps, progress, timings)
+                refs = None if cond["references"] is None else \
+                    cond["references"][b0:b0 + batch_size]
+                z, v, mask_index = self._generate_batch(
+                    batch, seeds[b0:b0 + batch_size], latent_size, num_frames, height, width,
+                    fps, progress, timings, cond, refs)
                 latents.append(z)
                 videos.append(v)
         finally:
@@ -281,10 +401,82 @@ class Pipeline:
         timings["total_s"] = time.perf_counter() - t_all
         return dict(video=torch.cat(videos), latents=torch.cat(latents), prompts=encoded,
                     seeds=list(seeds), timings=timings, num_frames=num_frames,
-                    image_size=(height, width), latent_size=latent_size, fps=fps)
+                    image_size=(height, width), latent_size=latent_size, fps=fps,
+                    mask_index=mask_index)
+
+    def _conditioning(self, n, num_frames, height, width, references, cond_type,
+                      condition_frame_length, image_cfg_scale, use_sdedit, osc_text, osc_image
+                      ) -> dict:
+        """Check a call's i2v / v2v settings before anything runs; the sampler's keywords."""
+        cond_type = check_cond_type(cond_type)
+        for key, val in (("use_oscillation_guidance_for_text", osc_text),
+                         ("use_oscillation_guidance_for_image", osc_image)):
+            if val is not None and not isinstance(val, bool):
+                raise ValueError(f"{key}={val!r} is not accepted; accepted: None (the "
+                                 f"scheduler's use_oscillation_guidance), True or False")
+        out = dict(cond_type=cond_type, references=None, condition_frame_length=None,
+                   sample=dict(use_oscillation_guidance_for_text=osc_text,
+                               use_oscillation_guidance_for_image=osc_image))
+        if cond_type is None:
+            if references is not None:
+                raise ValueError("references given without cond_type; accepted: cond_type one "
+                                 f"of {list(COND_TYPES)} with references, or no references")
+            return out
+        length = 5 if condition_frame_length is None else condition_frame_length
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"condition_frame_length={condition_frame_length!r} is not "
+                             f"accepted; accepted: an int >= 1 (latent frames)")
+        scale = 7.5 if image_cfg_scale is None else image_cfg_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
+                not math.isfinite(scale):
+            raise ValueError(f"image_cfg_scale={image_cfg_scale!r} is not accepted; accepted: a "
+                             f"finite number (default 7.5)")
+        sdedit = False if use_sdedit is None else use_sdedit
+        if not isinstance(sdedit, bool):
+            raise ValueError(f"use_sdedit={use_sdedit!r} is not accepted; accepted: True or "
+                             f"False")
+        if self.cfg_parallel is not None:
+            raise ValueError(f"cond_type={cond_type!r} is not accepted with cfg_parallel=2: the "
+                             f"i2v / v2v guidance batch has three parts (text + image, image, "
+                             f"neither), which do not split into the two CFG halves; accepted: "
+                             f"cfg_parallel=1")
+        if getattr(self.model, "cond_embedders", None) is False:
+            raise ValueError(f"cond_type={cond_type!r} needs a model with the 1.3 reference "
+                             f"embedders; accepted: model cond_embedders=True (Open-Sora 1.3 "
+                             f"weights), or cond_type=None")
+        policy = getattr(self.cache_manager, "policy", None)
+        if getattr(policy, "cfg_shared_selection", False):
+            raise ValueError(f"cache cfg_shared_selection=True is not accepted with "
+                             f"cond_type={cond_type!r} (it pairs the two halves of a two-way "
+                             f"guidance batch; i2v / v2v runs a three-way one); accepted: False")
+        if not isinstance(references, (list, tuple)) or len(references) != n:
+            got = len(references) if isinstance(references, (list, tuple)) else references
+            raise ValueError(f"cond_type={cond_type!r} needs references, one per prompt; got "
+                             f"{got!r} for {n} prompt(s); accepted: a list of {n} pixel videos "
+                             f"[3, F, {height}, {width}] (or lists of one or two of them)")
+        refs = []
+        for j, entry in enumerate(references):
+            entry = list(entry) if isinstance(entry, (list, tuple)) else [entry]
+            ok = 1 <= len(entry) <= 2 and all(
+                isinstance(r, torch.Tensor) and r.dim() == 4 and r.shape[0] == 3
+                and tuple(r.shape[2:]) == (height, width) and r.shape[1] >= 1 for r in entry)
+            if not ok:
+                got = [tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+                       for r in entry]
+                raise ValueError(f"references[{j}]={got} is not accepted; accepted: a pixel "
+                                 f"video [3, F, {height}, {width}] (the run's size; an image: "
+                                 f"F = 1) or a list of one or two of them")
+            refs.append(entry)
+        latent_t = self.latent_size(num_frames, height, width)[0]
+        if cond_type == "v2v_head":  # one length for the call: no clip depends on the batch
+            shortest = min(self.latent_size(r[0].shape[1], height, width)[0] for r in refs)
+            length = min(length, latent_t, shortest)
+        out.update(references=refs, condition_frame_length=length)
+        out["sample"].update(image_cfg_scale=float(scale), use_sdedit=sdedit)
+        return out
 
     def _generate_batch(self, prompts, seeds, latent_size, num_frames, height, width, fps,
-                        progress, timings):
+                        progress, timings, cond, refs=None):
         n = len(prompts)
         t0 = time.perf_counter()
         enc = self.text_encoder.encode(list(prompts))
@@ -293,14 +485,26 @@ class Pipeline:
         y_null = self.text_encoder.null(n).to(self.device, y.dtype)
         timings["text_s"] += time.perf_counter() - t0
 
-        z = self.initial_noise(seeds, latent_size)
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        z = self.initial_noise(seeds, latent_size, generators=generators)
         additional_args = dict(
             height=torch.tensor([height] * n, device=self.device, dtype=self.dtype),
             width=torch.tensor([width] * n, device=self.device, dtype=self.dtype),
             fps=torch.tensor([fps] * n, device=self.device, dtype=self.dtype))
-        t0 = time.perf_counter()
         kwargs = dict(mask=mask, additional_args=additional_args, height=height, width=width,
-                      num_frames=num_frames, progress=progress, cfg_parallel=self.cfg_parallel)
+                      num_frames=num_frames, progress=progress, cfg_parallel=self.cfg_parallel,
+                      **cond["sample"])
+        mask_index = None
+        if refs is not None:
+            t0 = time.perf_counter()
+            lat = [[self.vae.encode(r[None].to(self.device, self.vae.dtype))[0].to(self.dtype)
+                    for r in entry] for entry in refs]
+            z_cond, mask_index = reference_condition(cond["cond_type"], lat, z.shape,
+                                                     cond["condition_frame_length"])
+            kwargs.update(z_cond=z_cond, mask_index=mask_index, generators=generators)
+            _sync(self.device)
+            timings["encode_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
         if self.cache_manager is not None:  # the timesteps on the host: the cache reads none
             host_ts = self.scheduler.timesteps(height, width, num_frames).to(self.dtype).tolist()
             with self.cache_manager.session(num_steps=self.scheduler.num_sampling_steps,
@@ -315,7 +519,7 @@ class Pipeline:
         video = self.vae.decode(z.to(self.vae.dtype), num_frames=num_frames)
         _sync(self.device)
         timings["decode_s"] += time.perf_counter() - t0
-        return z.float().cpu(), video.float().clamp(-1, 1).cpu()
+        return z.float().cpu(), video.float().clamp(-1, 1).cpu(), mask_index
 
     def report(self) -> Optional[str]:
         """The cache manager's run report, or None without a cache."""
@@ -416,11 +620,14 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
     defaults = dict(num_frames=num_frames, image_size=image_size,
                     fps=_cfg_get(cfg, "fps", 24), seed=_cfg_get(cfg, "seed", 0),
                     batch_size=_cfg_get(cfg, "batch_size", 1))
+    for key in CONDITIONING_KEYS:  # Open-Sora 1.3's i2v / v2v settings (checked by generate)
+        defaults[key] = _cfg_get(cfg, key)
     return Pipeline(model, text_encoder, vae, scheduler, device, dtype, cache_manager=manager,
                     defaults=defaults, aes=_cfg_get(cfg, "aes"), flow=_cfg_get(cfg, "flow"),
                     cfg_parallel=cfg_parallel)
 
 
-__all__ = ["Pipeline", "build_from_config", "load_prompts", "append_scores", "get_image_size",
+__all__ = ["Pipeline", "build_from_config", "reference_condition", "check_cond_type",
+           "COND_TYPES", "CONDITIONING_KEYS", "load_prompts", "append_scores", "get_image_size",
            "get_num_frames", "resolve_image_size", "parse_aspect_ratio", "prompt_to_filename",
            "unique_filenames", "RESOLUTION_AREAS", "NUM_FRAMES_NAMES"]

@@ -34,8 +34,9 @@ def _cfg(**over):
                model=dict(type="STDiT3-S/2", depth=DEPTH, hidden_size=64, num_heads=4),
                vae=dict(type="DemoCodec"),
                text_encoder=dict(type="DemoTextEncoder", output_dim=32, model_max_length=8),
+               # 3 frames: the 1.2 transform's frame factor 3 // 17 * 5 is 0; counted as 1
                scheduler=dict(type="rflow", num_sampling_steps=STEPS, cfg_scale=5.0,
-                              use_timestep_transform=True))
+                              use_timestep_transform=True, scale_temporal=False))
     cfg.update(over)
     return cfg
 

@@ -45,6 +45,11 @@ def _torchrun(args, timeout=180):
     (["--cfg-options", "sed=3"], "config keys ['sed'] are not known; accepted: ['aes'"),
     (["--dist-timeout", "0"], "dist_timeout=0.0 is not accepted; accepted: a number of seconds"),
     (["--fps", "-2"], "fps=-2.0 is not accepted"),
+    # the 1.2 timestep transform's frame factor 16 // 17 * 5 is 0: NaN at t = 1000 upstream
+    (["--num-frames", "16", "--cfg-options", "scheduler.scale_temporal=True"],
+     "num_frames=16 is not accepted with use_timestep_transform and transform_version='1.2'"),
+    (["--cfg-options", "scheduler.initial_image_scale=x"],
+     "scheduler initial_image_scale='x'; accepted: a finite number"),
 ])
 def test_bad_settings_fail_before_anything_is_built(args, message, tmp_path, monkeypatch,
                                                     capsys):

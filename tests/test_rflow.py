@@ -110,3 +110,80 @@ def test_add_noise_and_registry():
     out = s.add_noise(x0, noise, torch.tensor([250.0, 1000.0]))
     assert out.flatten().tolist() == [0.25, 1.0]
     assert math.isclose(s.timesteps()[-1].item(), 200.0)
+
+
+def _upstream_transform_f64(t, height, width, num_frames, version, scale=1.0,
+                            scale_temporal=True):
+    """Upstream's timestep transform in float64, written from its formula: frames = 1 for an
+    image, else num_frames // 17 * 5 (1.2) or (num_frames - 1) // 4 (1.3);
+    r = sqrt(H W / 512^2) sqrt(frames) (times scale: always in 1.2, for videos in 1.3);
+    t' = r t / (1 + (r - 1) t) on t / 1000."""
+    image = num_frames == 1 or (version == "1.3" and not scale_temporal)
+    if image:
+        frames = 1
+    elif version == "1.3":
+        frames = (num_frames - 1) // 4
+    else:
+        frames = num_frames // 17 * 5
+    r = math.sqrt(height * width / 512 ** 2) * math.sqrt(frames)
+    if version == "1.2" or not image:
+        r *= scale
+    u = t / 1000
+    den = 1 + (r - 1) * u
+    return float("nan") if den == 0 and r * u == 0 else r * u / den * 1000
+
+
+@pytest.mark.parametrize("version, num_frames", [
+    ("1.2", 1), ("1.2", 17), ("1.2", 34), ("1.2", 51), ("1.2", 102), ("1.2", 204),
+    ("1.3", 1), ("1.3", 5), ("1.3", 6), ("1.3", 33), ("1.3", 113), ("1.3", 204)])
+@pytest.mark.parametrize("height, width", [(144, 256), (480, 854), (720, 1280), (1024, 1024)])
+def test_transform_matches_upstream_formula_in_float64(version, num_frames, height, width):
+    for scale in (1.0, 2.0):
+        sched = RFlow(num_sampling_steps=7, use_timestep_transform=True, transform_scale=scale,
+                      transform_version=version)
+        got = sched.timesteps(height, width, num_frames).tolist()
+        raw = [(1 - i / 7) * 1000 for i in range(7)]
+        want = [_upstream_transform_f64(t, height, width, num_frames, version, scale)
+                for t in raw]
+        assert got == pytest.approx(want, rel=2e-6)
+
+
+@pytest.mark.parametrize("version, frames", [("1.2", range(2, 17)), ("1.3", range(2, 5))])
+def test_degenerate_frame_counts_are_refused_where_upstream_gives_nan(version, frames):
+    for nf in frames:
+        # upstream's value at t = 1000 is 0/0
+        assert math.isnan(_upstream_transform_f64(1000.0, 480, 854, nf, version))
+        sched = RFlow(num_sampling_steps=4, use_timestep_transform=True,
+                      transform_version=version)
+        least = 17 if version == "1.2" else 5
+        with pytest.raises(ValueError, match=rf"num_frames={nf} is not accepted with "
+                                             rf"use_timestep_transform and transform_version="
+                                             rf"'{version}'.*accepted: num_frames 1 or >= "
+                                             rf"{least}"):
+            sched.timesteps(480, 854, nf)
+        with pytest.raises(ValueError, match=f"num_frames={nf}"):
+            sched.sample(ToyModel(), torch.ones(1, 2, 3, 2, 2), torch.ones(1, 1, 4, 8),
+                         torch.ones(1, 1, 4, 8), height=480, width=854, num_frames=nf,
+                         progress=False)
+        # below t = 1000 upstream's value is finite (0): the same here (training timesteps)
+        assert timestep_transform(torch.tensor([999.0, 500.0, 0.0]), 480, 854, nf,
+                                  version=version).tolist() == [0.0, 0.0, 0.0]
+        t = sched.sample_t(64, generator=torch.Generator().manual_seed(0), height=480,
+                           width=854, num_frames=nf)
+        assert t.tolist() == [0.0] * 64
+        # the neighbours that count one frame or more are accepted
+        for ok in (1, least):
+            assert torch.isfinite(sched.timesteps(480, 854, ok)).all()
+        # so is the same video with scale_temporal=False (one frame) or without the transform
+        flat = RFlow(num_sampling_steps=4, use_timestep_transform=True,
+                     transform_version=version, scale_temporal=False)
+        assert flat.timesteps(480, 854, nf).tolist() == flat.timesteps(480, 854, 1).tolist()
+        assert RFlow(num_sampling_steps=4).timesteps(480, 854, nf).tolist() == [
+            1000.0, 750.0, 500.0, 250.0]
+
+
+def test_transform_frame_count_must_be_positive():
+    for nf in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=r"num_frames=.* is not accepted by the timestep "
+                                             r"transform; accepted: an int >= 1"):
+            timestep_transform(torch.tensor([500.0]), 480, 854, nf)
