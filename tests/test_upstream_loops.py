@@ -158,3 +158,34 @@ def test_every_finished_run_logs_its_report_once(caplog):
         remove_cache(model)
     notes = [r.getMessage() for r in caplog.records]
     assert len(notes) == 4 and all("no step cached : runs were split" in n for n in notes[1:])
+
+
+def _own_sampler_labels(model, **kw):
+    from opensora_duca.schedulers.rflow import RFlow
+
+    cfg = shipped_cache("1.3")
+    mgr = apply_cache(model, cfg)  # no session: as a user's own loop around our sampler
+    with torch.no_grad():
+        RFlow(num_sampling_steps=STEPS, cfg_scale=7.0).sample(model, progress=False, **kw)
+    stats = mgr.stats()
+    remove_cache(model)
+    return stats, plan_counts(cfg)
+
+
+def test_our_sampler_conditioned_loops_cache_as_one_run():
+    """This project's rflow: its frame-conditioned loop (x_cond / cond_mask) and its 1.3 i2v
+    loop with SDEdit run sessionless follow the same plan as text-to-video."""
+    x, y, mask = inputs_v12()
+    y_null = torch.zeros_like(y)
+    cond = dict(x_cond=torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator()
+                                   .manual_seed(3)),
+                cond_mask=torch.tensor([[0.0, 1.0, 1.0], [0.5, 1.0, 1.0]], dtype=x.dtype))
+    stats, want = _own_sampler_labels(ours_v12(), z=x, y=y, y_null=y_null, mask=mask, **cond)
+    assert stats["runs"] == 1 and Counter(stats["step_labels"]) == want
+    ours, _ = pair_v13()
+    kw = v13_case("i2v_sdedit")
+    stats, want = _own_sampler_labels(
+        ours, z=kw["z"], y=kw["y"], y_null=kw["y_null"], mask=kw["mask"], z_cond=kw["z_cond"],
+        mask_index=kw["mask_index"], use_sdedit=True,
+        additional_args=dict(fps=KW13["fps"], height=KW13["height"], width=KW13["width"]))
+    assert stats["runs"] == 1 and Counter(stats["step_labels"]) == want
