@@ -4,7 +4,10 @@ Every mistake a user can make in a config or on the command line is reported her
 model is built or a process group waits, as one ``ValueError`` naming the key, the value and
 what is accepted: unknown top-level keys, counts and indices out of range, non-finite numbers,
 the sampler's own option checks and its timesteps for the video (a frame count its timestep
-transform refuses), and video sizes whose memory estimate cannot fit on this machine.
+transform refuses), the cache policy (top-level ``cache = dict(type=...)`` and the model
+wrapper's ``model = dict(type="DuCa", model=..., cache=...)``: built, so every key and value is
+checked, and refused with ``cfg_parallel=2`` when it couples the CFG halves), and video sizes
+whose memory estimate cannot fit on this machine.
 
 The size estimate is a lower bound of what a run holds at once, so nothing that could run is
 refused: the decoded float32 video (``batch x 3 x T x H x W x 4`` bytes, on the device and
@@ -22,7 +25,8 @@ from typing import Any, Optional
 
 import torch
 
-from .parallel.cfg import check_degree, check_world
+from .cache.policies import build_policy
+from .parallel.cfg import check_cache_policy, check_degree, check_world
 from .parallel.launch import DEFAULT_TIMEOUT_S
 from .pipeline import get_num_frames, resolve_dtype, resolve_image_size
 from .registry import SCHEDULERS, build_module
@@ -124,6 +128,32 @@ def check_video_fits(num_frames: int, image_size: tuple[int, int], batch_size: i
                              "smaller size, fewer frames or a smaller batch")
 
 
+def cache_configs(cfg: Any) -> dict:
+    """``{where: cache config}`` of the cache policies a run attaches: the top-level ``cache``
+    and the model wrapper's (``model=dict(type="DuCa", ...)``, whose ``cache`` defaults to
+    DuCa)."""
+    out = {}
+    if cfg.get("cache") is not None:
+        out["cache"] = cfg.get("cache")
+    model = cfg.get("model")
+    if hasattr(model, "get") and model.get("type") == "DuCa":
+        out["model.cache"] = dict(type="DuCa") if model.get("cache") is None else model["cache"]
+    return out
+
+
+def check_cache(cfg: Any, cfg_parallel: int) -> None:
+    """Build every cache policy of ``cfg`` (a bad key or value fails with the policy's own
+    message) and refuse one that couples the CFG halves with ``cfg_parallel=2``."""
+    caches = cache_configs(cfg)
+    if len(caches) > 1:
+        raise ValueError("cache is set twice: a top-level cache=dict(type=...) and the model "
+                         "wrapper's model=dict(type='DuCa', cache=...); accepted: one of them")
+    for value in caches.values():
+        policy = build_policy(value)
+        if cfg_parallel == 2:
+            check_cache_policy(policy)
+
+
 def check_inference_config(cfg: Any, start_index: Any = None, end_index: Any = None,
                            device: Optional[torch.device] = None) -> None:
     """Check everything a run reads from ``cfg`` (an mmengine Config or a dict, after the
@@ -163,6 +193,7 @@ def check_inference_config(cfg: Any, start_index: Any = None, end_index: Any = N
     compile_options(cfg.get("compile"))
     dist_timeout(cfg)
     cfg_parallel = check_degree(cfg.get("cfg_parallel"))
+    check_cache(cfg, cfg_parallel)
     check_world(cfg_parallel, int(os.environ.get("WORLD_SIZE", "1")))  # as launch reads it
     num_frames = get_num_frames(cfg.get("num_frames", 1))
     image_size = resolve_image_size(cfg.get("image_size"), cfg.get("resolution"),
@@ -192,5 +223,5 @@ def run_settings(cfg: Any, start_index: Any = None, end_index: Any = None) -> di
     return out
 
 
-__all__ = ["check_inference_config", "check_video_fits", "dist_timeout", "memory_bytes",
-           "run_settings", "INFERENCE_KEYS", "AGREED_KEYS"]
+__all__ = ["check_inference_config", "check_cache", "cache_configs", "check_video_fits",
+           "dist_timeout", "memory_bytes", "run_settings", "INFERENCE_KEYS", "AGREED_KEYS"]

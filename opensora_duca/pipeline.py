@@ -46,6 +46,7 @@ from .cache import apply_cache, get_cache_manager
 from .parallel.cfg import check_cache_policy, setup_cfg_parallel
 from .registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
 from .utils.compile import compile_options
+from .utils.config import plain
 from .utils.dtype import resolve_dtype
 
 # ----------------------------------------------------------------- video size helpers
@@ -539,8 +540,7 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def _as_dict(value: Any) -> Any:
-    if value is not None and hasattr(value, "to_dict"):
-        return value.to_dict()
+    value = plain(value)
     return dict(value) if isinstance(value, dict) else value
 
 

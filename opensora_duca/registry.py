@@ -11,6 +11,8 @@ from typing import Any
 
 from mmengine.registry import Registry
 
+from .utils.config import plain
+
 MODELS = Registry("model", scope="opensora_duca",
                   locations=["opensora_duca.models", "opensora_duca.cache"])
 SCHEDULERS = Registry("scheduler", scope="opensora_duca", locations=["opensora_duca.schedulers"])
@@ -34,9 +36,8 @@ def build_module(cfg: Any, registry: Registry, **overrides: Any) -> Any:
     if cfg is None:
         return None
     if not isinstance(cfg, dict):
-        if hasattr(cfg, "to_dict"):  # mmengine ConfigDict
-            cfg = cfg.to_dict()
-        else:
+        cfg = plain(cfg)  # an mmengine ConfigDict -> dict
+        if not isinstance(cfg, dict):
             return cfg  # already an object
     cfg = copy.deepcopy(dict(cfg))
     if "type" not in cfg:

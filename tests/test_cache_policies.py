@@ -100,3 +100,108 @@ def test_step_kinds_are_enums_that_read_as_names():
     assert labels == ["full", "full", "full", "full (cross-attn reused)", "conservative",
                       "aggressive", "full"]
     assert StepKind.CONSERVATIVE == "conservative" and f"{Kind.MLP}" == "mlp"
+
+
+def test_every_field_of_every_policy_is_checked_with_a_message_naming_it():
+    """Validation is declared per field (or, for TeaCache's calibration trio, checked
+    together): a value no field accepts fails naming the policy, the key, the value and what is
+    accepted."""
+    for name in registered(CACHES):
+        for key in accepted_keys(CACHES.get(name)):
+            with pytest.raises(ValueError) as e:
+                build_policy({"type": name, key: "bogus"})
+            assert f"cache policy {name!r}: {key}='bogus' is invalid; accepted: " in \
+                str(e.value), (name, key, str(e.value))
+
+
+def test_taylorseer_plans_are_foras_with_forecasting():
+    from opensora_duca.cache import TaylorSeer
+
+    for kw in (dict(), dict(interval=3, warmup_steps=2), dict(interval=1, order=0),
+               dict(interval=4, order=1, distance="timestep", warmup_steps=0)):
+        ts = TaylorSeer(**kw)
+        fora = FORA(interval=ts.interval, warmup_steps=ts.warmup_steps,
+                    forecast=dict(order=ts.order, distance=ts.distance))
+        steps = range(25)
+        assert [ts.plan(s, 25, [0.0] * (s + 1)) for s in steps] == \
+            [fora.plan(s, 25, [0.0] * (s + 1)) for s in steps], kw
+        assert (ts.forecast_order, ts.forecast_distance, ts.reuses(Kind.MLP)) == \
+            (fora.forecast_order, fora.forecast_distance, fora.reuses(Kind.MLP))
+    assert TaylorSeer().describe() == {"type": "TaylorSeer", "interval": 5, "order": 2,
+                                       "warmup_steps": 3, "distance": "step",
+                                       "stored_dtype": None}
+
+
+def test_couples_cfg_halves_is_a_policy_property():
+    from opensora_duca.parallel.cfg import check_cache_policy
+
+    coupling = {name: build_policy(dict(type=name)).couples_cfg_halves
+                for name in registered(CACHES)}
+    assert coupling == {name: name in ("TeaCache", "FirstBlockCache") for name in coupling}
+    assert DuCa(cfg_shared_selection=True).couples_cfg_halves
+    assert ToCa(cfg_shared_selection=True).couples_cfg_halves
+
+    class Other:  # any object with the property: read duck-typed, no cache import
+        name, couples_cfg_halves, cfg_shared_selection = "Other", True, False
+
+    with pytest.raises(ValueError, match="cache type='Other' is not accepted with cfg_parallel"):
+        check_cache_policy(Other())
+    check_cache_policy(DuCa())
+
+
+def test_adaptive_policies_keep_a_typed_run_state():
+    from opensora_duca.cache.policies import AdaptiveState, TeaCacheState
+
+    tea = build_policy(dict(type="TeaCache", threshold=0.1))
+    state = tea.new_state()
+    assert state == TeaCacheState(accumulated=0.0)
+    changes = [None, 0.04, 0.04, 0.04, 0.01]
+    decisions = [tea.decide(s, 10, c, state) for s, c in enumerate(changes)]
+    assert decisions == [True, False, False, True, False]  # 0.12 >= 0.1 at step 3
+    assert state.accumulated == pytest.approx(0.01)
+    assert tea.new_state() == TeaCacheState()  # a fresh state per group and run
+    fbc = build_policy(dict(type="FirstBlockCache", threshold=0.05))
+    assert type(fbc.new_state()) is AdaptiveState
+    assert [fbc.decide(s, 10, c, fbc.new_state()) for s, c in
+            enumerate([None, 0.01, 0.06])] == [True, False, True]
+
+
+def test_build_policy_lives_with_the_policies():
+    from opensora_duca.cache.policies import build_policy as from_policies
+
+    assert from_policies(None) == build_policy(None)
+    assert from_policies(dict(type="DuCa", fresh_ratio=0.2)) == DuCa(fresh_ratio=0.2)
+    with pytest.raises(KeyError, match="unknown cache policy type 'Nope'; registered"):
+        from_policies(dict(type="Nope"))
+    with pytest.raises(ValueError, match=r"unknown key 'bogus'=1; accepted keys: \['cfg_shared"):
+        from_policies(dict(type="DuCa", bogus=1))
+    with pytest.raises(ValueError, match="must be a dict with a 'type' key"):
+        from_policies(dict(fresh_ratio=0.2))
+
+
+def test_calibration_file_errors_come_from_the_calibrator(tmp_path):
+    from opensora_duca.cache.calibrate import CalibrationFileError, load_calibration
+
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"coefficients": []}')
+    with pytest.raises(CalibrationFileError, match="a non-empty 'coefficients' list"):
+        load_calibration(str(empty))
+    with pytest.raises(ValueError, match=r"cache policy 'TeaCache': calibration='.*empty.json' "
+                                         r"is invalid; accepted: a non-empty 'coefficients'"):
+        build_policy(dict(type="TeaCache", calibration=str(empty)))
+    good = tmp_path / "good.json"
+    good.write_text('{"coefficients": [1, 2], "x_range": [0, 1]}')
+    assert load_calibration(str(good)) == ((1.0, 2.0), (0.0, 1.0))
+
+
+def test_plain_reads_a_config_as_plain_data():
+    from mmengine.config import ConfigDict
+
+    from opensora_duca.utils.config import plain
+
+    cfg = ConfigDict(type="DuCa", ratio_schedule=ConfigDict(type="linear"))
+    out = plain(cfg)
+    assert out == {"type": "DuCa", "ratio_schedule": {"type": "linear"}}
+    assert type(out) is dict and type(out["ratio_schedule"]) is dict
+    marker = object()
+    assert plain(marker) is marker and plain(None) is None

@@ -50,6 +50,26 @@ def _torchrun(args, timeout=180):
      "num_frames=16 is not accepted with use_timestep_transform and transform_version='1.2'"),
     (["--cfg-options", "scheduler.initial_image_scale=x"],
      "scheduler initial_image_scale='x'; accepted: a finite number"),
+    # the cache policy is built (every key and value checked) before anything else is
+    (["--cfg-options", "cache.type=DuCa", "cache.fresh_ratio=2"],
+     "cache policy 'DuCa': fresh_ratio=2 is invalid; accepted: a number in [0, 1]"),
+    (["--cfg-options", "cache.type=DuCa", "cache.bogus=1"],
+     "cache policy 'DuCa': unknown key 'bogus'=1; accepted keys: ['cfg_shared_selection'"),
+    (["--cfg-options", "cache.type=Nope"],
+     "unknown cache policy type 'Nope'; registered policies: ['DuCa', 'FORA'"),
+    (["--cfg-options", "cache.type=TeaCache", "cfg_parallel=2"],
+     "cache type='TeaCache' is not accepted with cfg_parallel=2"),
+    (["--cfg-options", "cache.type=DuCa", "cache.cfg_shared_selection=True", "cfg_parallel=2"],
+     "cache cfg_shared_selection=True is not accepted with cfg_parallel=2"),
+    # the model wrapper's cache: dict(type="DuCa", model=dict(...), cache=dict(...))
+    (["--cfg-options", "model.type=DuCa", "model.model.type=STDiT3-S/2",
+      "model.cache.type=FirstBlockCache", "cfg_parallel=2"],
+     "cache type='FirstBlockCache' is not accepted with cfg_parallel=2"),
+    (["--cfg-options", "model.type=DuCa", "model.model.type=STDiT3-S/2",
+      "model.cache.type=PAB", "model.cache.timestep_window=[1,1]"],
+     "cache policy 'PAB': timestep_window=[1, 1] is invalid; accepted: (lo, hi) with lo < hi"),
+    (["--cfg-options", "cache.type=DuCa", "model.type=DuCa", "model.model.type=STDiT3-S/2"],
+     "cache is set twice: a top-level cache=dict(type=...) and the model wrapper's"),
 ])
 def test_bad_settings_fail_before_anything_is_built(args, message, tmp_path, monkeypatch,
                                                     capsys):
@@ -101,6 +121,43 @@ def test_oversized_video_exits_2_in_a_fresh_process(tmp_path):
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.count("\n") == 1 and "cannot fit" in res.stderr
     assert time.perf_counter() - t0 < 60
+
+
+def test_bad_cache_is_reported_before_the_model_is_built(tmp_path):
+    """In a fresh process: a missing checkpoint is reported when the model is built; with a bad
+    cache setting as well, the cache setting is what is reported (checked first)."""
+    missing = f"model.from_pretrained={tmp_path / 'no_such.safetensors'}"
+    runs = {}
+    for name, extra in (("checkpoint", []), ("cache", ["cache.fresh_ratio=2"])):
+        runs[name] = subprocess.run(
+            [sys.executable, TOOL, CONFIG, "--save-dir", str(tmp_path / "out"), "--no-progress",
+             "--cfg-options", missing, "cache.type=DuCa"] + extra,
+            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    for name, res in runs.items():
+        assert res.returncode == 2, (name, res.stdout + res.stderr)
+        assert res.stderr.count("\n") == 1, (name, res.stderr)
+    assert "no_such.safetensors" in runs["checkpoint"].stderr, runs["checkpoint"].stderr
+    assert "cache policy 'DuCa': fresh_ratio=2 is invalid" in runs["cache"].stderr, \
+        runs["cache"].stderr
+    assert "no_such" not in runs["cache"].stderr
+
+
+def test_a_wrapper_cache_that_is_accepted_passes_the_check(monkeypatch):
+    import opensora_duca.config_check as cc
+    from opensora_duca.utils.config import load_config
+
+    monkeypatch.setattr(cc, "memory_bytes", lambda device: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(CONFIG, {"model.type": "DuCa", "model.model.type": "STDiT3-S/2",
+                               "cfg_parallel": 2})
+    assert cc.cache_configs(cfg) == {"model.cache": dict(type="DuCa")}  # the wrapper's default
+    cc.check_inference_config(cfg)  # DuCa plans per sample: accepted with cfg_parallel=2
+    cfg.model.cache = dict(type="TeaCache")
+    with pytest.raises(ValueError, match="cache type='TeaCache' is not accepted"):
+        cc.check_inference_config(cfg)
+    cfg.cfg_parallel = 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cc.check_inference_config(cfg)
 
 
 def test_ranks_with_different_seeds_fail_on_every_rank(tmp_path):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..utils.config import load_config
+from ..utils.config import load_config, plain
 from ..utils.dtype import resolve_dtype
 
 #: the source checkout holding configs/ (the tools run from one)
@@ -203,8 +203,7 @@ def build_config_bench(config_path: str, device, dtype=None, steps=None, batch=1
 
 
 def _as_plain(v):
-    if hasattr(v, "to_dict"):
-        v = v.to_dict()
+    v = plain(v)
     if isinstance(v, dict):
         return {k: _as_plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):

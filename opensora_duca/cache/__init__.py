@@ -2,7 +2,7 @@
 stored features, the cache-aware block runner and the manager. Entry points:
 :func:`apply_cache`, :func:`remove_cache`; ``dict(type="DuCa", model=..., cache=...)`` wraps a
 model config (:mod:`.wrapper`)."""
-from .manager import CacheManager, apply_cache, build_policy, get_cache_manager, remove_cache
+from .manager import CacheManager, apply_cache, get_cache_manager, remove_cache
 from .plan import FULL_STEP, KINDS, TRUNK_SKIP, Action, Kind, StepKind, StepPlan
 from .policies import (
                        FORA,
@@ -17,6 +17,7 @@ from .policies import (
                        TeaCache,
                        ToCa,
                        TrunkReuse,
+                       build_policy,
 )
 from .wrapper import build_cached
 

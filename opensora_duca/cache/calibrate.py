@@ -1,20 +1,23 @@
 """TeaCache calibration: fit, on the model in use, the polynomial that maps the measured change
-of the first block's modulated input to the change of the model output.
+of the first block's modulated input to the change of the model output, and read the file the
+fit is written to.
 
 A few uncached runs record, per step i >= 1, x_i = relative L1 change of block 0's modulated
 input from step i-1 (measured exactly as the TeaCache policy measures it, rank-invariant) and
-y_i = relative L1 change of the model output; a least-squares polynomial fit y ~ p(x) of the
-chosen degree gives the coefficients (highest degree first) that ``TeaCache(calibration=...)``
-reads from the JSON file this writes.
+y_i = relative L1 change of the model output (:func:`opensora_duca.cli.calibrate.collect_changes`,
+the runs of ``tools/calibrate.py``); a least-squares polynomial fit y ~ p(x) of the chosen degree
+gives the coefficients (highest degree first) that ``TeaCache(calibration=...)`` reads with
+:func:`load_calibration` from the JSON file the tool writes.
+
+(This module imports no cache manager: the TeaCache policy reads its file through it.)
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import json
+import os
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-
-from .manager import apply_cache, remove_cache
 
 
 def fit_polynomial(xs: Sequence[float], ys: Sequence[float], degree: int) -> Dict[str, object]:
@@ -34,38 +37,31 @@ def fit_polynomial(xs: Sequence[float], ys: Sequence[float], degree: int) -> Dic
             "samples": int(len(x))}
 
 
-@torch.no_grad()
-def collect_changes(pipe, prompts: Sequence[str], seeds: Sequence[int]) -> Dict[str, List[float]]:
-    """Uncached runs of ``pipe`` (one per seed, all prompts in one batch): per step >= 1 and
-    clip (its rows of the CFG batch), the modulated-input change (x) and the model-output
-    change (y)."""
-    if pipe.cache_manager is not None:
-        remove_cache(pipe.model)
-        pipe.cache_manager = None
-    xs: List[float] = []
-    ys: List[float] = []
-    outs: List[torch.Tensor] = []
-    hook = pipe.model.register_forward_hook(lambda mod, a, out: outs.append(out.detach()))
+class CalibrationFileError(ValueError):
+    """A calibration file that cannot be used; ``accepted`` says what is accepted."""
+
+    def __init__(self, path, accepted: str):
+        super().__init__(f"calibration={path!r} is invalid; accepted: {accepted}")
+        self.path, self.accepted = path, accepted
+
+
+def load_calibration(path: str) -> Tuple[Tuple[float, ...], Optional[Tuple[float, float]]]:
+    """The ``coefficients`` (highest degree first) and the measured input range ``x_range``
+    (None when the file has none) of a JSON file written by ``tools/calibrate.py``; raises
+    :class:`CalibrationFileError`."""
+    if not isinstance(path, str) or not os.path.isfile(path):
+        raise CalibrationFileError(path, "the path of a JSON file written by tools/calibrate.py")
     try:
-        for seed in seeds:
-            # threshold 0: every step is computed, and the change is measured as TeaCache does
-            mgr = apply_cache(pipe.model, dict(type="TeaCache", threshold=0.0))
-            pipe.cache_manager = mgr
-            try:
-                outs.clear()
-                pipe.generate(list(prompts), seeds=[seed] * len(prompts))
-                changes, groups = mgr.stats()["changes"], mgr.stats()["groups"]
-            finally:
-                remove_cache(pipe.model)
-                pipe.cache_manager = None
-            for i in range(1, len(outs)):  # one point per decision group (clip) and step
-                prev, now = outs[i - 1].double(), outs[i].double()
-                for change, rows in zip(changes[i], groups):
-                    if change is None:
-                        continue
-                    a, b = now[rows], prev[rows]
-                    xs.append(float(change))
-                    ys.append(float((a - b).abs().sum() / b.abs().sum().clamp_min(1e-300)))
-    finally:
-        hook.remove()
-    return {"x": xs, "y": ys}
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        coeffs = tuple(float(c) for c in data["coefficients"])
+        rng = data.get("x_range")
+        rng = None if rng is None else (float(rng[0]), float(rng[1]))
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise CalibrationFileError(path, f"a JSON file with a 'coefficients' list ({err})")
+    if not coeffs:
+        raise CalibrationFileError(path, "a non-empty 'coefficients' list")
+    return coeffs, rng
+
+
+__all__ = ["fit_polynomial", "load_calibration", "CalibrationFileError"]

@@ -19,15 +19,54 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Dict, List, Sequence
 
 import torch
 from mmengine.config import DictAction
 
-from ..cache.calibrate import collect_changes, fit_polynomial
+from ..cache import apply_cache, remove_cache
+from ..cache.calibrate import fit_polynomial
 from ..pipeline import build_from_config
 from ..utils.atomic import write_json
 from ..utils.config import load_config
 from ..utils.host_memory import keep_freed_host_memory
+
+
+@torch.no_grad()
+def collect_changes(pipe, prompts: Sequence[str], seeds: Sequence[int]) -> Dict[str, List[float]]:
+    """Uncached runs of ``pipe`` (one per seed, all prompts in one batch): per step >= 1 and
+    clip (its rows of the CFG batch), the modulated-input change (x) and the model-output
+    change (y)."""
+    if pipe.cache_manager is not None:
+        remove_cache(pipe.model)
+        pipe.cache_manager = None
+    xs: List[float] = []
+    ys: List[float] = []
+    outs: List[torch.Tensor] = []
+    hook = pipe.model.register_forward_hook(lambda mod, a, out: outs.append(out.detach()))
+    try:
+        for seed in seeds:
+            # threshold 0: every step is computed, and the change is measured as TeaCache does
+            mgr = apply_cache(pipe.model, dict(type="TeaCache", threshold=0.0))
+            pipe.cache_manager = mgr
+            try:
+                outs.clear()
+                pipe.generate(list(prompts), seeds=[seed] * len(prompts))
+                changes, groups = mgr.stats()["changes"], mgr.stats()["groups"]
+            finally:
+                remove_cache(pipe.model)
+                pipe.cache_manager = None
+            for i in range(1, len(outs)):  # one point per decision group (clip) and step
+                prev, now = outs[i - 1].double(), outs[i].double()
+                for change, rows in zip(changes[i], groups):
+                    if change is None:
+                        continue
+                    a, b = now[rows], prev[rows]
+                    xs.append(float(change))
+                    ys.append(float((a - b).abs().sum() / b.abs().sum().clamp_min(1e-300)))
+    finally:
+        hook.remove()
+    return {"x": xs, "y": ys}
 
 
 def parse_args(argv=None):

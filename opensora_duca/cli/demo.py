@@ -26,7 +26,7 @@ from ..parallel.agreement import check_ranks_agree
 from ..parallel.launch import init_distributed
 from ..pipeline import build_from_config, unique_filenames
 from ..utils.atomic import write_json
-from ..utils.config import load_config
+from ..utils.config import load_config, plain
 from ..utils.host_memory import keep_freed_host_memory
 from ..utils.video import save_video, to_uint8_frames
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
 
 def _plain(cfg):
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return dict(plain(cfg))
 
 
 def _policies(cfg) -> dict:

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..utils.config import plain
+
 
 def _canonical(value: Any) -> str:
-    if hasattr(value, "to_dict"):  # mmengine ConfigDict
-        value = value.to_dict()
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr)
+    return json.dumps(plain(value), sort_keys=True, separators=(",", ":"), default=repr)
 
 
 def setting_digests(settings: dict) -> torch.Tensor:

@@ -94,19 +94,19 @@ def setup_cfg_parallel(cfg_parallel) -> Optional[CFGParallel]:
 
 
 def check_cache_policy(policy) -> None:
-    """Refuse the cache settings that couple the two halves of the CFG batch (they would need
-    communication between the CFG groups inside the model)."""
-    from ..cache.policies import AdaptivePolicy
-
-    if isinstance(policy, AdaptivePolicy):
-        raise ValueError(f"cache type={policy.name!r} is not accepted with cfg_parallel=2 (its "
-                         f"change measure sums over the whole CFG batch); accepted: a fixed-plan "
-                         f"policy (none, DuCa, ToCa, FORA, PAB, TrunkReuse, TaylorSeer) or "
-                         f"cfg_parallel=1")
-    if policy.cfg_shared_selection:
+    """Refuse a cache policy that couples the two halves of the CFG batch (its
+    ``couples_cfg_halves`` is True: it would need communication between the CFG groups inside
+    the model)."""
+    if not getattr(policy, "couples_cfg_halves", False):
+        return
+    if getattr(policy, "cfg_shared_selection", False):
         raise ValueError("cache cfg_shared_selection=True is not accepted with cfg_parallel=2 "
                          "(each CFG group holds one half of the batch); accepted: False, or "
                          "cfg_parallel=1")
+    raise ValueError(f"cache type={policy.name!r} is not accepted with cfg_parallel=2 (its "
+                     f"change measure sums over the whole CFG batch); accepted: a fixed-plan "
+                     f"policy (none, DuCa, ToCa, FORA, PAB, TrunkReuse, TaylorSeer) or "
+                     f"cfg_parallel=1")
 
 
 __all__ = ["CFGParallel", "check_degree", "check_world", "setup_cfg_parallel",

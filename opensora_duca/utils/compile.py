@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .config import plain
+
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: compiled graphs kept per code object; the block forward has one per step kind and block type
 #: (and input shape), so torch's default of 8 is raised to this when compiling
@@ -51,8 +53,7 @@ def compile_options(cfg: Any) -> Optional[CompileOptions]:
         return CompileOptions()
     if isinstance(cfg, CompileOptions):
         return cfg
-    if hasattr(cfg, "to_dict"):
-        cfg = cfg.to_dict()
+    cfg = plain(cfg)
     if not isinstance(cfg, dict):
         raise ValueError(f"config key 'compile'={cfg!r} is not accepted; accepted: None, True or "
                          f"dict(mode=..., backend=..., fullgraph=...)")

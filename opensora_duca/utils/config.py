@@ -1,8 +1,8 @@
-"""Loading the mmengine config files the tools take."""
+"""Loading the mmengine config files the tools take, and reading their values as plain data."""
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from mmengine.config import Config
 
@@ -19,4 +19,10 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     return cfg
 
 
-__all__ = ["load_config"]
+def plain(value: Any) -> Any:
+    """An mmengine Config / ConfigDict (anything with ``to_dict``) as plain nested dicts and
+    lists; any other value unchanged."""
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+__all__ = ["load_config", "plain"]

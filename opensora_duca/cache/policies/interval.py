@@ -1,0 +1,112 @@
+"""Interval policies: the trunk is computed every ``interval`` steps after ``warmup_steps`` full
+steps and cached in between. FORA reuses (or, with ``forecast=``, forecasts) every module's
+output; TaylorSeer is FORA that always forecasts (its ``order`` and ``distance`` are FORA's
+``forecast``); TrunkReuse replaces the whole trunk by its stored output."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Optional
+
+from ...registry import CACHES
+from ..plan import FULL_STEP, TRUNK_SKIP, Action, Kind, StepKind, StepPlan
+from .base import CachePolicy, Forecasting
+from .fields import (
+    DISTANCES,
+    MAX_ORDER,
+    choice_field,
+    forecast_field,
+    int_field,
+    stored_dtype_field,
+)
+
+
+class IntervalPolicy(CachePolicy):
+    """Full every ``interval`` steps after ``warmup_steps`` full steps; in between every
+    module's output is reused (forecast order 0) or forecast (order k >= 1)."""
+
+    interval: int
+    warmup_steps: int
+
+    def computes(self, step: int) -> bool:
+        return step < self.warmup_steps or (step - self.warmup_steps) % self.interval == 0
+
+    def plan(self, step, num_steps, timesteps):
+        if self.computes(step):
+            return FULL_STEP
+        label = StepKind.FORECAST if self.forecast_order else StepKind.REUSE
+        return StepPlan(actions={k: Action.REUSE for k in Kind}, label=label)
+
+    def reuses(self, kind):
+        return self.interval > 1
+
+
+@dataclass(frozen=True)
+class _IntervalWithForecast(Forecasting, IntervalPolicy):
+    """The fields of FORA and TrunkReuse (``forecast=dict(order=k)`` forecasts what they
+    cache)."""
+
+    interval: int = int_field(2, lo=1)
+    warmup_steps: int = int_field(0)
+    stored_dtype: Optional[str] = stored_dtype_field()
+    forecast: Mapping[str, Any] = forecast_field()
+
+
+@CACHES.register_module("FORA")
+@dataclass(frozen=True)
+class FORA(_IntervalWithForecast):
+    """FORA: every block's self-attention, cross-attention and MLP outputs are computed every
+    ``interval`` steps (default 3, after ``warmup_steps`` full steps) and reused (or forecast)
+    in between."""
+
+    name: ClassVar[str] = "FORA"
+    interval: int = int_field(3, lo=1)
+
+
+@CACHES.register_module("TrunkReuse")
+@dataclass(frozen=True)
+class TrunkReuse(_IntervalWithForecast):
+    """Aggressive-only caching: the trunk is computed every ``interval`` steps (default 2, after
+    ``warmup_steps`` full steps) and its stored output replaces it in between."""
+
+    name: ClassVar[str] = "TrunkReuse"
+
+    def plan(self, step, num_steps, timesteps):
+        return TRUNK_SKIP if self.skips_trunk_at(step, num_steps) else FULL_STEP
+
+    def reuses(self, kind):
+        return False  # no module is reused on its own: the whole trunk is
+
+    def skips_trunk_at(self, step, num_steps, timesteps=()):
+        return not self.computes(step)
+
+    def skips_trunk(self):
+        return self.interval > 1
+
+
+@CACHES.register_module("TaylorSeer")
+@dataclass(frozen=True)
+class TaylorSeer(IntervalPolicy):
+    """TaylorSeer (Liu et al. 2025): every block's self-attention, cross-attention and MLP are
+    computed every ``interval`` steps after ``warmup_steps`` full steps and forecast in between
+    by a Taylor polynomial of order ``order`` in the step distance (``distance="timestep"``:
+    in the timestep). Defaults: the reference code's default mode (interval 5, order 2,
+    3 full first steps). The same plan as ``FORA(interval, warmup_steps,
+    forecast=dict(order=order, distance=distance))``."""
+
+    name: ClassVar[str] = "TaylorSeer"
+    interval: int = int_field(5, lo=1)
+    order: int = int_field(2, lo=0, hi=MAX_ORDER)
+    warmup_steps: int = int_field(3)
+    distance: str = choice_field("step", DISTANCES)
+    stored_dtype: Optional[str] = stored_dtype_field()
+
+    @property
+    def forecast_order(self) -> int:
+        return self.order
+
+    @property
+    def forecast_distance(self) -> str:
+        return self.distance
+
+
+__all__ = ["IntervalPolicy", "FORA", "TrunkReuse", "TaylorSeer"]
