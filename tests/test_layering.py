@@ -1,5 +1,6 @@
-"""Layering of the package: no import cycle between its modules, and no code that edits sys.path
-or loads a tool by file path (tools are thin wrappers of opensora_duca.cli)."""
+"""Layering of the package: no import cycle between its modules (imports under
+``if TYPE_CHECKING:`` count too), no import upward across the layers below, and no code that
+edits sys.path or loads a tool by file path (tools are thin wrappers of opensora_duca.cli)."""
 from __future__ import annotations
 
 import ast
@@ -24,20 +25,9 @@ def _modules() -> dict[str, str]:
     return mods
 
 
-def _type_checking_nodes(tree: ast.AST) -> set:
-    """Nodes under ``if TYPE_CHECKING:`` (never executed, so not import edges)."""
-    skip = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            for child in node.body:
-                skip.update(id(n) for n in ast.walk(child))
-    return skip
-
-
 def _imported(name: str, path: str, mods: dict) -> set[str]:
     """Modules of the package that module ``name`` imports, at any level of its code."""
     tree = ast.parse(open(path, encoding="utf-8").read(), path)
-    skip = _type_checking_nodes(tree)
     is_pkg = os.path.basename(path) == "__init__.py"
     out = set()
 
@@ -48,8 +38,6 @@ def _imported(name: str, path: str, mods: dict) -> set[str]:
         return ".".join(parts) if parts else None
 
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         targets = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -117,7 +105,7 @@ def test_graph_resolves_relative_and_function_level_imports():
     # ``from .. import parallel as sp`` names a subpackage
     assert "opensora_duca.parallel" in g["opensora_duca.models.stdit3"]
     # importing a submodule of another package runs that package's __init__
-    assert "opensora_duca.models" in g["opensora_duca.cache.runner"]
+    assert "opensora_duca.models" in g["opensora_duca.cache.layouts.stdit3"]
     # a package importing its own submodules is not a cycle
     assert "opensora_duca.cache" not in g["opensora_duca.cache.manager"]
 
@@ -130,6 +118,63 @@ def test_find_cycle_reports_the_cycle():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Layers, lowest first: a module may import its own layer and those below, never one above.
+# Top-level parts of the package, then the parts of cache/ (the plugin's core).
+LAYERS = [
+    {"utils", "registry"},
+    {"data", "parallel"},
+    {"models"},
+    {"cache", "schedulers"},
+    {"pipeline"},
+    {"config_check", "opensora_plugin", "eval"},
+    {"bench"},
+    {"cli", "__main__", ""},
+]
+CACHE_LAYERS = [
+    {"plan"},
+    {"calibrate", "policies"},
+    {"state", "selection", "flops", "context"},
+    {"layouts"},
+    {"adaptive", "runs", "stats"},
+    {"runner"},
+    {"manager"},
+    {"wrapper", ""},
+]
+
+
+def _rank(layers, part):
+    for i, names in enumerate(layers):
+        if part in names:
+            return i
+    raise AssertionError(f"{part!r} is in no layer of tests/test_layering.py: add it")
+
+
+def upward_imports(graph, layers=LAYERS, prefix=PACKAGE + "."):
+    """(importer, imported) pairs where a module imports from a layer above its own."""
+    def part(mod):
+        rest = mod[len(prefix):] if mod.startswith(prefix) else ""
+        return rest.split(".")[0]
+    bad = []
+    for a, targets in graph.items():
+        if not (a + ".").startswith(prefix):
+            continue
+        for b in targets:
+            if (b + ".").startswith(prefix) and _rank(layers, part(b)) > _rank(layers, part(a)):
+                bad.append((a, b))
+    return sorted(bad)
+
+
+def test_upward_imports_are_found():
+    g = {"opensora_duca.models.x": {"opensora_duca.cache.y"}, "opensora_duca.cache.y": set()}
+    assert upward_imports(g) == [("opensora_duca.models.x", "opensora_duca.cache.y")]
+
+
+def test_no_upward_import():
+    g = import_graph()
+    assert upward_imports(g) == []
+    assert upward_imports(g, CACHE_LAYERS, PACKAGE + ".cache.") == []
 
 
 def test_no_sys_path_edits_or_tools_loaded_by_path():

@@ -101,11 +101,11 @@ def cache_group_release_worker(rank, world_size):
     mgr = apply_cache(model, dict(type="DuCa"))
     seen = []
     model.spatial_blocks[0].register_forward_pre_hook(
-        lambda mod, args: seen.append(mgr._group is not None))
+        lambda mod, args: seen.append(mgr.group is not None))
     x, t, y, mask, _, kw = make_inputs(8, 6)
     with torch.no_grad():
         model(x, t, y, mask=mask, **kw)
-    after = mgr._group is None and model.sp_state.group is None
+    after = mgr.group is None and model.sp_state.group is None
     remove_cache(model)
     return dict(group_during_forward=seen, group_after_is_none=after)
 

@@ -207,7 +207,7 @@ def test_token_sparse_path_on_upstream_layout_equals_block_forward(use_x_mask):
     """Upstream's block class is named STDiT3Block, which takes the runner's token-sparse
     conservative path; the double's ``Block`` runs conservative steps through its own forward.
     Both must give the same DuCa output."""
-    from opensora_duca.cache.runner import TOKEN_SPARSE_BLOCKS
+    from opensora_duca.cache.layouts.stdit3 import TOKEN_SPARSE_BLOCKS
 
     x_mask = X_MASK if use_x_mask else None
     general, _ = cached_trajectory(double(), dict(type="DuCa"), x_mask)

@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import parallel as sp
+from .plan import MEASURES as MEASURE_NAMES
 from .selection import TokenGrid
 
 
@@ -65,3 +66,98 @@ def decision_groups(x: torch.Tensor) -> List[List[int]]:
 def group_rows(groups: Sequence[Sequence[int]], flags: Sequence[bool]) -> Optional[List[int]]:
     """The batch rows of the groups whose flag is set, ascending."""
     return sorted(i for rows, f in zip(groups, flags) if f for i in rows)
+
+
+# ----------------------------------------------------------------------- measures
+def _modulated_input(layout, block, x, bound, trunk_in):
+    """The deciding block's timestep-modulated, normalised input (TeaCache)."""
+    return layout.modulated_input(block, **bound)
+
+
+def _first_pair_residual(layout, block, x, bound, trunk_in):
+    """What the blocks before the deciding one added to the trunk input (First-Block Cache)."""
+    return x - trunk_in
+
+
+# the function of each measure name (plan.MEASURES, which policies are checked against)
+MEASURES = {"modulated_input": _modulated_input, "first_pair_residual": _first_pair_residual}
+assert tuple(MEASURES) == MEASURE_NAMES
+
+
+class AdaptiveRun:
+    """The run state of an adaptive policy: the decision groups, the reference each group's
+    change is measured against, the policy's per-group state, the stored residual of the blocks
+    from the decision point on, and, within a step, the input at the trunk's start and at the
+    decision point and the rows that compute (a step decided per clip)."""
+
+    def __init__(self, residual):
+        self.residual = residual  # a Feature (the codec and byte counter of the manager)
+        self.groups: List[List[int]] = [[0]]
+        self.clear()
+
+    def clear(self) -> None:
+        self.residual.clear()
+        self.reference: Optional[torch.Tensor] = None
+        self.states: Optional[list] = None
+        self.trunk_in: Optional[torch.Tensor] = None    # this step's input to block 0
+        self.residual_in: Optional[torch.Tensor] = None  # the input of the computed part
+        self.rows: Optional[torch.Tensor] = None        # rows computing on a per-clip step
+        self.sub: Optional[torch.Tensor] = None         # their hidden states between blocks
+
+    def holds_state(self) -> bool:
+        return (self.reference is not None or self.states is not None
+                or self.residual.shape is not None)
+
+    def start(self, x: torch.Tensor) -> None:
+        """A run's first step: who decides with whom."""
+        self.groups = decision_groups(x)
+
+    def end_step(self) -> None:
+        self.trunk_in = self.residual_in = self.rows = self.sub = None
+
+    def decide(self, policy, layout, block, x, bound, step, num_steps, grid, group, counts,
+               index, label):
+        """Measure every group's change (one all_gather), let the policy decide per group and
+        return (plan fields): None to compute the rest of the trunk for every clip, else
+        ``(residual_from, computed_rows, label)``."""
+        now = MEASURES[policy.measure](layout, block, x, bound, self.trunk_in)
+        ref, groups = self.reference, self.groups
+        changes: List[Optional[float]] = [None] * len(groups)
+        if ref is not None and ref.shape == now.shape and self.residual.shape is not None:
+            changes = relative_l1(now, ref, grid, group, groups)
+        if self.states is None or len(self.states) != len(groups):
+            self.states = [policy.new_state() for _ in groups]
+        flags = [bool(policy.decide(step, num_steps, c, s)) for c, s in zip(changes, self.states)]
+        counts.changes.append(changes)
+        counts.group_labels.append(["full" if f else "residual reused" for f in flags])
+        if policy.reference_every_step or all(flags) or ref is None or ref.shape != now.shape:
+            self.reference = now
+        elif any(flags):
+            rows = torch.tensor(group_rows(groups, flags), device=now.device)
+            self.reference = ref.index_copy(0, rows, now.index_select(0, rows))
+        if all(flags):
+            self.residual_in = x
+            return None
+        rows = group_rows(groups, flags) if any(flags) else []
+        if rows:
+            self.rows, self.sub = torch.tensor(rows, device=x.device), None
+        return index, tuple(rows), label(bool(rows))
+
+    def residual_output(self, x: torch.Tensor, at: float) -> torch.Tensor:
+        """Last block of a skipped step: its input (the input at the decision point, passed
+        through) plus the stored residual."""
+        return x + self.residual.value(at, x.dtype)
+
+    def mixed_output(self, x: torch.Tensor, sub: torch.Tensor, at: float) -> torch.Tensor:
+        """Last block of a step decided per clip: the rows that computed the trunk take ``sub``
+        (their sub-batch output) and store their new residual; the others take their input
+        (passed through from the decision point) plus their stored residual."""
+        rows, self.sub = self.rows, None
+        out = self.residual_output(x, at).index_copy_(0, rows, sub)
+        self.residual.write_rows_(rows, sub - x.index_select(0, rows))
+        return out
+
+    def after_last_block(self, out: torch.Tensor, at: float) -> None:
+        if self.residual_in is not None:
+            self.residual.update(out - self.residual_in, at)
+        self.end_step()

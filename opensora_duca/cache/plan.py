@@ -56,6 +56,11 @@ class StepKind(_Name):
 
 KINDS = tuple(Kind)
 
+# what an adaptive policy may compare between steps (its ``measure``): the deciding block's
+# timestep-modulated, normalised input; what the blocks before the deciding one added to the
+# trunk input. cache/adaptive.py holds the function of each name.
+MEASURES = ("modulated_input", "first_pair_residual")
+
 
 @dataclass(frozen=True)
 class StepPlan:

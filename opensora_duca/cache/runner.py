@@ -13,13 +13,12 @@ kinds of instance-level ``forward`` on a block (never on its class):
 So attention backends, sequence-parallel attention classes, checkpoint weights and the block's
 op order stay untouched; a reused module issues no collective because it is not called.
 
-The only block math written here is the token-sparse conservative step (self- and
-cross-attention reused, MLP reused or on a token subset), for the Open-Sora 1.2 block layout
-(``TOKEN_SPARSE_BLOCKS``; other blocks take it through their own forward): every token takes
-the residual x2 = x + g1 * A + CA (two passes, associated as the block does), the selected
-tokens of x2 are gathered (LayerNorm and modulation are per token) and only their MLP is
-computed, and every token then takes x2 + g2 * M (one fused pass). It needs the block's
-modulation, which ``models.stdit3.block_modulation`` defines for the Open-Sora 1.2 layout.
+No block math is written here and no model attribute named: what the cache knows about the
+block layout (tapped modules, the token-sparse reused step of the block class, where value
+vectors and attention maps are) comes from the model family's layout adapter
+(:mod:`.layouts`). The runner reads the step's context from its manager (plan, step, forecast
+position, token grid, counters: :class:`.context.StepContext`), held weakly, and holds its
+block weakly too, so a dropped model is freed without the cyclic garbage collector.
 """
 from __future__ import annotations
 
@@ -28,82 +27,48 @@ import math
 import time
 import types
 import weakref
-from typing import TYPE_CHECKING, Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
 
 import torch
 
-from ..models.layers import gated_add, modulate
-from ..models.stdit3 import block_modulation
 from ..utils.compile import CompileOptions, compile_region
 from . import selection as sel
-from .layouts import stdit3 as layout
+from .context import StepContext
 from .plan import Action, Kind, StepPlan
 from .policies import Scorer
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .manager import BlockSlot, CacheManager
-
-_TAPPED = {"attn": "attn", "cross_attn": "cross", "mlp": "mlp"}  # submodule -> stored feature
-_TAPPED_KIND = {"cross_attn": Kind.CROSS_ATTN, "mlp": Kind.MLP}  # "attn": the block's own kind
-# block classes (ours and upstream Open-Sora 1.2's, by name) whose forward is the math that
-# BlockRunner._conservative reproduces; any other block runs conservative steps through its own
-# forward with the taps armed (same result, without the token-sparse saving)
-TOKEN_SPARSE_BLOCKS = ("STDiT3Block",)
+from .state import BlockState
 
 
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, N, C] at idx [B, k] -> [B, k, C]."""
-    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+@dataclass
+class BlockSlot:
+    """One patched block: where it sits and what it stores. The block is held weakly."""
 
+    block_ref: Callable
+    name: str            # e.g. "spatial_blocks.3"
+    index: int           # position in call order (0 .. 2*depth-1)
+    layer: int           # depth index
+    is_last: bool
+    state: BlockState
 
-def _gather_mod(m: torch.Tensor, idx: torch.Tensor, s_local: int) -> torch.Tensor:
-    """Modulation [B, T|1, 1, C] at the frames of tokens idx [B, k] -> [B, k|1, C]."""
-    if m.shape[1] == 1:
-        return m[:, 0]
-    return gather_tokens(m[:, :, 0], idx // s_local)
-
-
-def _own_forward(module: torch.nn.Module, *args):
-    """The module's class forward (not a tap installed on the instance)."""
-    return type(module).forward(module, *args)
-
-
-def conservative_residual(x, g1, A, CA):
-    """Conservative step, every token: x + g1 * A + CA, with the block's own association
-    (``gated_add`` then the cross-attention residual), from the stored self-attention A and
-    cross-attention CA ([B, T, S, C] views) -> [B, T, S, C] (token-major)."""
-    return gated_add(x.view(A.shape), g1, A) + CA
-
-
-def conservative_mlp_tokens(block, x2, sh2, sc2, idx, S: int):
-    """Conservative step, MLP on a token subset: the selected tokens idx [B, k] of the
-    residual x2 [B, T, S, C] (:func:`conservative_residual`) take norm2, modulation (sh2, sc2
-    of ``block_modulation``) and the MLP -> [B, k, C]. LayerNorm and modulation are per token,
-    so only the selected are computed."""
-    xs = gather_tokens(x2.view(x2.shape[0], -1, x2.shape[-1]), idx)
-    hs = modulate(block.norm2(xs), _gather_mod(sh2, idx, S), _gather_mod(sc2, idx, S))
-    return _own_forward(block.mlp, hs)
-
-
-def conservative_output(x2, g2, M):
-    """Conservative step, every token: x2 + g2 * M (M [B, T, S, C] stored, with the
-    recomputed tokens written in) -> [B, N, C]."""
-    b, T, S, c = x2.shape
-    return gated_add(x2, g2, M).view(b, T * S, c)
+    @property
+    def block(self) -> torch.nn.Module:
+        return self.block_ref()
 
 
 class Regions:
-    """The per-block work the runner calls: the block's own forward and the three functions of the
-    token-sparse conservative step, compiled with ``opts`` (one compiled function per block
-    class, shared by all its blocks) or, without options, as they are."""
+    """The per-block work the runner calls: the block's own forward and the functions of the
+    layout's token-sparse reused step (``functions``: name -> function, set as attributes),
+    compiled with ``opts`` (one compiled function per block class, shared by all its blocks)
+    or, without options, as they are."""
 
-    def __init__(self, opts: Optional[CompileOptions] = None):
+    def __init__(self, opts: Optional[CompileOptions] = None,
+                 functions: Optional[Dict[str, Callable]] = None):
         self.opts = opts
         self._blocks: Dict[type, Callable] = {}
         wrap = (lambda f: compile_region(f, opts)) if opts is not None else (lambda f: f)
-        self.residual = wrap(conservative_residual)
-        self.mlp_tokens = wrap(conservative_mlp_tokens)
-        self.output = wrap(conservative_output)
+        for name, fn in (functions or {}).items():
+            setattr(self, name, wrap(fn))
 
     @property
     def compiled(self) -> bool:
@@ -125,33 +90,46 @@ def _scatter(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
 
 
 class BlockRunner:
-    """Instance-level ``forward`` of one block. Holds its manager weakly (the model owns the
-    manager; a strong back-pointer would make a reference cycle through the block)."""
+    """Instance-level ``forward`` of one block. Holds its manager (the step context) and its
+    block weakly: the model owns the manager and the block owns the runner, so strong
+    back-pointers would make reference cycles through the block."""
 
-    def __init__(self, manager: "CacheManager", slot: "BlockSlot"):
+    def __init__(self, manager: StepContext, slot: BlockSlot):
         self._manager = weakref.ref(manager)
         self.slot = slot
-        self.block = slot.block
-        self.kind = Kind.TEMPORAL_ATTN if getattr(slot.block, "temporal", False) \
-            else Kind.SPATIAL_ATTN
-        self._signature = inspect.signature(slot.original)
-        self.token_sparse = type(slot.block).__name__ in TOKEN_SPARSE_BLOCKS
+        self.layout = manager.layout
+        block = slot.block
+        self.kind = self.layout.attn_kind(block)
+        self._forward = type(block).forward  # the class forward, called with the block
+        self._signature = inspect.signature(types.MethodType(self._forward, block))
+        self._input = next(iter(self._signature.parameters))  # the hidden states' name
+        self.token_sparse = self.layout.token_sparse(block)
+        self._tapped = {attr: (name, kind or self.kind)
+                        for attr, (name, kind) in self.layout.TAPPED.items()}
         self.plan: Optional[StepPlan] = None  # armed while the block's own forward runs
         self.x_in: Optional[torch.Tensor] = None
         self.calls: dict = {}  # calls of each tapped module in the current forward
         self.taps: Dict[str, "ModuleTap"] = {}    # installed by the manager
         self.qkv_tap: Optional["ModuleTap"] = None
-        self.map_tap: Optional["ModuleTap"] = None  # upstream attention's attn_drop (maps)
+        self.map_tap: Optional["ModuleTap"] = None  # where attention maps pass (upstream)
 
     @property
-    def m(self) -> "CacheManager":
+    def m(self) -> StepContext:
         m = self._manager()
         if m is None:  # pragma: no cover - the manager is detached before it dies
             raise RuntimeError("the cache manager of this block no longer exists")
         return m
 
+    @property
+    def block(self) -> torch.nn.Module:
+        return self.slot.block
+
+    def original(self, *args, **kwargs):
+        """The block's own (class) forward."""
+        return self._forward(self.block, *args, **kwargs)
+
     def kind_of(self, attr: str) -> Kind:
-        return _TAPPED_KIND.get(attr, self.kind)
+        return self._tapped[attr][1]
 
     def action(self, attr: str) -> Action:
         return self.plan.actions[self.kind_of(attr)]
@@ -161,63 +139,63 @@ class BlockRunner:
         m = self.m
         plan = m.plan
         if plan is None:  # not inside a tracked model call: behave as the original block
-            return self.slot.original(*args, **kwargs)
-        x = args[0] if args else kwargs["x"]
+            return self.original(*args, **kwargs)
+        x = args[0] if args else kwargs[self._input]
         index = self.slot.index
+        ad = m.adaptive
         if plan.decide_at is not None:
             if index == 0:
-                m._trunk_in = x
+                ad.trunk_in = x
             if index == plan.decide_at:
-                plan = m.decide(self.slot, x, self._bind(args, kwargs)
-                                if m.policy.measure == "modulated_input" else None)
+                plan = m.decide(self.slot, x, self._bind(args, kwargs))
         if plan.residual_from is not None and index >= plan.residual_from:
-            if plan.computed_rows:  # per-sample decisions: some rows compute these blocks
-                m.count_module("trunk", Action.PARTIAL)
-                m._sub = self._rows_forward(m._sub, args, kwargs)
-                out = m.mixed_output(x, m._sub) if self.slot.is_last else x
+            if plan.computed_rows:  # per-clip decisions: some rows compute these blocks
+                m.counts.count_module("trunk", Action.PARTIAL)
+                ad.sub = self._rows_forward(ad.sub, args, kwargs)
+                out = ad.mixed_output(x, ad.sub, m.at) if self.slot.is_last else x
                 m.after_block(self.slot, out)
                 return out
-            m.count_module("trunk", Action.REUSE)
-            return m.residual_output(x) if self.slot.is_last else x
+            m.counts.count_module("trunk", Action.REUSE)
+            return ad.residual_output(x, m.at) if self.slot.is_last else x
         if plan.skip_trunk:
-            m.count_module("trunk", Action.REUSE)
+            m.counts.count_module("trunk", Action.REUSE)
             return m.trunk_output(x) if self.slot.is_last else x
         bound = None
         if (self.token_sparse and plan.actions[self.kind] == Action.REUSE
                 and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
                 and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
             bound = self._bind(args, kwargs)
-            if bound.get("mask_index"):  # i2v / v2v: cross-attention per frame group
+            if not self.layout.sparse_applies(bound):  # e.g. cross-attention per frame group
                 bound = None
         if plan.is_full() and not m.stores_modules():
             out = m.regions.block(self.block)(self.block, *args, **kwargs) \
-                if m.regions.compiled else self.slot.original(*args, **kwargs)
+                if m.regions.compiled else self.original(*args, **kwargs)
         elif bound is not None:
-            out = self._conservative(plan, **bound)
+            out = self.layout.sparse_step(self, m.regions, plan, **bound)
         elif m.regions.compiled and self._dense_compiles(plan, args, kwargs):
             out = self._dense(plan, x, args, kwargs)
         else:
             self.plan, self.x_in, self.calls = plan, x, {}
             try:
-                out = self.slot.original(*args, **kwargs)
+                out = self.original(*args, **kwargs)
             finally:
                 self.plan, self.x_in = None, None
         m.after_block(self.slot, out)
         return out
 
     def _rows_forward(self, sub: Optional[torch.Tensor], args, kwargs) -> torch.Tensor:
-        """This block on the batch rows ``m._rows`` only: its arguments cut to those samples
-        (:func:`layouts.stdit3.block_args_rows`), its input the rows' hidden states ``sub``
-        (the block's own input rows at the first block of the step's computed part)."""
+        """This block on the batch rows ``adaptive.rows`` only: its arguments cut to those
+        samples (the layout's ``args_rows``), its input the rows' hidden states ``sub`` (the
+        block's own input rows at the first block of the step's computed part)."""
         m = self.m
         bound = self._bind(args, kwargs)
-        x = bound["x"]
-        part = layout.block_args_rows(bound, m._rows, x.shape[0])
+        x = bound[self._input]
+        part = self.layout.args_rows(bound, m.adaptive.rows, x.shape[0])
         if sub is not None:
-            part["x"] = sub
+            part[self._input] = sub
         if m.regions.compiled:
             return m.regions.block(self.block)(self.block, **part)
-        return self.slot.original(**part)
+        return self.original(**part)
 
     def _dense_compiles(self, plan: StepPlan, args, kwargs) -> bool:
         """Whether the block's compiled forward can run this step with its taps recording or
@@ -227,8 +205,7 @@ class BlockRunner:
         if self.m.policy.scorer == Scorer.ATTENTION or any(
                 plan.actions[self.kind_of(a)] == Action.PARTIAL for a in self.taps):
             return False
-        return "mask_index" not in self._signature.parameters or \
-            not self._bind(args, kwargs).get("mask_index")
+        return self.layout.sparse_applies(self._bind(args, kwargs))
 
     def _dense(self, plan: StepPlan, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         """The block's compiled forward, each tapped module computed (its output recorded) or
@@ -236,9 +213,10 @@ class BlockRunner:
         m, st = self.m, self.slot.state
         for attr, tap in self.taps.items():
             kind = self.kind_of(attr)
-            m.count_module(kind, plan.actions[kind])
+            m.counts.count_module(kind, plan.actions[kind])
             if plan.actions[kind] == Action.REUSE:
-                tap.value, tap.mode = self._stored(_TAPPED[attr], kind, None, x.dtype), "reuse"
+                tap.value = self._stored(self._tapped[attr][0], kind, None, x.dtype)
+                tap.mode = "reuse"
             else:
                 tap.mode = "record"
         capture = self.qkv_tap if (self.qkv_tap is not None and m.needs_scores()
@@ -262,7 +240,7 @@ class BlockRunner:
     def _recorded(self, attr: str, out: torch.Tensor, call: int = 0) -> None:
         """Store a fully computed module output (and what token selection needs of it)."""
         m, kind = self.m, self.kind_of(attr)
-        self._store(_TAPPED[attr], out, kind, call)
+        self._store(self._tapped[attr][0], out, kind, call)
         if attr != "attn":
             self._mark_full(kind)
         if attr == "mlp" and m.policy.scorer == Scorer.SIMILARITY and m.uses_selection(kind):
@@ -271,9 +249,8 @@ class BlockRunner:
     def _vnorm(self, qkv_out: torch.Tensor, attn_in: torch.Tensor) -> torch.Tensor:
         """v-norm token scores [B, N] from the recorded qkv projection output of the
         self-attention, which was called with ``attn_in``."""
-        return layout.attention_token_scores(
-            sel.vnorm_rows(qkv_out, self.block.attn.num_heads), attn_in, self.block.attn,
-            self.m._shape.batch, self.temporal, f"{self.slot.name}.attn")
+        return self.layout.vnorm_scores(self.block, qkv_out, attn_in, self.m.shape.batch,
+                                        f"{self.slot.name}.attn")
 
     def _bind(self, args, kwargs) -> dict:
         """The block's forward arguments by name (defaults filled in)."""
@@ -287,11 +264,11 @@ class BlockRunner:
         m = self.m
         act = self.action(attr)
         kind = self.kind_of(attr)
-        name = _TAPPED[attr]
+        name = self._tapped[attr][0]
         call = self.calls.get(attr, 0)  # a module may be called more than once per forward
         self.calls[attr] = call + 1
         inp = args[0] if args else next(iter(kwargs.values()))
-        m.count_module(kind, act)
+        m.counts.count_module(kind, act)
         if act == Action.FULL:
             out = self._self_attn(original, args, kwargs) if attr == "attn" else \
                 original(*args, **kwargs)
@@ -306,7 +283,7 @@ class BlockRunner:
                              f"subset at step {m.step}: it does not see every token of the block "
                              f"(self-attention, or a call on a frame group)")
         idx = self._select(kind, self._ratio(kind))
-        new = original(gather_tokens(inp.reshape(b, -1, c), idx), *args[1:], **kwargs)
+        new = original(sel.gather_tokens(inp.reshape(b, -1, c), idx), *args[1:], **kwargs)
         return self._overwrite(name, stored, idx, new, inp.dtype, call)
 
     def _overwrite(self, name: str, stored: torch.Tensor, idx: torch.Tensor, new: torch.Tensor,
@@ -321,7 +298,7 @@ class BlockRunner:
             stored = feature.value(m.at, dtype)
         else:
             _scatter(stored, idx, new)
-        m.bookkeeping_s += time.perf_counter() - t0
+        m.counts.bookkeeping_s += time.perf_counter() - t0
         return stored
 
     def _self_attn(self, original, args, kwargs):
@@ -344,24 +321,11 @@ class BlockRunner:
         return original(*args, **kwargs)
 
     def _attention_map(self, original, args, kwargs):
-        """Run the self-attention -> (its output, its attention map [B', h, n, n]): this
-        project's attention hands the map back (``keep_attn_map``); upstream's non-fused path
-        passes it through its ``attn_drop`` module, where a tap records it."""
-        attn = self.block.attn
-        if self.map_tap is None:  # this project's attention module
-            attn.keep_attn_map = True
-            try:
-                out = original(*args, **kwargs)
-            finally:
-                attn.keep_attn_map = False
-            amap, attn.last_attn_map = attn.last_attn_map, None
-            return out, amap
-        self.map_tap.mode = "record"
-        try:
-            out = original(*args, **kwargs)
-            amap = self.map_tap.value
-        finally:
-            self.map_tap.clear()
+        """Run the self-attention -> (its output, its attention map [B', h, n, n]), through the
+        layout (which knows where the map is: handed back by the module, or recorded by the
+        map tap where it passes)."""
+        out, amap = self.layout.attention_with_map(self.block, self.map_tap,
+                                                   lambda: original(*args, **kwargs))
         if amap is None:
             raise RuntimeError(f"scorer 'attention': {self.slot.name}.attn computed no attention "
                                f"map (a fused kernel ran: flash-attn or scaled_dot_product_"
@@ -371,11 +335,8 @@ class BlockRunner:
 
     def _received(self, amap: torch.Tensor, attn_in: torch.Tensor) -> torch.Tensor:
         """Attention received per token [B, N] from an attention map of the self-attention."""
-        batch = self.m._shape.batch
-        rows = layout.received_per_row(amap, attn_in, self.block.attn, batch)
-        return layout.attention_token_scores(rows, attn_in, self.block.attn, batch,
-                                             self.temporal, f"{self.slot.name}.attn",
-                                             others="'vnorm', 'random', 'norm' or 'similarity'")
+        return self.layout.map_scores(self.block, amap, attn_in, self.m.shape.batch,
+                                      f"{self.slot.name}.attn")
 
     @property
     def temporal(self) -> bool:
@@ -449,55 +410,27 @@ class BlockRunner:
         idx = sel.select_tokens(score, ratio, grid, pol.cfg_shared_selection)
         if last is not None:
             last.scatter_(1, idx, m.step)
-        m.count_partial(idx.shape[1])
-        m.bookkeeping_s += time.perf_counter() - t0
+        m.counts.count_partial(idx.shape[1])
+        m.counts.bookkeeping_s += time.perf_counter() - t0
         return idx
 
-    # ------------------------------------------------------------ token-sparse step
-    def _conservative(self, plan: StepPlan, x, y, t, mask=None, x_mask=None, t0=None, T=None,
-                      S=None, **_unused):
-        """Self- and cross-attention reused, MLP reused or recomputed on the selected tokens."""
-        m, block, regions = self.m, self.block, self.m.regions
-        b, n, c = x.shape
-        # as many elements as [(B S), T, C] / [(B T), S, C], in that memory order (upstream
-        # 1.3's temporal window attention returns [B, H, W, T, C])
-        attn_shape = (b * S, T, c) if self.temporal else (b * T, S, c)
-        A = self._attn_tokens(self._stored("attn", self.kind, attn_shape, x.dtype,
-                                           same_size=True), b, T, S)
-        CA = self._stored("cross", Kind.CROSS_ATTN, x.shape, x.dtype).view(b, T, S, c)
-        M = self._stored("mlp", Kind.MLP, x.shape, x.dtype, same_size=True)
-        m.count_module(self.kind, Action.REUSE)
-        m.count_module(Kind.CROSS_ATTN, Action.REUSE)
-        m.count_module(Kind.MLP, plan.actions[Kind.MLP])
-        # the block's six modulation vectors, computed once for the three regions
-        _, _, g1, sh2, sc2, g2 = block_modulation(block.scale_shift_table, t, x_mask, t0)
-        x2 = regions.residual(x, g1, A, CA)
-        if plan.actions[Kind.MLP] == Action.PARTIAL:
-            self.x_in = x
-            try:
-                idx = self._select(Kind.MLP, self._ratio(Kind.MLP))
-            finally:
-                self.x_in = None
-            new = regions.mlp_tokens(block, x2, sh2, sc2, idx, S)
-            M = self._overwrite("mlp", M, idx, new, x.dtype)
-        return regions.output(x2, g2, M.view(b, T, S, c))
+    # ------------------------------------------------------------ the layout's reused step
+    stored = _stored  # the stored (or forecast) feature, checked against a shape
 
-    def _attn_tokens(self, a: torch.Tensor, b: int, T: int, S: int) -> torch.Tensor:
-        """Stored self-attention output (as the attention module returned it) as [B, T, S, C]
-        (a view: temporal blocks keep [(B S), T, C])."""
-        c = a.shape[-1]
-        if self.temporal:
-            return a.view(b, S, T, c).transpose(1, 2)
-        return a.view(b, T, S, c)
+    def count(self, kind: Kind, action: Action) -> None:
+        self.m.counts.count_module(kind, action)
 
+    def select(self, kind: Kind, x: torch.Tensor) -> torch.Tensor:
+        """The tokens [B, k] a token-subset module of ``kind`` recomputes, for block input x."""
+        self.x_in = x
+        try:
+            return self._select(kind, self._ratio(kind))
+        finally:
+            self.x_in = None
 
-def modulated_input(block, x, y=None, t=None, mask=None, x_mask=None, t0=None, T=None, S=None,
-                    **_unused) -> torch.Tensor:
-    """The block's normalised input modulated by the timestep (TeaCache's measured signal),
-    [B, T*S, C], with the Open-Sora 1.2 modulation layout."""
-    b, n, c = x.shape
-    sh1, sc1 = block_modulation(block.scale_shift_table, t, x_mask, t0)[:2]
-    return modulate(block.norm1(x.view(b, T, S, c)), sh1, sc1).view(b, n, c)
+    def overwrite(self, name: str, stored: torch.Tensor, idx: torch.Tensor, new: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+        return self._overwrite(name, stored, idx, new, dtype)
 
 
 class ModuleTap:
@@ -512,10 +445,17 @@ class ModuleTap:
     object, not of attributes it reads)."""
 
     def __init__(self, runner: Optional[BlockRunner], attr: str):
-        self.runner, self.attr = runner, attr
+        # held weakly: the module keeps its tap, which must not keep the runner (and with it
+        # the stored features) alive
+        self._runner = None if runner is None else weakref.ref(runner)
+        self.attr = attr
         self.mode = "off"
         self.value: Optional[torch.Tensor] = None
         self.input: Optional[torch.Tensor] = None  # first argument of the recorded call
+
+    @property
+    def runner(self) -> Optional[BlockRunner]:
+        return None if self._runner is None else self._runner()
 
     def install(self, module: torch.nn.Module) -> None:
         module._duca_tap = self

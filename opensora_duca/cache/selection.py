@@ -31,6 +31,23 @@ class TokenGrid:
         return self.frames * self.local_rows * self.width
 
 
+def local_grid(grid_key: tuple, n_local: int) -> TokenGrid:
+    """The token grid of a rank holding ``n_local`` tokens per sample: ``grid_key`` is (T, H,
+    W, ranks, rank); sequence parallelism shards whole latent rows."""
+    T, H, W, _, r = grid_key
+    s_local = n_local // T
+    if s_local % W:
+        raise RuntimeError(f"token selection needs whole latent rows per rank; this rank holds "
+                           f"{s_local} tokens per frame with row width {W}")
+    rows = s_local // W
+    return TokenGrid(frames=T, rows=H, width=W, local_rows=rows, row_offset=r * rows)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, N, C] at idx [B, k] -> [B, k, C]."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def frame_quota(ratio: float, grid: TokenGrid) -> int:
     return int(round(ratio * grid.rows * grid.width))
 

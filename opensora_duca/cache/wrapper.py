@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..registry import MODELS
+from ..utils.config import plain
 from .manager import apply_cache
 
 
@@ -27,17 +28,16 @@ def build_cached(registry, model: Any, cache: Optional[dict] = None, cache_repor
     if not isinstance(cache_report, bool):
         raise ValueError(f"DuCa wrapper: cache_report={cache_report!r} is not accepted; "
                          f"accepted: True (log each run's cache report) or False")
-    if not isinstance(model, dict) and not hasattr(model, "to_dict"):
+    model, cache = plain(model), plain(cache)
+    if not isinstance(model, dict):
         raise ValueError(f"DuCa wrapper: model={model!r} is not accepted; accepted: "
                          f"dict(type=<a registered model>, ...)")
-    cfg = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+    cfg = dict(model)
     if "type" not in cfg:
         raise KeyError("DuCa wrapper: the inner model config has no 'type' key")
     cfg.update(kwargs)
     inner = registry.build(cfg)
     cache_cfg = dict(type="DuCa") if cache is None else cache
-    if hasattr(cache_cfg, "to_dict"):
-        cache_cfg = cache_cfg.to_dict()
     apply_cache(inner, cache_cfg).log_runs = cache_report
     return inner
 

@@ -1,1 +1,6 @@
-"""What the cache knows about a model family's block layout, one module per family."""
+"""Layout adapters, one module per model family (see :mod:`.base` for what an adapter
+answers); importing this package registers them."""
+from .base import LAYOUTS, layout_for, register_layout
+from .stdit3 import STDiT3Layout
+
+__all__ = ["LAYOUTS", "STDiT3Layout", "layout_for", "register_layout"]

@@ -10,7 +10,7 @@ from typing import ClassVar, Optional, Tuple
 
 from ...registry import CACHES
 from ..calibrate import CalibrationFileError, load_calibration
-from ..plan import StepKind, StepPlan
+from ..plan import MEASURES, StepKind, StepPlan
 from .base import CachePolicy
 from .fields import (
     check_number,
@@ -51,6 +51,11 @@ class AdaptivePolicy(CachePolicy):
     decide_at: ClassVar[int] = 0
     reference_every_step: ClassVar[bool] = True
 
+    def __post_init__(self):
+        if self.measure not in MEASURES:  # a class attribute: checked whenever one is built
+            raise error(self.name, "measure", self.measure, f"one of {list(MEASURES)}")
+        super().__post_init__()
+
     @property
     def couples_cfg_halves(self) -> bool:
         return True  # a clip's CFG pair decides together, from a change summed over both halves
@@ -73,11 +78,6 @@ class AdaptivePolicy(CachePolicy):
         """True: compute the trunk from ``decide_at`` on. ``change`` is None when there is no
         reference yet (the run's first step); ``state`` is the group's :meth:`new_state`."""
         raise NotImplementedError
-
-    def _state(self, state):
-        # transitional: a manager that still keeps a plain dict per group gets the typed state
-        # stored in it (remove once the manager passes new_state() objects)
-        return state.setdefault("state", self.new_state()) if isinstance(state, dict) else state
 
     def _forced(self, step: int, num_steps: Optional[int], change: Optional[float]) -> bool:
         last = num_steps is not None and step == num_steps - 1 and self.final_step == "full"
@@ -151,7 +151,6 @@ class TeaCache(AdaptivePolicy):
         return TeaCacheState()
 
     def decide(self, step, num_steps, change, state: TeaCacheState) -> bool:
-        state = self._state(state)
         if self._forced(step, num_steps, change):
             state.accumulated = 0.0
             return True
