@@ -338,10 +338,6 @@ class BlockRunner:
         return self.layout.map_scores(self.block, amap, attn_in, self.m.shape.batch,
                                       f"{self.slot.name}.attn")
 
-    @property
-    def temporal(self) -> bool:
-        return self.kind == Kind.TEMPORAL_ATTN
-
     # ------------------------------------------------------------ stored features
     def _store(self, name: str, value: torch.Tensor, kind: Kind, call: int = 0) -> None:
         if self.m.stores(kind):
@@ -415,7 +411,8 @@ class BlockRunner:
         return idx
 
     # ------------------------------------------------------------ the layout's reused step
-    stored = _stored  # the stored (or forecast) feature, checked against a shape
+    stored = _stored        # the stored (or forecast) feature, checked against a shape
+    overwrite = _overwrite  # the stored value with recomputed tokens written in
 
     def count(self, kind: Kind, action: Action) -> None:
         self.m.counts.count_module(kind, action)
@@ -427,10 +424,6 @@ class BlockRunner:
             return self._select(kind, self._ratio(kind))
         finally:
             self.x_in = None
-
-    def overwrite(self, name: str, stored: torch.Tensor, idx: torch.Tensor, new: torch.Tensor,
-                  dtype: torch.dtype) -> torch.Tensor:
-        return self._overwrite(name, stored, idx, new, dtype)
 
 
 class ModuleTap:
