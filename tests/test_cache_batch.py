@@ -109,3 +109,25 @@ def test_two_ranks_decide_and_compute_as_one():
         for name in POLICIES:
             assert res[name][1] == one[name][1], name
             assert torch.equal(res[name][0], one[name][0]), name
+
+
+def test_shared_cfg_selection_refuses_a_three_way_batch():
+    """cfg_shared_selection pairs the halves of a two-way CFG batch; a three-way batch [z, z, z]
+    (Open-Sora 1.3 i2v) of 2 clips (6 rows, even) would pair the wrong rows: refused."""
+    model = small_model()
+    z, y, y_null, mask = clips()
+    cfg = dict(type="DuCa", scorer="random", cfg_shared_selection=True, warmup_steps=1)
+    for copies, ok in ((2, True), (3, False)):
+        x = torch.cat([z[:2]] * copies)
+        caption = y[:1].expand(x.shape[0], -1, -1, -1)
+        mgr = apply_cache(model, cfg)
+        try:
+            with torch.no_grad(), mgr.session(num_steps=2):
+                if ok:
+                    for i in range(2):
+                        model(x, torch.full((x.shape[0],), 900.0 - 100 * i), caption)
+                else:
+                    with pytest.raises(ValueError, match="groups of \\[3\\].*three-way"):
+                        model(x, torch.full((x.shape[0],), 900.0), caption)
+        finally:
+            remove_cache(model)

@@ -63,6 +63,19 @@ def decision_groups(x: torch.Tensor) -> List[List[int]]:
     return list(groups.values())
 
 
+def check_cfg_halves(x: torch.Tensor) -> None:
+    """``cfg_shared_selection`` pairs row i with row i + B/2 (a two-way CFG batch [cond;
+    uncond]); refuse a batch whose identical rows say otherwise (a three-way i2v batch)."""
+    b = x.shape[0]
+    groups = [g for g in decision_groups(x) if len(g) > 1]
+    if groups and (b % 2 or any(g != [g[0], g[0] + b // 2] for g in groups)):
+        sizes = sorted({len(g) for g in groups})
+        raise ValueError(f"cache cfg_shared_selection=True pairs the two halves of a CFG batch "
+                         f"[conditional; unconditional], but this batch of {b} holds copies of "
+                         f"a clip in groups of {sizes} (e.g. Open-Sora 1.3's three-way i2v "
+                         f"batch); accepted: cfg_shared_selection=False")
+
+
 def group_rows(groups: Sequence[Sequence[int]], flags: Sequence[bool]) -> Optional[List[int]]:
     """The batch rows of the groups whose flag is set, ascending."""
     return sorted(i for rows, f in zip(groups, flags) if f for i in rows)

@@ -24,7 +24,7 @@ import torch.nn as nn
 from .. import parallel as sp
 from ..utils.compile import check_available, compile_options
 from . import selection as sel
-from .adaptive import AdaptiveRun
+from .adaptive import AdaptiveRun, check_cfg_halves
 from .layouts import layout_for
 from .plan import Kind, StepKind, StepPlan
 from .policies import AdaptivePolicy, CachePolicy, Scorer, build_policy
@@ -231,6 +231,8 @@ class CacheManager:
         self.run.note = None
         if self._adaptive:
             self.adaptive.start(x)
+        if self.policy.cfg_shared_selection:
+            check_cfg_halves(x)
         if self.log_runs and self._at_exit is None:  # the last run of the process, too
             ref = weakref.ref(self)
             self._at_exit = lambda: ref() is not None and ref().reset()
