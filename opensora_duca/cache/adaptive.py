@@ -13,12 +13,13 @@ batch.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import parallel as sp
 from .plan import MEASURES as MEASURE_NAMES
+from .plan import StepKind
 from .selection import TokenGrid
 
 
@@ -76,7 +77,7 @@ def check_cfg_halves(x: torch.Tensor) -> None:
                          f"batch); accepted: cfg_shared_selection=False")
 
 
-def group_rows(groups: Sequence[Sequence[int]], flags: Sequence[bool]) -> Optional[List[int]]:
+def group_rows(groups: Sequence[Sequence[int]], flags: Sequence[bool]) -> List[int]:
     """The batch rows of the groups whose flag is set, ascending."""
     return sorted(i for rows, f in zip(groups, flags) if f for i in rows)
 
@@ -128,11 +129,11 @@ class AdaptiveRun:
     def end_step(self) -> None:
         self.trunk_in = self.residual_in = self.rows = self.sub = None
 
-    def decide(self, policy, layout, block, x, bound, step, num_steps, grid, group, counts,
-               index, label):
-        """Measure every group's change (one all_gather), let the policy decide per group and
-        return (plan fields): None to compute the rest of the trunk for every clip, else
-        ``(residual_from, computed_rows, label)``."""
+    def decide(self, policy, layout, block, x, bound, step, num_steps, grid, group,
+               counts) -> Optional[Tuple[int, ...]]:
+        """Measure every group's change (one all_gather) and let the policy decide per group:
+        None when every clip computes the rest of the trunk, else the batch rows that do
+        (empty: every clip takes its stored residual)."""
         now = MEASURES[policy.measure](layout, block, x, bound, self.trunk_in)
         ref, groups = self.reference, self.groups
         changes: List[Optional[float]] = [None] * len(groups)
@@ -142,19 +143,20 @@ class AdaptiveRun:
             self.states = [policy.new_state() for _ in groups]
         flags = [bool(policy.decide(step, num_steps, c, s)) for c, s in zip(changes, self.states)]
         counts.changes.append(changes)
-        counts.group_labels.append(["full" if f else "residual reused" for f in flags])
+        counts.group_labels.append([str(StepKind.FULL if f else StepKind.RESIDUAL)
+                                    for f in flags])
+        rows = group_rows(groups, flags)
         if policy.reference_every_step or all(flags) or ref is None or ref.shape != now.shape:
             self.reference = now
-        elif any(flags):
-            rows = torch.tensor(group_rows(groups, flags), device=now.device)
-            self.reference = ref.index_copy(0, rows, now.index_select(0, rows))
+        elif rows:
+            idx = torch.tensor(rows, device=now.device)
+            self.reference = ref.index_copy(0, idx, now.index_select(0, idx))
         if all(flags):
             self.residual_in = x
             return None
-        rows = group_rows(groups, flags) if any(flags) else []
         if rows:
             self.rows, self.sub = torch.tensor(rows, device=x.device), None
-        return index, tuple(rows), label(bool(rows))
+        return tuple(rows)
 
     def residual_output(self, x: torch.Tensor, at: float) -> torch.Tensor:
         """Last block of a skipped step: its input (the input at the decision point, passed

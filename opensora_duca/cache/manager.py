@@ -280,15 +280,14 @@ class CacheManager:
     def decide(self, slot: BlockSlot, x: torch.Tensor, bound: dict) -> StepPlan:
         """At block ``plan.decide_at``: every decision group's change is measured and the
         policy decides per group (:meth:`AdaptiveRun.decide`); this sets the step's plan."""
-        res = self.adaptive.decide(
+        rows = self.adaptive.decide(
             self.policy, self.layout, slot.block, x, bound, self.step, self.num_steps,
-            self.grid_for(x.shape[1]), self.group, self.counts, slot.index,
-            lambda some: StepKind.MIXED if some else StepKind.RESIDUAL)
-        if res is None:
+            self.grid_for(x.shape[1]), self.group, self.counts)
+        if rows is None:
             self.plan = StepPlan(label=self.plan.label)
         else:
-            index, rows, label = res
-            self.plan = StepPlan(residual_from=index, computed_rows=rows, label=label)
+            self.plan = StepPlan(residual_from=slot.index, computed_rows=rows,
+                                 label=StepKind.MIXED if rows else StepKind.RESIDUAL)
         return self.plan
 
     def trunk_output(self, x: torch.Tensor) -> torch.Tensor:

@@ -79,9 +79,7 @@ class CacheStats:
             return None
         start, unc0, act0, note = self._run_mark
         labels = [str(lab) for lab in self.step_labels[start:]]
-        by_kind: Dict[str, int] = {}
-        for lab in labels:
-            by_kind[lab] = by_kind.get(lab, 0) + 1
+        by_kind = _by_kind(labels)
         unc, act = self.flops_uncached - unc0, self.flops_actual - act0
         if stores and all(lab == str(StepKind.FULL) for lab in labels):
             note = note or (f"the run had {len(labels)} step(s), all computed in full by the "
@@ -124,14 +122,11 @@ class CacheStats:
         Adaptive policies decide per clip: ``groups`` are the batch rows that decide together
         (a clip's CFG copies) in the last run, and per step ``changes`` holds each group's
         measured change (None: nothing to compare with) and ``group_labels`` its decision."""
-        by_kind: Dict[str, int] = {}
-        for lab in map(str, self.step_labels):
-            by_kind[lab] = by_kind.get(lab, 0) + 1
         return {
             "policy": policy,
             "steps": len(self.step_labels),
             "runs": self.runs,
-            "steps_by_kind": by_kind,
+            "steps_by_kind": _by_kind(self.step_labels),
             "step_labels": [str(lab) for lab in self.step_labels],
             "modules": {str(k): {str(a): n for a, n in v.items()}
                         for k, v in self.module_counts.items()},
@@ -148,6 +143,14 @@ class CacheStats:
             "groups": [list(g) for g in groups],
             "group_labels": [list(g) for g in self.group_labels],
         }
+
+
+def _by_kind(labels) -> Dict[str, int]:
+    """Steps per label, in order of first occurrence."""
+    out: Dict[str, int] = {}
+    for lab in map(str, labels):
+        out[lab] = out.get(lab, 0) + 1
+    return out
 
 
 def format_report(s: dict) -> str:
