@@ -1,0 +1,103 @@
+"""``opensora-duca COMMAND [ARGS ...]``: one entry point for every command-line tool.
+
+``pip install .`` installs it as the console script ``opensora-duca``; ``python -m
+opensora_duca`` is the same. ``opensora-duca COMMAND ARGS`` runs what ``python
+tools/<command>.py ARGS`` runs (``opensora_duca.cli.<command>.main``, with ``-`` in the command
+name as ``_`` in the module's), so every command takes the options its tool documents.
+``opensora-duca demo`` without a config file (no argument, or options only) runs the demo config
+that ships inside the package (``opensora_duca/configs/demo_inference.py``, a copy of
+``configs/demo/inference.py``), so it works from any directory after a non-editable install.
+Under torchrun: ``torchrun --nproc_per_node 2 -m opensora_duca demo``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from typing import Optional, Sequence
+
+T_START = time.perf_counter()  # inference's reported wall time counts from here (as the tool's)
+
+PROG = "opensora-duca"
+
+#: {command: (module of opensora_duca.cli, one-line description)}, in the order --help lists them
+COMMANDS = {
+    "inference": ("inference", "generate videos from a config (plain or under torchrun)"),
+    "demo": ("demo", "the demo model uncached, with DuCa and FORA+forecast; speed, judge, "
+                     "PSNR/SSIM\n(CONFIG defaults to the packaged demo config)"),
+    "benchmark": ("benchmark", "wall time, speedup, FLOPs ratio, memory, fidelity per policy"),
+    "frontier": ("frontier", "quality-speed sweep of every policy's knob on the demo model"),
+    "calibrate": ("calibrate", "fit TeaCache's rescaling polynomial on a model"),
+    "judge": ("judge", "the demo judge (colour, shape, motion) on videos or the caption set"),
+    "fidelity": ("fidelity", "PSNR / SSIM (LPIPS) of two folders of videos matched by name"),
+    "analyze-error": ("analyze_error", "per-step error of each policy against the uncached run"),
+    "train": ("train", "train a model (the demo model: configs/demo/train.py)"),
+    "vbench-generate": ("vbench_generate", "the VBench prompt suite's videos (resumable, "
+                                           "sharded over ranks)"),
+    "vbench-evaluate": ("vbench_evaluate", "score a folder of videos with VBench"),
+}
+
+
+def usage(prog: str = PROG) -> str:
+    """The top-level help text: the commands and what each does."""
+    width = max(len(c) for c in COMMANDS) + 2
+    lines = [f"usage: {prog} [-h] [--version] COMMAND [ARGS ...]", "",
+             "Training-free feature caching (DuCa and 8 other policies) for Open-Sora video "
+             "DiTs.", "", "commands:"]
+    for name, (_, desc) in COMMANDS.items():
+        first, *more = desc.split("\n")
+        lines += [f"  {name:<{width}}{first}"] + [" " * (width + 2) + m for m in more]
+    lines += ["", f"`{prog} COMMAND --help` shows a command's options;",
+              "`python tools/<command>.py` (with _ for -) runs the same code."]
+    return "\n".join(lines)
+
+
+def _error(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _demo_args(argv: list) -> list:
+    """``demo`` without a config file (no argument, or an option first): the packaged one."""
+    if argv and (not argv[0].startswith("-") or argv[0] in ("-h", "--help")):
+        return argv
+    from ..configs import packaged_config
+    return [packaged_config("demo"), *argv]
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+    """Run ``COMMAND ARGS``; the command's exit status (its ``main``'s int, 0 for a tool whose
+    ``main`` returns its summary). Exit 2 with one line on stderr for a missing or unknown
+    command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    accepted = ", ".join(COMMANDS)
+    if not argv:
+        return _error(prog, f"no command given; accepted: one of {accepted} "
+                            f"(`{prog} --help` describes them)")
+    name, rest = argv[0], argv[1:]
+    if name in ("-h", "--help"):
+        print(usage(prog))
+        return 0
+    if name == "--version":
+        from .. import __version__
+        print(f"{prog} {__version__}")
+        return 0
+    if name not in COMMANDS:
+        return _error(prog, f"unknown command {name!r}; accepted: one of {accepted}")
+    module = importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
+    if name == "demo":
+        rest = _demo_args(rest)
+    saved, sys.argv[0] = sys.argv[0], f"{prog} {name}"  # argparse's prog: "opensora-duca demo"
+    try:
+        rc = module.main(rest, t_start=T_START) if name == "inference" else module.main(rest)
+    finally:
+        sys.argv[0] = saved
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
+
+
+def console_main() -> None:
+    """The ``opensora-duca`` console script."""
+    sys.exit(main())
+
+
+__all__ = ["COMMANDS", "PROG", "main", "usage", "console_main"]
