@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["opensora_duca", "opensora_duca.*"]),
     # the demo model and its config ship inside the package: `opensora-duca demo` from anywhere
-    package_data={"opensora_duca": ["assets/*.safetensors", "assets/*.json"]},
+    package_data={"opensora_duca": ["assets/*.safetensors", "assets/*.json", "assets/*.py"]},
     entry_points={"console_scripts": ["opensora-duca = opensora_duca.cli.main:console_main"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.3", "mmengine>=0.10.3", "av>=12", "safetensors", "numpy",

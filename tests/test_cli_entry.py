@@ -14,7 +14,7 @@ import sysconfig
 import pytest
 
 from opensora_duca.cli import main as cli_main
-from opensora_duca.configs import packaged_config
+from opensora_duca.cli.main import packaged_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +128,7 @@ def test_wheel_installs_and_demo_runs_from_elsewhere(tmp_path):
     summary = json.loads((work / "out" / "summary.json").read_text())
     # the packaged config of the installed wheel, not the working tree's
     assert summary["config"].startswith(site) and summary["config"].endswith(
-        "opensora_duca/configs/demo_inference.py")
+        "opensora_duca/assets/demo_inference.py")
     assert [r["run"] for r in summary["runs"]] == ["uncached", "DuCa", "FORA+forecast"]
     for row in summary["runs"]:
         assert len(row["files"]) == 1 and os.path.getsize(work / row["files"][0]) > 0

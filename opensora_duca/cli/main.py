@@ -5,13 +5,16 @@ opensora_duca`` is the same. ``opensora-duca COMMAND ARGS`` runs what ``python
 tools/<command>.py ARGS`` runs (``opensora_duca.cli.<command>.main``, with ``-`` in the command
 name as ``_`` in the module's), so every command takes the options its tool documents.
 ``opensora-duca demo`` without a config file (no argument, or options only) runs the demo config
-that ships inside the package (``opensora_duca/configs/demo_inference.py``, a copy of
-``configs/demo/inference.py``), so it works from any directory after a non-editable install.
+that ships inside the package (``opensora_duca/assets/demo_inference.py``, next to the demo
+checkpoint it names: a byte-for-byte copy of ``configs/demo/inference.py``, whose checkpoint path
+``{{ fileDirname }}/../../opensora_duca/assets/...`` resolves from either place), so it works
+from any directory after a non-editable install.
 Under torchrun: ``torchrun --nproc_per_node 2 -m opensora_duca demo``.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -38,6 +41,19 @@ COMMANDS = {
 }
 
 
+#: {name: path inside the package} of the configs that ship with it (package data)
+PACKAGED_CONFIGS = {"demo": "assets/demo_inference.py"}
+
+
+def packaged_config(name: str) -> str:
+    """The installed path of packaged config ``name`` (one of :data:`PACKAGED_CONFIGS`)."""
+    if name not in PACKAGED_CONFIGS:
+        raise ValueError(f"packaged config {name!r} does not exist; accepted: one of "
+                         f"{sorted(PACKAGED_CONFIGS)}")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(package, *PACKAGED_CONFIGS[name].split("/"))
+
+
 def usage(prog: str = PROG) -> str:
     """The top-level help text: the commands and what each does."""
     width = max(len(c) for c in COMMANDS) + 2
@@ -61,7 +77,6 @@ def _demo_args(argv: list) -> list:
     """``demo`` without a config file (no argument, or an option first): the packaged one."""
     if argv and (not argv[0].startswith("-") or argv[0] in ("-h", "--help")):
         return argv
-    from ..configs import packaged_config
     return [packaged_config("demo"), *argv]
 
 
@@ -100,4 +115,5 @@ def console_main() -> None:
     sys.exit(main())
 
 
-__all__ = ["COMMANDS", "PROG", "main", "usage", "console_main"]
+__all__ = ["COMMANDS", "PACKAGED_CONFIGS", "PROG", "packaged_config", "main", "usage",
+           "console_main"]
