@@ -14,6 +14,9 @@ Every codec is an ``nn.Module`` (so ``.to(device, dtype)`` works as usual) with
 Registered: ``identity`` (latent = pixels), ``DemoCodec`` (exact weight-free space-to-depth,
 the demo model's codec), ``OpenSoraVAE_V1_2`` and ``OpenSoraVAE_V1_3`` (adapters to upstream
 Open-Sora's VAEs; they need the ``opensora`` package of that release).
+Open-Sora 2.0: ``tiny_causal_vae`` (weight-free, its latent layout: 16 channels, causal 4x
+temporal and 8x spatial compression), ``hunyuan_vae`` and ``dc_ae`` (upstream 2.0's
+autoencoders through its registry; they need the ``opensora`` package of Open-Sora 2.0).
 """
 from __future__ import annotations
 
@@ -209,3 +212,159 @@ class OpenSoraVAEV13Adapter(OpenSoraVAEAdapter):
     def decode(self, z, num_frames=None):
         x = self.module.decode(z)
         return x[:, :, :num_frames] if num_frames is not None else x
+
+
+# ------------------------------------------------------------------------ Open-Sora 2.0
+def _dct_basis(n: int = 8) -> torch.Tensor:
+    """[n, n] float64 orthonormal DCT-II basis: row u = alpha(u) cos(pi (2x + 1) u / 2n)."""
+    x = torch.arange(n, dtype=torch.float64)
+    u = torch.arange(n, dtype=torch.float64)[:, None]
+    basis = torch.cos(torch.pi * (2 * x + 1) * u / (2 * n))
+    basis[0] *= (1 / n) ** 0.5
+    basis[1:] *= (2 / n) ** 0.5
+    return basis
+
+
+@VAES.register_module("tiny_causal_vae")
+class TinyCausalCodec(LatentCodec):
+    """A weight-free causal codec with Open-Sora 2.0's latent layout (tests, CPU demos): 16
+    latent channels, 4x temporal compression (causal: ``(T - 1) // 4 + 1`` latent frames) and
+    8x spatial compression, as the HunyuanVideo VAE.
+
+    Latent frame 0 is pixel frame 0, latent frame ``j >= 1`` the mean of pixel frames
+    ``4j - 3 .. 4j`` (frames past ``1 + 4 (t - 1)`` are not encoded). Each 8 x 8 cell of a
+    latent frame, in the orthonormal colour basis ``(1, 1, 1) / sqrt(3)``, ``(1, -1, 0) /
+    sqrt(2)``, ``(1, 1, -2) / sqrt(6)``, gives 16 orthonormal 2-D DCT coefficients: 8 of the
+    first colour (frequencies (0,0), (0,1), (1,0), (1,1), (0,2), (2,0), (1,2), (2,1)) and 4 of
+    each other ((0,0), (0,1), (1,0), (1,1)), times ``scale`` (default 1/8: the first channel is
+    sqrt(3) times the cell's mean). ``decode`` maps the coefficients back (the projection's
+    transpose, so ``encode(decode(z)) == z`` up to rounding) and repeats latent frame
+    ``j >= 1`` over 4 pixel frames: ``1 + 4 (t - 1)`` frames, cropped to ``num_frames``. H and
+    W must be multiples of 8.
+    """
+
+    out_channels = 16
+    temporal_compression, spatial_compression, is_causal = 4, 8, True
+    compression = (4, 8, 8)
+    LUMA = ((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (2, 0), (1, 2), (2, 1))
+    CHROMA = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+    def __init__(self, scale: float = 0.125):
+        super().__init__()
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale == 0:
+            raise ValueError(f"scale={scale!r} is not accepted; accepted: a non-zero number")
+        self.scale = float(scale)
+        colour = torch.tensor([[1, 1, 1], [1, -1, 0], [1, 1, -2]], dtype=torch.float64)
+        colour = colour / colour.norm(dim=1, keepdim=True)
+        dct = _dct_basis(8)
+        rows = []
+        for c, freqs in ((0, self.LUMA), (1, self.CHROMA), (2, self.CHROMA)):
+            for u, v in freqs:  # [3, 8, 8] pattern, flattened in (channel, row, column) order
+                rows.append((colour[c][:, None, None] * dct[u][:, None] * dct[v][None, :])
+                            .reshape(-1))
+        self.register_buffer("projection", torch.stack(rows).float(), persistent=False)
+
+    def get_latent_size(self, input_size):
+        t, h, w = input_size
+        return [None if t is None else (t - 1) // 4 + 1,
+                None if h is None else (h - 1) // 8 + 1, None if w is None else (w - 1) // 8 + 1]
+
+    def encode(self, x):
+        self._check_video(x, 3, "encode")
+        b, _, t, h, w = x.shape
+        if h % 8 or w % 8:
+            raise ValueError(f"TinyCausalCodec: H x W = {h} x {w} is not accepted; accepted: "
+                             f"multiples of 8")
+        lt = (t - 1) // 4 + 1
+        x = x.to(self.dtype)
+        frames = [x[:, :, :1]]
+        if lt > 1:
+            rest = x[:, :, 1:1 + 4 * (lt - 1)].reshape(b, 3, lt - 1, 4, h, w).mean(dim=3)
+            frames.append(rest)
+        x = torch.cat(frames, dim=2)  # [B, 3, lt, H, W]
+        cells = x.reshape(b, 3, lt, h // 8, 8, w // 8, 8).permute(0, 2, 3, 5, 1, 4, 6)
+        z = cells.reshape(b, lt, h // 8, w // 8, 192) @ self.projection.t()
+        return z.permute(0, 4, 1, 2, 3) * self.scale
+
+    def decode(self, z, num_frames=None):
+        self._check_video(z, 16, "decode")
+        b, _, lt, h, w = z.shape
+        cells = (z / self.scale).permute(0, 2, 3, 4, 1) @ self.projection  # [B, lt, h, w, 192]
+        x = cells.reshape(b, lt, h, w, 3, 8, 8).permute(0, 4, 1, 2, 5, 3, 6)
+        x = x.reshape(b, 3, lt, h * 8, w * 8)
+        x = torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(4, dim=2)], dim=2)
+        return x[:, :, :num_frames] if num_frames is not None else x
+
+
+class _UpstreamV2Codec(LatentCodec):
+    """An Open-Sora 2.0 autoencoder built through upstream's own registry (``opensora`` 2.0
+    importable), behind this interface. Every keyword goes to upstream's builder unchanged;
+    ``device_map`` defaults to ``"cpu"`` and ``torch_dtype`` to float32 (the pipeline moves
+    the codec to the run's device and dtype afterwards)."""
+
+    upstream_type = ""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        try:
+            import opensora.models  # type: ignore  # noqa: F401  (registers the types)
+            from opensora.registry import MODELS as OPENSORA_MODELS  # type: ignore
+        except ImportError as err:
+            raise ImportError(
+                f"ae type {self.upstream_type!r} needs upstream Open-Sora 2.0: the 'opensora' "
+                f"package of hpcaitech/Open-Sora (main) must be installed to build it; import "
+                f"failed with: {err}. For CPU tests use ae=dict(type='tiny_causal_vae')."
+            ) from err
+        if self.upstream_type not in OPENSORA_MODELS.module_dict:
+            raise ImportError(
+                f"ae type {self.upstream_type!r} is not registered by the installed 'opensora' "
+                f"package (an Open-Sora 1.x release?); accepted: upstream Open-Sora 2.0")
+        kwargs.setdefault("device_map", "cpu")
+        kwargs.setdefault("torch_dtype", torch.float32)
+        self.module = OPENSORA_MODELS.build(dict(type=self.upstream_type, **kwargs))
+        self.temporal_compression = int(self.module.time_compression_ratio)
+        self.spatial_compression = int(self.module.spatial_compression_ratio)
+        self.compression = (self.temporal_compression, self.spatial_compression,
+                            self.spatial_compression)
+        self.is_causal = True  # both upstream 2.0 autoencoders: (T - 1) // r + 1 frames
+
+    @property
+    def dtype(self):
+        return next(self.module.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.module.parameters()).device
+
+    def get_latent_size(self, input_size):
+        return list(self.module.get_latent_size(list(input_size)))
+
+    def encode(self, x):
+        return self.module.encode(x)
+
+    def decode(self, z, num_frames=None):
+        x = self.module.decode(z)
+        return x[:, :, :num_frames] if num_frames is not None else x
+
+
+@VAES.register_module("hunyuan_vae")
+class HunyuanVAEAdapter(_UpstreamV2Codec):
+    """Upstream Open-Sora 2.0's ``hunyuan_vae`` (16 channels, 4x temporal, 8x spatial)."""
+
+    upstream_type = "hunyuan_vae"
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.out_channels = int(self.module.z_channels)
+
+
+@VAES.register_module("dc_ae")
+class DCAEAdapter(_UpstreamV2Codec):
+    """Upstream Open-Sora 2.0's ``dc_ae`` (Video DC-AE, e.g. ``dc-ae-f32t4c128``: 128
+    channels, 4x temporal, 32x spatial)."""
+
+    upstream_type = "dc_ae"
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.out_channels = int(self.module.cfg.latent_channels)

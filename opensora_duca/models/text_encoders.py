@@ -11,11 +11,16 @@ Both follow Open-Sora's interface:
 
 Registered: ``t5`` (a T5 encoder loaded with ``transformers`` from a local folder) and
 ``DemoTextEncoder`` (a tiny word-level encoder trained together with the demo model).
+
+Open-Sora 2.0's pair (its ``t5`` and ``clip`` config entries; called as
+``embedder(prompts) -> [B, L, C]`` or pooled ``[B, C]``, without masks or a null caption:
+``text_embedder`` (T5 or CLIP from a local folder, as upstream's ``HFEmbedder``) and
+``hashed_text_embedder`` (a deterministic weight-free stand-in for tests and CPU demos).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -222,3 +227,170 @@ class DemoTextEncoder(_NullMixin, nn.Module):
         """Like Open-Sora's: no gradients (training calls the module itself)."""
         with torch.no_grad():
             return self(prompts)
+
+
+# ------------------------------------------------------------- Open-Sora 2.0 text pair
+def _check_length(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}={value!r} is not accepted; accepted: an int >= 1")
+    return value
+
+
+def _align(n: int, added_tokens: int, seq_align: int) -> int:
+    """Text length padded so that ``added_tokens + length`` is a multiple of ``seq_align``."""
+    rest = (added_tokens + n) % seq_align
+    return n if rest == 0 else n + seq_align - rest
+
+
+@TEXT_ENCODERS.register_module("text_embedder")
+class HFTextEmbedder(nn.Module):
+    """Open-Sora 2.0's text embedder (its ``t5`` / ``clip`` config entries): a T5 encoder
+    (``last_hidden_state`` [B, max_length, 4096] for T5-XXL) or a CLIP text model
+    (``pooler_output`` [B, 768]), loaded with ``transformers`` from a LOCAL folder.
+
+    As upstream: a folder whose path contains ``openai`` is CLIP, any other T5 (``kind="t5"``
+    or ``"clip"`` decides explicitly); prompts are padded to ``max_length`` (512 for T5, 77 for
+    CLIP upstream) and truncated, and the encoder runs without an attention mask.
+    ``__call__(prompts, added_tokens=0, seq_align=1)`` pads the token ids with the pad token
+    until ``added_tokens + length`` is a multiple of ``seq_align``. ``shardformer`` is accepted
+    (upstream's configs set it) and not used. Nothing is downloaded.
+    """
+
+    def __init__(self, from_pretrained: Optional[str] = None, max_length: int = 512,
+                 shardformer: bool = False, kind: Optional[str] = None,
+                 dtype: Any = torch.float32, device: Any = "cpu", local_files_only: bool = True):
+        super().__init__()
+        if not isinstance(from_pretrained, (str, os.PathLike)) or not os.path.isdir(
+                from_pretrained):
+            raise FileNotFoundError(
+                f"text_embedder: from_pretrained={from_pretrained!r} is not an existing folder; "
+                "accepted: a local folder with a T5 (google/t5-v1_1-xxl) or CLIP "
+                "(openai/clip-vit-large-patch14) text model and its tokenizer, downloaded "
+                "first; nothing is downloaded here")
+        if kind not in (None, "t5", "clip"):
+            raise ValueError(f"text_embedder kind={kind!r} is not accepted; accepted: None (from "
+                             "the path, as upstream: 'openai' in it means CLIP), 't5' or 'clip'")
+        self.max_length = _check_length("text_embedder max_length", max_length)
+        try:
+            import transformers  # type: ignore
+        except ImportError as err:
+            raise ImportError(
+                "text_embedder needs the 'transformers' package (and 'sentencepiece' for T5): "
+                f"it must be installed first (pip install transformers sentencepiece); import "
+                f"failed with: {err}") from err
+        self.is_clip = kind == "clip" if kind is not None else "openai" in str(from_pretrained)
+        self.output_key = "pooler_output" if self.is_clip else "last_hidden_state"
+        dtype = resolve_dtype(dtype)
+        if self.is_clip:
+            self.tokenizer = transformers.CLIPTokenizer.from_pretrained(
+                from_pretrained, max_length=max_length, local_files_only=local_files_only)
+            module = transformers.CLIPTextModel.from_pretrained(
+                from_pretrained, torch_dtype=dtype, local_files_only=local_files_only)
+        else:
+            self.tokenizer = transformers.T5Tokenizer.from_pretrained(
+                from_pretrained, max_length=max_length, legacy=True,
+                local_files_only=local_files_only)
+            module = transformers.T5EncoderModel.from_pretrained(
+                from_pretrained, torch_dtype=dtype, local_files_only=local_files_only)
+        self.hf_module = module.to(device).eval().requires_grad_(False)
+        cfg = self.hf_module.config
+        self.output_dim = int(getattr(cfg, "d_model", None) or cfg.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_module.parameters()).device
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str], added_tokens: int = 0,
+                seq_align: int = 1) -> torch.Tensor:
+        prompts = _check_prompts(prompts)
+        tok = self.tokenizer(prompts, truncation=True, max_length=self.max_length,
+                             padding="max_length", return_tensors="pt")
+        ids = tok["input_ids"]
+        n = _align(ids.shape[1], added_tokens, seq_align)
+        if n > ids.shape[1]:
+            ids = nn.functional.pad(ids, (0, n - ids.shape[1]),
+                                    value=self.tokenizer.pad_token_id)
+        out = self.hf_module(input_ids=ids.to(self.device), attention_mask=None,
+                             output_hidden_states=False)
+        return out[self.output_key]
+
+
+@TEXT_ENCODERS.register_module("hashed_text_embedder")
+class HashedTextEmbedder(nn.Module):
+    """A tiny deterministic stand-in for Open-Sora 2.0's T5 / CLIP pair (tests, CPU demos).
+
+    Words are the lower-cased runs of letters and digits of a prompt. Each word ``w`` (and the
+    padding token) has a fixed vector: ``dim`` standard normal draws from a CPU generator
+    seeded with the first 8 bytes of ``sha256(f"{seed}:{w}")``, so any word is accepted and the
+    vectors depend on nothing else (not on the global RNG, the device or the batch).
+
+    ``pooled=False`` (the T5 role): [B, max_length, dim], position ``k`` holding the ``k``-th
+    word's vector (the padding vector past the prompt's words; words past ``max_length``
+    dropped) plus ``0.1 sin / cos`` position features. ``pooled=True`` (the CLIP role): [B, dim],
+    the mean of the prompt's word vectors (the padding vector for an empty prompt).
+    ``__call__(prompts, added_tokens=0, seq_align=1)`` as :class:`HFTextEmbedder`.
+    """
+
+    def __init__(self, dim: int = 32, max_length: int = 16, pooled: bool = False, seed: int = 0,
+                 from_pretrained: Optional[str] = None, shardformer: bool = False,
+                 device: Any = None, dtype: Any = None):
+        super().__init__()
+        self.output_dim = _check_length("hashed_text_embedder dim", dim)
+        self.max_length = _check_length("hashed_text_embedder max_length", max_length)
+        if not isinstance(pooled, bool):
+            raise ValueError(f"hashed_text_embedder pooled={pooled!r} is not accepted; "
+                             "accepted: True or False")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"hashed_text_embedder seed={seed!r} is not accepted; accepted: "
+                             "an int")
+        if from_pretrained is not None:
+            raise ValueError("hashed_text_embedder has no weights; accepted: "
+                             "from_pretrained=None")
+        self.pooled, self.seed = pooled, seed
+        self._vectors: dict[str, torch.Tensor] = {}
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+        if device is not None:
+            self.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @staticmethod
+    def words(prompt: str) -> list[str]:
+        import re
+        return re.findall(r"[a-z0-9]+", prompt.lower())
+
+    def vector(self, word: str) -> torch.Tensor:
+        """The fixed float32 vector of ``word`` (``"<pad>"``: the padding token)."""
+        if word not in self._vectors:
+            import hashlib
+            digest = hashlib.sha256(f"{self.seed}:{word}".encode("utf-8")).digest()
+            gen = torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            self._vectors[word] = torch.randn(self.output_dim, generator=gen)
+        return self._vectors[word]
+
+    def positions(self, n: int) -> torch.Tensor:
+        """[n, dim] float32 position features 0.1 sin / cos(k / 10000^(2j / dim))."""
+        k = torch.arange(n, dtype=torch.float64)[:, None]
+        j = torch.arange(self.output_dim, dtype=torch.float64)[None]
+        angle = k / 10000 ** (2 * (j // 2) / self.output_dim)
+        return (0.1 * torch.where(j % 2 == 0, angle.sin(), angle.cos())).float()
+
+    @torch.no_grad()
+    def forward(self, prompts: Sequence[str], added_tokens: int = 0,
+                seq_align: int = 1) -> torch.Tensor:
+        prompts = _check_prompts(prompts)
+        pad = self.vector("<pad>")
+        if self.pooled:
+            out = [torch.stack([self.vector(w) for w in self.words(p)]).mean(0)
+                   if self.words(p) else pad for p in prompts]
+            return torch.stack(out).to(self.device)
+        n = _align(self.max_length, added_tokens, seq_align)
+        rows = []
+        for p in prompts:
+            words = self.words(p)[:self.max_length]
+            vecs = [self.vector(w) for w in words] + [pad] * (n - len(words))
+            rows.append(torch.stack(vecs) + self.positions(n))
+        return torch.stack(rows).to(self.device)
