@@ -42,7 +42,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .cache import apply_cache, get_cache_manager
+from .cache import apply_cache, build_policy, get_cache_manager, remove_cache
 from .parallel.cfg import check_cache_policy, setup_cfg_parallel
 from .registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
 from .utils.compile import compile_options
@@ -525,6 +525,26 @@ class Pipeline:
     def report(self) -> Optional[str]:
         """The cache manager's run report, or None without a cache."""
         return None if self.cache_manager is None else self.cache_manager.report()
+
+    def attach_cache(self, cache: Any, compile: Any = None):
+        """Attach cache policy ``cache`` (``dict(type="DuCa", ...)`` as the config's ``cache``
+        key, or a policy object) to the model, in place of any attached one; later
+        :meth:`generate` calls use it. Returns the cache manager (``report()``, ``stats()``).
+        ``compile``: as the config's ``compile`` key. The policy is checked (and, with
+        ``cfg_parallel=2``, refused if it couples the CFG halves) before the model is touched."""
+        policy = build_policy(cache)
+        if self.cfg_parallel is not None:
+            check_cache_policy(policy)
+        self.remove_cache()
+        self.cache_manager = apply_cache(self.model, policy, compile=compile)
+        if self.cfg_parallel is not None:
+            self.cache_manager.batch_part = (self.cfg_parallel.cfg_rank, 2)
+        return self.cache_manager
+
+    def remove_cache(self) -> None:
+        """Detach the cache: the model is exactly the uncached one again (no-op without one)."""
+        remove_cache(self.model)
+        self.cache_manager = None
 
 
 def _sync(device: torch.device) -> None:
