@@ -85,7 +85,7 @@ class ToyLayout:
     def modulated_input(block, h, ctx, frames, per_frame):
         return h * (1 + ctx[:, None])
 
-    def trunk_shape(self, model, x, y, blk):
+    def trunk_shape(self, model, x, y, blk, arg=None):
         b, _, t, hh, ww = x.shape
         return TrunkShape(batch=b, frames=t, spatial=hh * ww, hidden=8, depth=self.depth,
                           caption_len=0, mlp_hidden=16, temporal=False), (t, hh, ww)

@@ -130,7 +130,7 @@ class AdaptiveRun:
         self.trunk_in = self.residual_in = self.rows = self.sub = None
 
     def decide(self, policy, layout, block, x, bound, step, num_steps, grid, group,
-               counts) -> Optional[Tuple[int, ...]]:
+               counts, state=None) -> Optional[Tuple[int, ...]]:
         """Measure every group's change (one all_gather) and let the policy decide per group:
         None when every clip computes the rest of the trunk, else the batch rows that do
         (empty: every clip takes its stored residual)."""
@@ -151,8 +151,8 @@ class AdaptiveRun:
         elif rows:
             idx = torch.tensor(rows, device=now.device)
             self.reference = ref.index_copy(0, idx, now.index_select(0, idx))
-        if all(flags):
-            self.residual_in = x
+        if all(flags):  # the trunk's state here (the layout's form of it, default x)
+            self.residual_in = x if state is None else state
             return None
         if rows:
             self.rows, self.sub = torch.tensor(rows, device=x.device), None

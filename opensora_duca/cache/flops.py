@@ -30,6 +30,7 @@ class TrunkShape:
     temporal_kernel: Optional[Tuple[int, ...]] = None
     rows: int = 0     # H
     width: int = 0    # W
+    single_depth: int = 0  # single-stream blocks after the depth double-stream ones (MMDiT)
 
     @property
     def tokens(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import threading
 import time
 import weakref
 from typing import Any, List, Optional, Sequence
@@ -46,6 +47,11 @@ def _weak_method(method):
     return call
 
 
+def _tapped(layout, block) -> dict:
+    """The tapped submodules of ``block`` (attribute paths) as the layout names them."""
+    return layout.tapped(block) if hasattr(layout, "tapped") else layout.TAPPED
+
+
 class CacheManager:
     """Owns the policy, the per-block stored features and the step context of one model."""
 
@@ -59,7 +65,13 @@ class CacheManager:
         self.order, self.distance = policy.forecast_order, policy.forecast_distance
         self.bytes = StoredBytes()
         self.counts = CacheStats(self.bytes)
-        self.run = RunTracker(model.forward)
+        self.run = RunTracker(model.forward, self.layout)
+        # one sampling run at a time: the thread inside a session or a model call owns the
+        # run state; a call from another thread meanwhile is refused (never mixed in)
+        self._owner_lock = threading.Lock()
+        self._owner: Optional[int] = None
+        self._owner_depth = 0
+        self._call = threading.local()  # whether this thread's model call holds a claim
         self.slots: List[BlockSlot] = []
         self.plan: Optional[StepPlan] = None
         # (part, parts): this process holds part ``part`` of ``parts`` equal slices of the CFG
@@ -95,9 +107,11 @@ class CacheManager:
         model, lay = self.model, self.layout
         order = lay.blocks(model)
         tap = self.stores_modules()
+        recorders = getattr(lay, "RECORDERS", {})
         for k, (name, blk, layer) in enumerate(order):
+            tapped = _tapped(lay, blk)
             mods = [(name, blk), (f"{name}.qkv", lay.qkv_module(blk))] + \
-                [(f"{name}.{a}", getattr(blk, a)) for a in lay.TAPPED]
+                [(f"{name}.{a}", blk.get_submodule(a)) for a in tapped]
             patched = [n for n, mod in mods if "forward" in mod.__dict__]
             if patched:
                 raise RuntimeError(f"{patched[0]} already has an instance-level forward "
@@ -108,9 +122,11 @@ class CacheManager:
             runner = BlockRunner(self, slot)
             blk.forward = runner
             if tap:
-                for attr in lay.TAPPED:
+                for attr in tapped:
                     runner.taps[attr] = ModuleTap(runner, attr)
-                    runner.taps[attr].install(getattr(blk, attr))
+                    if attr in recorders:
+                        runner.taps[attr].recorder, runner.taps[attr].parts = recorders[attr]
+                    runner.taps[attr].install(blk.get_submodule(attr))
             if self.policy.scorer == Scorer.VNORM and self.needs_scores():
                 runner.qkv_tap = ModuleTap(None, "qkv")  # records the qkv output for scores
                 runner.qkv_tap.install(lay.qkv_module(blk))
@@ -121,7 +137,8 @@ class CacheManager:
             self.slots.append(slot)
         self._handles.append(model.register_forward_pre_hook(_weak_method(self._pre_hook),
                                                              with_kwargs=True))
-        self._handles.append(model.register_forward_hook(_weak_method(self._post_hook)))
+        self._handles.append(model.register_forward_hook(_weak_method(self._post_hook),
+                                                         always_call=True))
         setattr(model, _ATTR, self)
         return self
 
@@ -147,7 +164,7 @@ class CacheManager:
                 continue
             blk.__dict__.pop("forward", None)
             for mod in [self.layout.qkv_module(blk), self.layout.map_module(blk)] + \
-                    [getattr(blk, a) for a in self.layout.TAPPED]:
+                    [blk.get_submodule(a) for a in _tapped(self.layout, blk)]:
                 if mod is not None:
                     ModuleTap.remove(mod)
         for h in self._handles:
@@ -188,16 +205,50 @@ class CacheManager:
         plan makes no host-device synchronisation."""
         ts = host_timesteps(num_steps, timesteps)
         self.policy.validate_run(num_steps)
-        self.reset()
-        self.run.open_session(num_steps, ts)
+        self._claim("a cache session")
         try:
-            yield self
-        finally:
+            if self.run.in_session:
+                raise RuntimeError("cache session: a session is already open on this model "
+                                   "(nested session() calls); each sampling run takes one "
+                                   "session, opened once, around all of its model calls")
             self.reset()
-            self.run.close_session()
+            self.run.open_session(num_steps, ts)
+            try:
+                yield self
+            finally:
+                self.reset()
+                self.run.close_session()
+        finally:
+            self._release()
+
+    def _claim(self, what: str) -> None:
+        """This thread takes the run state (re-entrant in one thread); another thread's
+        session or model call in progress is a clear error."""
+        me = threading.get_ident()
+        with self._owner_lock:
+            if self._owner is not None and self._owner != me:
+                raise RuntimeError(
+                    f"{what} from a second thread while another thread is running a sampling "
+                    f"run on this cached model: the cache holds one run's stored features, so "
+                    f"concurrent runs would mix them. Use one model (and cache) per thread, or "
+                    f"serialise the runs (a lock around generate)")
+            self._owner = me
+            self._owner_depth += 1
+
+    def _release(self) -> None:
+        with self._owner_lock:
+            self._owner_depth = max(self._owner_depth - 1, 0)
+            if self._owner_depth == 0:
+                self._owner = None
 
     def _pre_hook(self, model, args, kwargs):
-        check_grad(model, self.policy.name, self.storing_anything())
+        check_grad(model, self.policy.name, self.storing_anything(), args, kwargs)
+        self._claim("a model call")
+        self._call.claimed = True  # released by the post hook, which runs always
+        self.plan = None
+        return self._begin_call(model, args, kwargs)
+
+    def _begin_call(self, model, args, kwargs):
         x, y, t, new_run = self.run.begin(args, kwargs)
         if new_run:
             self.reset()
@@ -219,7 +270,8 @@ class CacheManager:
         self._store_trunk = not plan.skip_trunk and (
             (self.order > 0 and self.policy.skips_trunk()) or
             self.policy.skips_trunk_at(step + 1, num_steps, timesteps + [t]))
-        self.shape, grid = self.layout.trunk_shape(model, x, y, self.slots[0].block)
+        self.shape, grid = self.layout.trunk_shape(
+            model, x, y, self.slots[0].block, lambda name: self.run.arg(args, kwargs, name))
         self.group = self.layout.sequence_parallel_group(model)
         self._grid_key = (*grid, sp.group_size(self.group), sp.group_rank(self.group))
         self._grid = None
@@ -239,14 +291,22 @@ class CacheManager:
             atexit.register(self._at_exit)
 
     def _post_hook(self, model, args, out):
-        if self.plan is not None:  # the step's final plan (adaptive policies decide mid-step)
-            self.counts.count_step(self.plan, self.shape, self._grid_key, self.layout)
-        self.run.end(out)
-        self.plan = None
-        if self.run.done:  # the run is over: free everything
-            self._free()
-        self.group = None  # hold no process group between calls (set again by the next one)
-        return None
+        try:
+            if out is None:  # the forward raised (the hook runs always): the step is void
+                self.plan = None
+                return None
+            if self.plan is not None:  # the step's final plan (adaptive: decided mid-step)
+                self.counts.count_step(self.plan, self.shape, self._grid_key, self.layout)
+            self.run.end(out)
+            self.plan = None
+            if self.run.done:  # the run is over: free everything
+                self._free()
+            return None
+        finally:
+            self.group = None  # hold no process group between calls (set again next call)
+            if getattr(self._call, "claimed", False):
+                self._call.claimed = False
+                self._release()
 
     def grid_for(self, n_local: int) -> sel.TokenGrid:
         """Token grid of this rank for blocks that see ``n_local`` tokens per sample."""
@@ -277,12 +337,14 @@ class CacheManager:
         if slot.is_last:
             self.adaptive.after_last_block(out, self.at)
 
-    def decide(self, slot: BlockSlot, x: torch.Tensor, bound: dict) -> StepPlan:
+    def decide(self, slot: BlockSlot, x: torch.Tensor, bound: dict, state=None) -> StepPlan:
         """At block ``plan.decide_at``: every decision group's change is measured and the
-        policy decides per group (:meth:`AdaptiveRun.decide`); this sets the step's plan."""
+        policy decides per group (:meth:`AdaptiveRun.decide`); this sets the step's plan.
+        ``state``: the trunk's hidden state at that block, in the form its last block returns
+        (default ``x``)."""
         rows = self.adaptive.decide(
             self.policy, self.layout, slot.block, x, bound, self.step, self.num_steps,
-            self.grid_for(x.shape[1]), self.group, self.counts)
+            self.grid_for(x.shape[1]), self.group, self.counts, state)
         if rows is None:
             self.plan = StepPlan(label=self.plan.label)
         else:

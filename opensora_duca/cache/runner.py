@@ -104,8 +104,19 @@ class BlockRunner:
         self._signature = inspect.signature(types.MethodType(self._forward, block))
         self._input = next(iter(self._signature.parameters))  # the hidden states' name
         self.token_sparse = self.layout.token_sparse(block)
-        self._tapped = {attr: (name, kind or self.kind)
-                        for attr, (name, kind) in self.layout.TAPPED.items()}
+        tapped = self.layout.tapped(block) if hasattr(self.layout, "tapped") else \
+            self.layout.TAPPED
+        self._tapped = {attr: (name, kind or self.kind) for attr, (name, kind) in tapped.items()}
+        lay = self.layout
+        # the layout's hooks for blocks that take or return more than one hidden state
+        self._passthrough = getattr(lay, "passthrough", None)
+        self._state = getattr(lay, "trunk_state", None)
+        self._with_sub = getattr(lay, "with_sub", None)
+        self._note = getattr(lay, "note_call", None)
+        self._sparse_plan = getattr(lay, "sparse_plan", None)
+        self._dense_plan = getattr(lay, "dense_plan", None)
+        self._dense_taps = bool(getattr(lay, "DENSE_TAPS", False))
+        self._sel_input = getattr(lay, "selection_input", None)
         self.plan: Optional[StepPlan] = None  # armed while the block's own forward runs
         self.x_in: Optional[torch.Tensor] = None
         self.calls: dict = {}  # calls of each tapped module in the current forward
@@ -141,29 +152,32 @@ class BlockRunner:
         if plan is None:  # not inside a tracked model call: behave as the original block
             return self.original(*args, **kwargs)
         x = args[0] if args else kwargs[self._input]
+        if self._note is not None:
+            self._note(self.block, args, kwargs)
         index = self.slot.index
         ad = m.adaptive
         if plan.decide_at is not None:
             if index == 0:
                 ad.trunk_in = x
             if index == plan.decide_at:
-                plan = m.decide(self.slot, x, self._bind(args, kwargs))
+                state = x if self._state is None else self._state(self.block, args, kwargs)
+                plan = m.decide(self.slot, x, self._bind(args, kwargs), state)
         if plan.residual_from is not None and index >= plan.residual_from:
             if plan.computed_rows:  # per-clip decisions: some rows compute these blocks
                 m.counts.count_module("trunk", Action.PARTIAL)
                 ad.sub = self._rows_forward(ad.sub, args, kwargs)
-                out = ad.mixed_output(x, ad.sub, m.at) if self.slot.is_last else x
+                out = ad.mixed_output(x, ad.sub, m.at) if self.slot.is_last else \
+                    self._skipped(args, kwargs)
                 m.after_block(self.slot, out)
                 return out
             m.counts.count_module("trunk", Action.REUSE)
-            return ad.residual_output(x, m.at) if self.slot.is_last else x
+            return ad.residual_output(x, m.at) if self.slot.is_last else \
+                self._skipped(args, kwargs)
         if plan.skip_trunk:
             m.counts.count_module("trunk", Action.REUSE)
-            return m.trunk_output(x) if self.slot.is_last else x
+            return m.trunk_output(x) if self.slot.is_last else self._skipped(args, kwargs)
         bound = None
-        if (self.token_sparse and plan.actions[self.kind] == Action.REUSE
-                and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
-                and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL)):
+        if self.token_sparse and self._sparse_step_applies(plan):
             bound = self._bind(args, kwargs)
             if not self.layout.sparse_applies(bound):  # e.g. cross-attention per frame group
                 bound = None
@@ -172,6 +186,9 @@ class BlockRunner:
                 if m.regions.compiled else self.original(*args, **kwargs)
         elif bound is not None:
             out = self.layout.sparse_step(self, m.regions, plan, **bound)
+        elif self._dense_taps:
+            dense = plan if self._dense_plan is None else self._dense_plan(plan, self.block)
+            out = self._dense(dense, x, args, kwargs)
         elif m.regions.compiled and self._dense_compiles(plan, args, kwargs):
             out = self._dense(plan, x, args, kwargs)
         else:
@@ -183,6 +200,20 @@ class BlockRunner:
         m.after_block(self.slot, out)
         return out
 
+    def _sparse_step_applies(self, plan: StepPlan) -> bool:
+        """Whether this step's plan is one the layout's token-sparse reused step runs."""
+        if self._sparse_plan is not None:
+            return self._sparse_plan(plan, self.kind)
+        return (plan.actions[self.kind] == Action.REUSE
+                and plan.actions[Kind.CROSS_ATTN] == Action.REUSE
+                and plan.actions[Kind.MLP] in (Action.REUSE, Action.PARTIAL))
+
+    def _skipped(self, args, kwargs):
+        """What a block passed over returns: its input (or inputs, as the layout says)."""
+        if self._passthrough is not None:
+            return self._passthrough(self.block, args, kwargs)
+        return args[0] if args else kwargs[self._input]
+
     def _rows_forward(self, sub: Optional[torch.Tensor], args, kwargs) -> torch.Tensor:
         """This block on the batch rows ``adaptive.rows`` only: its arguments cut to those
         samples (the layout's ``args_rows``), its input the rows' hidden states ``sub`` (the
@@ -192,7 +223,10 @@ class BlockRunner:
         x = bound[self._input]
         part = self.layout.args_rows(bound, m.adaptive.rows, x.shape[0])
         if sub is not None:
-            part[self._input] = sub
+            if self._with_sub is not None:
+                part = self._with_sub(self.block, part, sub)
+            else:
+                part[self._input] = sub
         if m.regions.compiled:
             return m.regions.block(self.block)(self.block, **part)
         return self.original(**part)
@@ -213,6 +247,12 @@ class BlockRunner:
         m, st = self.m, self.slot.state
         for attr, tap in self.taps.items():
             kind = self.kind_of(attr)
+            if tap.recorder is not None:  # one module recording several kinds' features
+                for part_kind in tap.parts.values():
+                    k = part_kind or self.kind
+                    m.counts.count_module(k, plan.actions[k])
+                tap.mode = "record"
+                continue
             m.counts.count_module(kind, plan.actions[kind])
             if plan.actions[kind] == Action.REUSE:
                 tap.value = self._stored(self._tapped[attr][0], kind, None, x.dtype)
@@ -223,22 +263,35 @@ class BlockRunner:
                                    and plan.actions[self.kind] == Action.FULL) else None
         if capture is not None:
             capture.mode = "record"
-        self.x_in = x
+        # the tokens a selection picks from (e.g. an MMDiT single block's image part)
+        self.x_in = x if self._sel_input is None else self._sel_input(self.block, x)
         try:
-            out = m.regions.block(self.block)(self.block, *args, **kwargs)
+            out = m.regions.block(self.block)(self.block, *args, **kwargs) \
+                if m.regions.compiled else self.original(*args, **kwargs)
             for attr, tap in self.taps.items():
                 if tap.mode == "record":
                     self._recorded(attr, tap.value)
             if capture is not None:
-                st.put("score", self._vnorm(capture.value, self.taps["attn"].input))
+                attn_tap = self.taps.get("attn")
+                st.put("score", self._vnorm(capture.value,
+                                            None if attn_tap is None else attn_tap.input))
         finally:
             for tap in list(self.taps.values()) + ([capture] if capture is not None else []):
                 tap.clear()
             self.x_in = None
         return out
 
-    def _recorded(self, attr: str, out: torch.Tensor, call: int = 0) -> None:
-        """Store a fully computed module output (and what token selection needs of it)."""
+    def _recorded(self, attr: str, out, call: int = 0) -> None:
+        """Store a fully computed module output (and what token selection needs of it); a
+        recorder's parts (a dict of features) each under its own name and kind."""
+        if isinstance(out, dict):
+            parts = self.taps[attr].parts
+            for name, value in out.items():
+                kind = parts[name] or self.kind
+                self._store(name, value, kind, call)
+                if kind != self.kind:
+                    self._mark_full(kind)
+            return
         m, kind = self.m, self.kind_of(attr)
         self._store(self._tapped[attr][0], out, kind, call)
         if attr != "attn":
@@ -417,6 +470,15 @@ class BlockRunner:
     def count(self, kind: Kind, action: Action) -> None:
         self.m.counts.count_module(kind, action)
 
+    def record(self, name: str, kind: Kind, value: torch.Tensor, x_in: torch.Tensor) -> None:
+        """A layout's reused step computed ``name`` in full (for every token of ``x_in``)."""
+        self._store(name, value, kind)
+        self.x_in = x_in
+        try:
+            self._mark_full(kind)
+        finally:
+            self.x_in = None
+
     def select(self, kind: Kind, x: torch.Tensor) -> torch.Tensor:
         """The tokens [B, k] a token-subset module of ``kind`` recomputes, for block input x."""
         self.x_in = x
@@ -445,6 +507,10 @@ class ModuleTap:
         self.mode = "off"
         self.value: Optional[torch.Tensor] = None
         self.input: Optional[torch.Tensor] = None  # first argument of the recorded call
+        # a layout's recorder: (module, *args) -> (output, {feature: value}) with ``parts``
+        # {feature: kind (None: the block's attention kind)}
+        self.recorder: Optional[Callable] = None
+        self.parts: Dict[str, Optional[Kind]] = {}
 
     @property
     def runner(self) -> Optional[BlockRunner]:
@@ -470,6 +536,10 @@ def _tapped_forward(module, *args, **kwargs):
     if tap.mode == "off" and tap.runner is not None and tap.runner.plan is not None:
         return tap.runner.run_module(tap.attr, types.MethodType(type(module).forward, module),
                                      args, kwargs)
+    if tap.mode == "record" and tap.recorder is not None:
+        out, tap.value = tap.recorder(module, *args, **kwargs)
+        tap.input = args[0] if args else next(iter(kwargs.values()), None)
+        return out
     out = type(module).forward(module, *args, **kwargs)
     if tap.mode == "record":
         tap.value = out

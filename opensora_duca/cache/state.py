@@ -181,15 +181,17 @@ class BlockState:
         self.attn = Feature(codec, counter, order)
         self.cross = Feature(codec, counter, order)
         self.mlp = Feature(codec, counter, order)
-        self.more: Dict[tuple, Feature] = {}  # later calls of a module within one forward
+        self.more: Dict[tuple, Feature] = {}  # later calls within one forward; other names
         self.score: Optional[torch.Tensor] = None
         self.x_ref: Optional[torch.Tensor] = None
         self.last_step: Dict[str, torch.Tensor] = {}
 
     def feature(self, name: str, call: int = 0) -> Feature:
         """The stored output of the ``call``-th call (0-based) of module ``name`` within one
-        block forward (Open-Sora 1.3's i2v blocks call cross-attention once per frame group)."""
-        if call == 0:
+        block forward (Open-Sora 1.3's i2v blocks call cross-attention once per frame group);
+        names beyond :attr:`FEATURES` (a layout's own, e.g. an MMDiT's text stream) are kept
+        the same way."""
+        if call == 0 and name in self.FEATURES:
             return getattr(self, name)
         key = (name, call)
         if key not in self.more:

@@ -342,7 +342,7 @@ class STDiT3Layout:
 
     # ------------------------------------------------------------- one call
     def trunk_shape(self, model: nn.Module, x: torch.Tensor, y,
-                    blk: nn.Module) -> Tuple[TrunkShape, tuple]:
+                    blk: nn.Module, arg=None) -> Tuple[TrunkShape, tuple]:
         """The trunk's shape of a model call and the latent grid (T, H, W); ``blk``: the
         first patched block (the model's lists may be wrapped meanwhile)."""
         pt, ph, pw = getattr(model, "patch_size", (1, 2, 2))
