@@ -225,3 +225,156 @@ def run_settings(cfg: Any, start_index: Any = None, end_index: Any = None) -> di
 
 __all__ = ["check_inference_config", "check_cache", "cache_configs", "check_video_fits",
            "dist_timeout", "memory_bytes", "run_settings", "INFERENCE_KEYS", "AGREED_KEYS"]
+
+
+# ------------------------------------------------------------------------ Open-Sora 2.0
+#: top-level keys of an Open-Sora 2.0 inference config (upstream's and this tool's)
+V2_INFERENCE_KEYS = {
+    "prompt": "a prompt or a list of prompts",
+    "prompt_path": "a text file, one prompt per line",
+    "save_dir": "output folder", "sample_name": "file name prefix",
+    "seed": "an int (noise of prompt i: seed + i, unless sampling_option.seed is set)",
+    "batch_size": "an int >= 1", "dtype": "fp32 | fp16 | bf16 (default bf16)",
+    "cond_type": "t2v, i2v_head, i2v_tail, i2v_loop, v2v_head, v2v_tail, v2v_head_half, "
+                 "v2v_tail_half",
+    "ref": "reference image / video path(s) for i2v / v2v: one for every prompt, or a list "
+           "matching prompt (';' between an i2v_loop's two)",
+    "neg": "negative prompt (default '')",
+    "sampling_option": "dict(...) of upstream's SamplingOption fields",
+    "motion_score": "appended to prompts as ' {score} motion score.'",
+    "fps_save": "fps of the prompt text and of the written files",
+    "fps": "fps of the prompt text (the --fps flag; wins over fps_save)",
+    "save_fps": "fps of the written files",
+    "model": "dict(type=...)", "ae": "dict(type=...)", "t5": "dict(type=...)",
+    "clip": "dict(type=...)", "cache": "dict(type=...) or None",
+    "compile": "None, True or dict(mode=..., backend=..., fullgraph=...)",
+    "patch_size": "the model's patch (default 2)",
+    "ae_spatial_compression": "pixels per token edge (default 16)",
+    "resolution": "alias of sampling_option.resolution",
+    "aspect_ratio": "alias of sampling_option.aspect_ratio",
+    "num_frames": "alias of sampling_option.num_frames",
+    "num_steps": "alias of sampling_option.num_steps",
+    "guidance": "alias of sampling_option.guidance",
+    "guidance_img": "alias of sampling_option.guidance_img",
+    "ckpt_path": "alias of model.from_pretrained",
+    "image_size": "(H, W) in pixels (wins over resolution / aspect_ratio)",
+    "dist_timeout": "seconds a rank waits for the others",
+    "cfg_parallel": "1 (CFG parallelism is not available for 2.0)",
+    "prompt_refine": "False only (upstream's LLM prompt refinement is not available)",
+    "use_t2i2v": "False only (upstream's Flux text-to-image-to-video is not available)",
+    "num_sample": "1 only",
+    "dataset": "upstream key (not used: prompts come from prompt / prompt_path)",
+    "plugin": "ColossalAI setting (not used)", "plugin_config": "ColossalAI setting (not used)",
+    "plugin_ae": "ColossalAI setting (not used)",
+    "plugin_config_ae": "ColossalAI setting (not used)",
+    "offload_model": "upstream key (not used)",
+    "custom_imports": "mmengine imports",
+}
+
+
+def _v2_prompts(cfg: Any) -> Optional[list]:
+    prompts = cfg.get("prompt")
+    if isinstance(prompts, str):
+        return [prompts]
+    return list(prompts) if isinstance(prompts, (list, tuple)) else None
+
+
+def check_v2_references(cfg: Any, cond_type: str) -> None:
+    """``ref`` of an i2v / v2v run: a path (or ``;``-joined paths) for every prompt, or a
+    list matching the config's prompt list; every file must exist."""
+    ref = cfg.get("ref")
+    if cond_type == "t2v":
+        if ref is not None:
+            raise _bad("ref", ref, "None with cond_type='t2v' (references need an i2v / v2v "
+                       "cond_type)")
+        return
+    prompts = _v2_prompts(cfg)
+    if isinstance(ref, str):
+        refs = [ref]
+    elif isinstance(ref, (list, tuple)) and ref and all(isinstance(r, str) for r in ref):
+        refs = list(ref)
+        if prompts is None or len(prompts) != len(refs):
+            raise _bad("ref", ref, f"one path per prompt of the config's prompt list "
+                       f"({'no list' if prompts is None else len(prompts)}), or one path for "
+                       f"every prompt")
+        seen = {}
+        for p, r in zip(prompts, refs):
+            if seen.setdefault(p, r) != r:
+                raise _bad("ref", ref, f"one reference per distinct prompt (prompt {p!r} is "
+                           f"listed twice with different references)")
+    else:
+        raise _bad("ref", ref, f"a reference image / video path (or a list, one per prompt) "
+                   f"for cond_type={cond_type!r}")
+    for entry in refs:
+        for path in entry.split(";"):
+            if not os.path.isfile(path.strip()):
+                raise _bad("ref", entry, "existing image / video files")
+
+
+def check_v2_inference_config(cfg: Any, start_index: Any = None, end_index: Any = None,
+                              device: Optional[torch.device] = None) -> None:
+    """:func:`check_inference_config` for an Open-Sora 2.0 config
+    (:func:`opensora_duca.pipeline_v2.is_v2_config`): every key and value a run reads, checked
+    without building anything; one ValueError on the first mistake."""
+    from .pipeline_v2 import sampling_settings
+    from .schedulers.opensora2 import OpenSora2Sampler
+
+    unknown = sorted(k for k in cfg.keys() if k not in V2_INFERENCE_KEYS and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"config keys {unknown} are not known in an Open-Sora 2.0 config; "
+                         f"accepted: {sorted(V2_INFERENCE_KEYS)} (or names starting with '_')")
+    for key in ("model", "ae", "t5", "clip"):
+        val = cfg.get(key)
+        if not hasattr(val, "get") or "type" not in val:
+            raise _bad(key, val, "dict(type=...) naming a registered type")
+    cache = cfg.get("cache")
+    if cache is not None and (not hasattr(cache, "get") or "type" not in cache):
+        raise _bad("cache", cache, "dict(type=<a registered cache policy>, ...) or None")
+    for key, accepted in (("prompt_refine", False), ("use_t2i2v", False)):
+        if cfg.get(key) not in (None, accepted):
+            raise _bad(key, cfg.get(key), f"{accepted} or unset ({V2_INFERENCE_KEYS[key]})")
+    if cfg.get("num_sample") not in (None, 1):
+        raise _bad("num_sample", cfg.get("num_sample"), "1 (one video per prompt; give more "
+                   "prompts or seeds instead)")
+    if cfg.get("cfg_parallel") not in (None, 1):
+        raise _bad("cfg_parallel", cfg.get("cfg_parallel"), "1 (the three-branch guidance "
+                   "batch of Open-Sora 2.0 does not split into two CFG halves)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != 1:
+        raise ValueError(f"Open-Sora 2.0 configs run on one process in this tool (WORLD_SIZE="
+                         f"{world}); accepted: python tools/inference.py without torchrun")
+    batch_size = cfg.get("batch_size") if cfg.get("batch_size") is not None else 1
+    if not _is_int(batch_size) or batch_size < 1:
+        raise _bad("batch_size", batch_size, "an int >= 1")
+    seed = cfg.get("seed", 0)
+    if not _is_int(seed):
+        raise _bad("seed", seed, "an int")
+    for key, value, low in (("start_index", start_index, 0), ("end_index", end_index, 1)):
+        if value is not None and (not _is_int(value) or value < low):
+            raise _bad(key, value, f"an int >= {low}")
+    if start_index is not None and end_index is not None and end_index <= start_index:
+        raise _bad("end_index", end_index, f"an int > start_index={start_index}")
+    for key in ("fps", "save_fps", "fps_save"):
+        if cfg.get(key) is not None and (not _is_number(cfg[key]) or cfg[key] <= 0):
+            raise _bad(key, cfg[key], "a positive finite number")
+    resolve_dtype(cfg.get("dtype", "bf16"))
+    compile_options(cfg.get("compile"))
+    dist_timeout(cfg)
+    check_cache(cfg, 1)
+    settings = sampling_settings(cfg)
+    check_v2_references(cfg, settings["cond_type"])
+    device = torch.device("cpu") if device is None else torch.device(device)
+    model = cfg["model"]
+    if model.get("type") == "DuCa" and hasattr(model.get("model"), "get"):
+        model = model["model"]
+    hidden = model.get("hidden_size")
+    if hidden is None:
+        hidden = {"flux": 3072, "OpenSora-v2-MMDiT": 3072, "MMDiT-cpu": 64}.get(
+            model.get("type"), 1)
+    branches = OpenSora2Sampler(**settings["sampler"]).branches
+    check_video_fits(settings["num_frames"], (settings["height"], settings["width"]),
+                     batch_size, hidden if _is_int(hidden) else 1, memory_bytes(device),
+                     memory_bytes(torch.device("cpu")), device.type, cfg_copies=branches)
+
+
+__all__ += ["check_v2_inference_config", "check_v2_references", "V2_INFERENCE_KEYS"]

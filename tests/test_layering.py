@@ -127,7 +127,7 @@ LAYERS = [
     {"data", "parallel"},
     {"models"},
     {"cache", "schedulers"},
-    {"pipeline"},
+    {"pipeline", "pipeline_v2"},
     {"config_check", "opensora_plugin", "eval"},
     {"bench"},
     {"cli", "__main__", ""},

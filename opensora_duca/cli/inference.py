@@ -55,11 +55,17 @@ import torch.distributed as dist
 from mmengine.config import DictAction
 from safetensors import SafetensorError
 
-from ..config_check import check_inference_config, dist_timeout, run_settings
+from ..config_check import (
+    check_inference_config,
+    check_v2_inference_config,
+    dist_timeout,
+    run_settings,
+)
 from ..parallel import release_process_group
 from ..parallel.agreement import check_ranks_agree
 from ..parallel.launch import init_distributed
 from ..pipeline import build_from_config, load_prompts, unique_filenames
+from ..pipeline_v2 import apply_cli_overrides, build_v2_from_config, is_v2_config
 from ..utils.atomic import save_torch
 from ..utils.config import load_config
 from ..utils.host_memory import keep_freed_host_memory
@@ -107,6 +113,8 @@ def parse_args(argv=None):
 
 def merge_args(cfg, args):
     """The config with the command line's flags merged in (flags win)."""
+    if is_v2_config(cfg):  # Open-Sora 2.0: the flags map to upstream's keys
+        return apply_cli_overrides(cfg, vars(args))
     if args.prompt is not None:
         cfg.prompt = list(args.prompt)
     elif args.prompt_path is not None:
@@ -193,7 +201,8 @@ def main(argv=None, t_start=None) -> int:
     try:
         # the settings are checked before anything is built or waits for other ranks
         cfg = merge_args(load_config(args.config, args.cfg_options), args)
-        check_inference_config(cfg, args.start_index, args.end_index, device=args.device or (
+        check = check_v2_inference_config if is_v2_config(cfg) else check_inference_config
+        check(cfg, args.start_index, args.end_index, device=args.device or (
             "cuda" if torch.cuda.is_available() else "cpu"))
         rank, world, device = init_distributed(args.device, dist_timeout(cfg))
         check_ranks_agree(run_settings(cfg, args.start_index, args.end_index))
@@ -242,7 +251,8 @@ def run(cfg, args, rank, world, device, is_main, t_start) -> int:
     skipped = [i for i in indices if i not in todo]
 
     t_build = time.perf_counter()
-    pipe = build_from_config(cfg, device=device, enable_sequence_parallelism=world > 1)
+    build = build_v2_from_config if is_v2_config(cfg) else build_from_config
+    pipe = build(cfg, device=device, enable_sequence_parallelism=world > 1)
     t_build = time.perf_counter() - t_build
     seed = int(cfg.get("seed", 0))
     batch_size = int(cfg.get("batch_size") or 1)
