@@ -6,6 +6,12 @@ Every point of a sweep (a policy config) generates the same clips as the uncache
 analytic FLOPs ratio, and the measured sampling time (wall and process CPU time; the CPU-time
 speedup is the steadier one on a shared machine). Results go to one JSON file after every point,
 so an interrupted sweep resumes where it stopped (the reference frames are kept beside it).
+
+An existing JSON is only ever extended: one of other settings (another ``meta``: config,
+captions, seeds, steps) or one that cannot be read is refused (:func:`load_existing`, a
+``ValueError``) and left as it is; a run holds the file's lock
+(:func:`opensora_duca.utils.atomic.exclusive_lock`) so a second run on the same file is
+refused instead of replacing the first one's points.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..cache import apply_cache, remove_cache
-from ..utils.atomic import save_figure, save_torch, write_json
+from ..utils.atomic import exclusive_lock, save_figure, save_torch, write_json
 from ..utils.video import to_uint8_frames
 from .fidelity import psnr, ssim
 from .judge import judge, summarize
@@ -90,6 +96,38 @@ def point_key(cfg: Dict[str, Any]) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
+def frontier_meta(meta: Optional[dict], prompts: Sequence[str], seeds: Sequence[int],
+                  steps: int) -> dict:
+    """The settings a sweep's points share (a stored sweep resumes only when they match)."""
+    return dict(meta or {}, prompts=list(prompts), seeds=list(seeds), steps=int(steps))
+
+
+def load_existing(out_json: str, meta: dict) -> Optional[dict]:
+    """The stored sweep at ``out_json`` when it has the settings ``meta``; None when there is
+    no file. A file that cannot be read, is no sweep, or holds other settings raises a
+    one-line ``ValueError`` (the file is kept: nothing is discarded without a word)."""
+    if not os.path.lexists(out_json):
+        return None
+    keep = "it is kept as it is: give another --out, or move the file away"
+    try:
+        with open(out_json, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--out {out_json!r} cannot be read as a frontier sweep "
+                         f"({type(err).__name__}: {msg}); {keep}") from None
+    if not isinstance(old, dict) or not isinstance(old.get("points"), list) \
+            or "reference" not in old or not isinstance(old.get("meta"), dict):
+        raise ValueError(f"--out {out_json!r} is not a frontier sweep (expected a JSON object "
+                         f"with meta, reference and points); {keep}")
+    if old["meta"] != meta:
+        diff = sorted(k for k in set(old["meta"]) | set(meta)
+                      if old["meta"].get(k) != meta.get(k))
+        raise ValueError(f"--out {out_json!r} holds a sweep of other settings (differs in "
+                         f"{', '.join(diff)}); {keep}")
+    return old
+
+
 def _generate(pipe, jobs, batch_size: int, progress: bool, desc: str):
     frames, verdicts, wall, cpu, stats = [], [], 0.0, 0.0, None
     for b0 in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress,
@@ -110,28 +148,47 @@ def _generate(pipe, jobs, batch_size: int, progress: bool, desc: str):
 
 def run_frontier(pipe, points: Sequence[Point], prompts: Sequence[str], seeds: Sequence[int],
                  out_json: str, batch_size: int = 16, progress: bool = True,
-                 meta: Optional[dict] = None) -> dict:
-    """Evaluate the uncached reference and every point (resuming from ``out_json``)."""
+                 meta: Optional[dict] = None, lock: bool = True) -> dict:
+    """Evaluate the uncached reference and every point, resuming from ``out_json`` (the file
+    is locked for the run; one of other settings or an unreadable one is refused, see
+    :func:`load_existing`); ``lock=False``: the caller holds the lock already."""
+    if not lock:
+        return _run_locked(pipe, points, prompts, seeds, out_json, batch_size, progress, meta)
+    with exclusive_lock(out_json):
+        return _run_locked(pipe, points, prompts, seeds, out_json, batch_size, progress, meta)
+
+
+def _reference(ref_path: str, n: int):
+    """The stored reference frames and verdicts, or None when missing or unusable."""
+    try:
+        ref = torch.load(ref_path, weights_only=True)
+        if len(ref["ok"]) == n and ref["frames"].shape[0] == n:
+            return ref["frames"], ref["ok"]
+    except Exception:  # missing, truncated or foreign: the frames are recomputed
+        pass
+    return None
+
+
+def _run_locked(pipe, points, prompts, seeds, out_json, batch_size, progress, meta) -> dict:
     jobs = [(p, s) for s in seeds for p in prompts]
-    meta = dict(meta or {}, prompts=list(prompts), seeds=list(seeds),
-                steps=pipe.scheduler.num_sampling_steps)
+    meta = frontier_meta(meta, prompts, seeds, pipe.scheduler.num_sampling_steps)
     ref_path = out_json + ".reference.pt"
-    result = {"meta": meta, "reference": None, "points": []}
-    if os.path.isfile(out_json) and os.path.isfile(ref_path):
-        with open(out_json, encoding="utf-8") as f:
-            old = json.load(f)
-        if old.get("meta") == meta:  # same run settings: resume
-            result = old
+    result = load_existing(out_json, meta) or {"meta": meta, "reference": None, "points": []}
     if pipe.cache_manager is not None:
         remove_cache(pipe.model)
         pipe.cache_manager = None
-    if result["reference"] is None:
+    ref = _reference(ref_path, len(jobs)) if result["reference"] is not None else None
+    if ref is None:
+        # the uncached clips (deterministic: a lost frames file gives the same frames again;
+        # a stored reference keeps its timings so the stored speedups stay consistent)
         frames, verdicts, wall, cpu, _ = _generate(pipe, jobs, batch_size, progress, "none")
         save_torch(ref_path, {"frames": frames, "ok": [v["ok"] for v in verdicts]})
-        result["reference"] = dict(policy="none", wall_s=wall, cpu_s=cpu, **summarize(verdicts))
-        write_json(out_json, result)
-    ref = torch.load(ref_path, weights_only=True)
-    ref_frames, ref_ok = ref["frames"], ref["ok"]
+        if result["reference"] is None:
+            result["reference"] = dict(policy="none", wall_s=wall, cpu_s=cpu,
+                                       **summarize(verdicts))
+            write_json(out_json, result)
+        ref = frames, [v["ok"] for v in verdicts]
+    ref_frames, ref_ok = ref
     done = {point_key(p["config"]) for p in result["points"]}
     for family, cfg in points:
         if point_key(cfg) in done:

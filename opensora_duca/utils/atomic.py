@@ -13,6 +13,9 @@ is removed and the exception propagates.
 :func:`remove_stale_temps` removes the temporary files of a target left behind by processes
 that no longer run (same host, pid gone); files of live processes, of other hosts and files
 whose owner cannot be read are never touched.
+
+:func:`exclusive_lock` lets one process at a time own an output that it updates in several
+writes (a sweep's JSON): a second process is refused at once with :class:`LockedError`.
 """
 from __future__ import annotations
 
@@ -117,15 +120,48 @@ def write_json(path: str, obj: Any, indent: Optional[int] = 2) -> str:
 
 
 def save_torch(path: str, obj: Any) -> str:
-    """``torch.save(obj)`` at ``path``, atomically."""
+    """``torch.save(obj)`` at ``path``, atomically. The bytes depend on ``obj`` only: the
+    archive is built in memory (saved to a file, torch names the zip's records after the file,
+    here the random temporary name), so identical objects give identical files."""
+    import io
+
     import torch
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return write_bytes(path, buf.getvalue())
 
 
 def save_figure(path: str, fig: Any, **kwargs: Any) -> str:
     """A matplotlib figure at ``path``, atomically; the format comes from ``path``'s suffix."""
     fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+class LockedError(ValueError):
+    """Another process holds the lock of an output."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str) -> Iterator[str]:
+    """Hold an exclusive lock on ``path`` (the hidden file ``.{name}.lock`` beside it, locked
+    with ``flock``) for the duration of the block; raise :class:`LockedError` at once when
+    another process holds it. The lock ends with the process, so a killed holder leaves
+    nothing to clean up (the empty lock file stays)."""
+    import fcntl
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    lock = os.path.join(folder, "." + os.path.basename(os.path.abspath(path)) + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"{path} is being written by another process (it holds the lock "
+                              f"{lock}); wait for it to finish or write elsewhere") from None
+        yield lock
+    finally:
+        os.close(fd)
 
 
 def _owner(name: str, prefix: str) -> Optional[tuple[int, str]]:
@@ -168,4 +204,5 @@ def remove_stale_temps(path: str) -> int:
 
 
 __all__ = ["TEMP_SUFFIX", "is_temp_name", "atomic_path", "atomic_write", "write_bytes",
-           "write_text", "write_json", "save_torch", "save_figure", "remove_stale_temps"]
+           "write_text", "write_json", "save_torch", "save_figure", "remove_stale_temps",
+           "LockedError", "exclusive_lock"]
