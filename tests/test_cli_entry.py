@@ -32,7 +32,8 @@ def test_commands_are_the_tools():
         assert name == mod.replace("_", "-")
         assert os.path.isfile(os.path.join(ROOT, "opensora_duca", "cli", mod + ".py"))
         text = open(os.path.join(ROOT, "tools", mod + ".py"), encoding="utf-8").read()
-        assert f"from opensora_duca.cli.{mod} import main" in text
+        assert "from opensora_duca.cli.main import run_tool" in text
+        assert f'sys.exit(run_tool("{mod}"' in text
 
 
 def test_help_lists_every_command(capsys):
@@ -133,3 +134,47 @@ def test_wheel_installs_and_demo_runs_from_elsewhere(tmp_path):
     for row in summary["runs"]:
         assert len(row["files"]) == 1 and os.path.getsize(work / row["files"][0]) > 0
     assert summary["runs"][0]["psnr"] == 100.0
+
+
+def test_pop_log_level():
+    assert cli_main.pop_log_level(["a", "--log-level", "info", "--x"]) == ("INFO", ["a", "--x"])
+    assert cli_main.pop_log_level(["--log-level=DEBUG"]) == ("DEBUG", [])
+    assert cli_main.pop_log_level(["a"]) == (None, ["a"])
+    with pytest.raises(ValueError, match="needs a level"):
+        cli_main.pop_log_level(["a", "--log-level"])
+    with pytest.raises(ValueError, match="'LOUD' is not accepted"):
+        cli_main.pop_log_level(["--log-level", "LOUD"])
+
+
+def test_tool_bad_log_level_is_one_line_and_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "fidelity.py"),
+                        "--log-level", "LOUD", str(tmp_path), str(tmp_path)],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == ("fidelity.py: error: --log-level 'LOUD' is not accepted; accepted: one "
+                        "of DEBUG, INFO, WARNING, ERROR, CRITICAL\n")
+
+
+def test_log_level_shows_the_library_messages(tmp_path):
+    """Without --log-level an INFO record of the library is not shown (Python's default); after
+    a tool ran with --log-level INFO it is, on stderr."""
+    code = ("import logging, sys\n"
+            "from opensora_duca.cli.main import run_tool\n"
+            "log = logging.getLogger('opensora_duca.cache')\n"
+            "log.info('before')\n"
+            f"rc = run_tool('fidelity', ['--log-level', 'INFO', {str(tmp_path / 'a')!r}, "
+            f"{str(tmp_path / 'b')!r}])\n"
+            "log.info('after'); log.debug('hidden')\n"
+            "sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(),
+                       cwd=str(tmp_path), timeout=60)
+    assert r.returncode == 2  # fidelity's own check of its folders, after the flag was taken
+    assert "directory does not exist" in r.stderr
+    assert "INFO opensora_duca.cache: after" in r.stderr
+    assert "before" not in r.stderr and "hidden" not in r.stderr
+
+
+def test_tool_help_lists_log_level():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "fidelity.py"), "--help"],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and "--lpips" in r.stdout and "--log-level LEVEL" in r.stdout

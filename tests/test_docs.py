@@ -18,7 +18,7 @@ from unittest import mock
 import pytest
 import torch
 
-from opensora_duca.cli.main import COMMANDS, packaged_config
+from opensora_duca.cli.main import COMMANDS, packaged_config, pop_log_level
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT)
@@ -168,6 +168,11 @@ def documented_calls(docs=DOCS):
     return out
 
 
+def _common_flag(flag):
+    """A flag every tool takes through run_tool (``--log-level``), not its own parser."""
+    return pop_log_level([flag, "INFO"])[0] is not None
+
+
 def test_documented_flags_are_accepted():
     calls = documented_calls()
     assert len({m for m, _ in calls}) >= 8  # the docs show most tools with flags
@@ -175,13 +180,14 @@ def test_documented_flags_are_accepted():
     assert unknown == [], f"the docs name tools that do not exist: {unknown}"
     parsers = {m: tool_parser(m) for m in {m for m, _ in calls}}
     bad = [f"{doc}: {_MODULES[m]} {flag}" for (m, flag), doc in sorted(calls.items())
-           if flag not in parsers[m]._option_string_actions]
+           if flag not in parsers[m]._option_string_actions and not _common_flag(flag)]
     assert bad == [], f"flags the docs show that the tools do not accept: {bad}"
 
 
 def test_flag_check_can_fail():
     assert ("inference", "--prompt") in documented_calls()
     assert "--no-such-flag" not in tool_parser("inference")._option_string_actions
+    assert _common_flag("--log-level") and not _common_flag("--no-such-flag")
     seg = _segments("run `opensora-duca benchmark --preset cpu --bogus 1`\n")
     assert [m.group(2) for m in _CALL.finditer(seg[0])] == ["benchmark"]
 

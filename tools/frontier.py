@@ -3,7 +3,7 @@ the usage; the code is :mod:`opensora_duca.cli.frontier`.
 """
 import sys
 
-from opensora_duca.cli.frontier import main
+from opensora_duca.cli.main import run_tool
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run_tool: opensora_duca.cli.frontier.main, with --log-level
+    sys.exit(run_tool("frontier"))

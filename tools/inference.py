@@ -9,7 +9,7 @@ T_START = time.perf_counter()  # the reported wall time counts from here (import
 
 import sys  # noqa: E402
 
-from opensora_duca.cli.inference import main  # noqa: E402
+from opensora_duca.cli.main import run_tool  # noqa: E402
 
-if __name__ == "__main__":
-    sys.exit(main(t_start=T_START))
+if __name__ == "__main__":  # run_tool: opensora_duca.cli.inference.main, with --log-level
+    sys.exit(run_tool("inference", t_start=T_START))

@@ -5,7 +5,7 @@
 """
 import sys
 
-from opensora_duca.cli.vbench_evaluate import main
+from opensora_duca.cli.main import run_tool
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run_tool: opensora_duca.cli.vbench_evaluate.main, with --log-level
+    sys.exit(run_tool("vbench_evaluate"))

@@ -10,10 +10,17 @@ checkpoint it names: a byte-for-byte copy of ``configs/demo/inference.py``, whos
 ``{{ fileDirname }}/../../opensora_duca/assets/...`` resolves from either place), so it works
 from any directory after a non-editable install.
 Under torchrun: ``torchrun --nproc_per_node 2 -m opensora_duca demo``.
+
+Every command (and every ``tools/<name>.py``, which runs through :func:`run_tool` too) also
+takes ``--log-level LEVEL`` (DEBUG, INFO, WARNING, ERROR, CRITICAL): the library's messages
+(Python ``logging``, loggers ``opensora_duca.*``, e.g. the cache reports of
+``opensora_duca.cache`` at INFO) go to stderr from that level on. Without it logging is left
+as Python sets it up (warnings and errors only).
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import time
@@ -63,9 +70,58 @@ def usage(prog: str = PROG) -> str:
     for name, (_, desc) in COMMANDS.items():
         first, *more = desc.split("\n")
         lines += [f"  {name:<{width}}{first}"] + [" " * (width + 2) + m for m in more]
+    lines += ["", "every command also takes:", LOG_LEVEL_HELP]
     lines += ["", f"`{prog} COMMAND --help` shows a command's options;",
               "`python tools/<command>.py` (with _ for -) runs the same code."]
     return "\n".join(lines)
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVEL_HELP = ("  --log-level LEVEL  the library's log messages (loggers opensora_duca.*) to "
+                  "stderr\n                     from LEVEL on: " + ", ".join(LOG_LEVELS)
+                  + "\n                     (default: warnings and errors)")
+
+
+def pop_log_level(argv: Sequence[str]) -> tuple:
+    """``(level or None, argv without it)`` for ``--log-level LEVEL`` / ``--log-level=LEVEL``
+    anywhere in ``argv`` (the last one wins); a missing or unknown level is a ValueError."""
+    level, rest, it = None, [], iter(argv)
+    for arg in it:
+        if arg == "--log-level" or arg.startswith("--log-level="):
+            value = arg.partition("=")[2] if "=" in arg else next(it, None)
+            if value is None or value.upper() not in LOG_LEVELS:
+                got = "needs a level" if value is None else f"{value!r} is not accepted"
+                raise ValueError(f"--log-level {got}; accepted: one of {', '.join(LOG_LEVELS)}")
+            level = value.upper()
+        else:
+            rest.append(arg)
+    return level, rest
+
+
+def run_tool(module: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None,
+             **kwargs) -> int:
+    """Run ``opensora_duca.cli.<module>.main(argv, **kwargs)`` after taking ``--log-level`` out
+    of ``argv`` (default ``sys.argv[1:]``) and setting up logging with it; the exit status (the
+    tool's int, 0 for a tool whose ``main`` returns its summary). ``tools/<module>.py`` and
+    every ``opensora-duca`` command run through here."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        level, argv = pop_log_level(argv)
+    except ValueError as err:
+        return _error(prog, str(err))
+    if level is not None:
+        logging.basicConfig(level=getattr(logging, level),
+                            format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger().setLevel(getattr(logging, level))
+    tool = importlib.import_module(f"{__package__}.{module}")
+    try:
+        rc = tool.main(argv, **kwargs)
+    except SystemExit as done:  # the tool's --help: add the option it does not list itself
+        if done.code in (0, None) and ("-h" in argv or "--help" in argv):
+            print(LOG_LEVEL_HELP, flush=True)
+        raise
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
 def _error(prog: str, message: str) -> int:
@@ -75,7 +131,11 @@ def _error(prog: str, message: str) -> int:
 
 def _demo_args(argv: list) -> list:
     """``demo`` without a config file (no argument, or an option first): the packaged one."""
-    if argv and (not argv[0].startswith("-") or argv[0] in ("-h", "--help")):
+    try:
+        probe = pop_log_level(argv)[1]
+    except ValueError:  # run_tool reports it
+        return argv
+    if probe and (not probe[0].startswith("-") or probe[0] in ("-h", "--help")):
         return argv
     return [packaged_config("demo"), *argv]
 
@@ -99,15 +159,14 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
         return 0
     if name not in COMMANDS:
         return _error(prog, f"unknown command {name!r}; accepted: one of {accepted}")
-    module = importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
     if name == "demo":
         rest = _demo_args(rest)
     saved, sys.argv[0] = sys.argv[0], f"{prog} {name}"  # argparse's prog: "opensora-duca demo"
     try:
-        rc = module.main(rest, t_start=T_START) if name == "inference" else module.main(rest)
+        extra = dict(t_start=T_START) if name == "inference" else {}
+        return run_tool(COMMANDS[name][0], rest, prog=f"{prog} {name}", **extra)
     finally:
         sys.argv[0] = saved
-    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
 def console_main() -> None:
@@ -115,5 +174,5 @@ def console_main() -> None:
     sys.exit(main())
 
 
-__all__ = ["COMMANDS", "PACKAGED_CONFIGS", "PROG", "packaged_config", "main", "usage",
-           "console_main"]
+__all__ = ["COMMANDS", "LOG_LEVELS", "PACKAGED_CONFIGS", "PROG", "packaged_config", "main",
+           "pop_log_level", "run_tool", "usage", "console_main"]
