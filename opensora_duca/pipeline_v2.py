@@ -50,7 +50,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .cache import apply_cache, get_cache_manager
+from .cache import apply_cache, get_cache_manager, remove_cache
+from .cache.policies import build_policy
 from .registry import MODELS, TEXT_ENCODERS, VAES, build_module
 from .schedulers import opensora2 as s2
 from .utils.compile import compile_options
@@ -506,6 +507,19 @@ class PipelineV2:
     def report(self) -> Optional[str]:
         """The cache manager's run report, or None without a cache."""
         return None if self.cache_manager is None else self.cache_manager.report()
+
+    def attach_cache(self, cache: Any, compile: Any = None):
+        """Attach cache policy ``cache`` (as the config's ``cache`` key, or a policy object) to
+        the model in place of any attached one; returns its manager."""
+        policy = build_policy(cache)
+        self.remove_cache()
+        self.cache_manager = apply_cache(self.model, policy, compile=compile)
+        return self.cache_manager
+
+    def remove_cache(self) -> None:
+        """Detach the cache: the model is exactly the uncached one again."""
+        remove_cache(self.model)
+        self.cache_manager = None
 
 
 # ----------------------------------------------------------------------------- build
