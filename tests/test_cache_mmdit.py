@@ -331,3 +331,19 @@ def test_sessionless_upstream_loop_is_one_run(model_and_inputs):
     finally:
         remove_cache(model)
     assert stats["runs"] == 1 and "aggressive" in stats["step_labels"]
+
+
+def test_token_picking_under_upstreams_even_split_is_refused():
+    """Upstream's booster cuts latent rows across ranks: policies that pick tokens or decide
+    per latent row are refused there (one line), fixed plans are accepted."""
+    from opensora_duca.cache.layouts.mmdit import MMDiTLayout
+
+    _sp_world_of_one()
+    boosted = shard_mmdit(build_double(1))
+    with pytest.raises(ValueError, match="'DuCa' picks tokens.*even chunks"):
+        MMDiTLayout.check_group(boosted, 2, True, False, "DuCa")
+    with pytest.raises(ValueError, match="'TeaCache' decides from changes"):
+        MMDiTLayout.check_group(boosted, 2, False, True, "TeaCache")
+    MMDiTLayout.check_group(boosted, 2, False, False, "FORA")
+    MMDiTLayout.check_group(build_double(1), 2, True, False, "DuCa")  # not upstream's SP
+    MMDiTLayout.check_group(boosted, 1, True, False, "DuCa")  # one rank

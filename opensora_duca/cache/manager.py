@@ -273,6 +273,10 @@ class CacheManager:
         self.shape, grid = self.layout.trunk_shape(
             model, x, y, self.slots[0].block, lambda name: self.run.arg(args, kwargs, name))
         self.group = self.layout.sequence_parallel_group(model)
+        if step == 0 and hasattr(self.layout, "check_group"):
+            self.layout.check_group(model, sp.group_size(self.group),
+                                    self.uses_selection(Kind.MLP) and self._picks_tokens(),
+                                    self._adaptive, self.policy.name)
         self._grid_key = (*grid, sp.group_size(self.group), sp.group_rank(self.group))
         self._grid = None
         self.counts.bookkeeping_s += time.perf_counter() - tick
@@ -323,6 +327,11 @@ class CacheManager:
 
     def storing_anything(self) -> bool:
         return self.policy.skips_trunk() or self.stores_modules()
+
+    def _picks_tokens(self) -> bool:
+        """Whether some step of the policy recomputes a token subset (a partial module)."""
+        fn = getattr(self.policy, "fresh_ratio", None)
+        return self.stores(Kind.MLP) and (fn is None or fn > 0)
 
     def stores_modules(self) -> bool:
         return any(self._stores.values())

@@ -199,6 +199,17 @@ def _single_sparse(runner, plan, x, vec, txt_len: int):
     return x + gate * (A + M)
 
 
+def _booster_group(model: nn.Module):
+    """The process group of upstream's distributed block processors when sequence
+    parallelism is on (``processor.shard_config``), else None."""
+    blocks = getattr(model, "double_blocks", None)
+    shard = getattr(getattr(blocks[0], "processor", None), "shard_config", None) \
+        if blocks is not None and len(blocks) else None
+    if shard is None or not getattr(shard, "enable_sequence_parallelism", False):
+        return None
+    return getattr(shard, "sequence_parallel_process_group", None)
+
+
 def _per_sample(value, batch: int) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch
 
@@ -367,10 +378,29 @@ class MMDiTLayout:
 
     @staticmethod
     def sequence_parallel_group(model: nn.Module):
-        if not getattr(model, "enable_sequence_parallelism", False):
-            return None
-        getter = getattr(model, "sequence_parallel_group", None)
-        return getter() if callable(getter) else None
+        """This project's model: its group; upstream's model under the booster's sequence
+        parallelism: the group of its distributed processors; else None."""
+        if getattr(model, "enable_sequence_parallelism", False):
+            getter = getattr(model, "sequence_parallel_group", None)
+            return getter() if callable(getter) else None
+        return _booster_group(model)
+
+    @staticmethod
+    def check_group(model: nn.Module, size: int, picks_tokens: bool, adaptive: bool,
+                    policy: str) -> None:
+        """Upstream's booster splits the joint [txt; img] sequence in even chunks, not by
+        latent rows: token selection and adaptive measures (per latent row, the same on every
+        rank) cannot run on it; refuse them rather than let ranks disagree."""
+        if size > 1 and _booster_group(model) is not None and (picks_tokens or adaptive):
+            what = "picks tokens per latent row" if picks_tokens else \
+                "decides from changes summed per latent row"
+            raise ValueError(
+                f"cache policy {policy!r} {what}, and upstream Open-Sora 2.0's sequence "
+                f"parallelism (ColossalAI booster, sp_size={size}) splits the joint sequence in "
+                f"even chunks that cut latent rows; accepted there: policies with fixed plans "
+                f"and no token subsets (FORA, TrunkReuse, TaylorSeer, PAB, DuCa/ToCa with "
+                f"fresh_ratio=0), or one GPU per clip, or this project's MMDiT with "
+                f"enable_sequence_parallelism=True (whole rows per rank)")
 
     # ------------------------------------------------------------- the trunk's state
     @staticmethod
