@@ -347,3 +347,46 @@ def test_token_picking_under_upstreams_even_split_is_refused():
     MMDiTLayout.check_group(boosted, 2, False, False, "FORA")
     MMDiTLayout.check_group(build_double(1), 2, True, False, "DuCa")  # not upstream's SP
     MMDiTLayout.check_group(boosted, 1, True, False, "DuCa")  # one rank
+
+
+# ----------------------------------------------------------------- sequence parallelism
+SP_POLICIES = {"none": dict(type="none"), "duca": dict(type="DuCa", warmup_steps=1),
+               "teacache": dict(type="TeaCache", threshold=1.2)}
+
+
+def _sp_runs(rank, world_size, sp: bool = True):
+    """Each policy's sampled latents on this project's MMDiT (sharded when ``sp``), the step
+    labels, and the collectives issued at each step."""
+    from dist_utils import observe_collectives
+
+    double = build_double(9)
+    model = MMDiTModel(MMDiTConfig(**vars(double.config)), enable_sequence_parallelism=sp)
+    model.load_state_dict(double.state_dict())
+    model.eval()
+    inp = make_inputs(small_config(), grid=(2, 3, 4), txt_len=5, batch=2, seed=13)
+    out = {}
+    for name, cfg in SP_POLICIES.items():
+        mgr = apply_cache(model, cfg)
+        calls = []
+        with observe_collectives(lambda op, kw: calls.append(op)):
+            got = sample(model, inp)
+        out[name] = [torch.stack(got), mgr.stats()["step_labels"], len(calls)]
+        remove_cache(model)
+    return out
+
+
+def test_one_and_two_ranks_give_the_single_process_run():
+    """DuCa and TeaCache under sequence parallelism take the single process's decisions and
+    give its latents (float rounding); a step that reuses the trunk or the attention issues
+    fewer collectives than a computed one (a reused module issues none)."""
+    from dist_utils import run_distributed
+
+    single = _sp_runs(0, 1, sp=False)
+    ranks = run_distributed(_sp_runs, 2)
+    for name in SP_POLICIES:
+        for r in ranks:
+            assert r[name][1] == single[name][1], name  # the same plan on every rank
+            assert rel(r[name][0], single[name][0]) < 1e-5, (name, rel(r[name][0],
+                                                                      single[name][0]))
+    assert ranks[0]["duca"][2] < ranks[0]["none"][2]
+    assert ranks[0]["teacache"][2] < ranks[0]["none"][2]
