@@ -483,14 +483,14 @@ def split_forward_gather_backward_var_len(x: Tensor, dim: int, group, splits: Li
 
 
 def gather_forward_split_backward_var_len(x: Tensor, dim: int, group, splits: List[int]):
-    x = x.contiguous()
-    parts = []
-    for s in splits:
-        shape = list(x.shape)
-        shape[dim] = s
-        parts.append(torch.empty(shape, dtype=x.dtype, device=x.device))
+    """All-gather chunks of different lengths along ``dim`` (padded to the longest for the
+    collective, which gloo needs equal-sized, then trimmed)."""
+    longest = max(splits)
+    pad = [0, 0] * (x.ndim - 1 - dim) + [0, longest - x.shape[dim]]
+    x = F.pad(x, pad).contiguous()
+    parts = [torch.empty_like(x) for _ in splits]
     dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)
+    return torch.cat([t.narrow(dim, 0, s) for t, s in zip(parts, splits)], dim=dim)
 
 
 class DistributedDoubleStreamBlockProcessor(DoubleStreamBlockProcessor):

@@ -207,6 +207,12 @@ def attention_heads(q: Tensor, k: Tensor, v: Tensor, pe, backend: str = "auto") 
     return _attend(q, k, v, backend=backend)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, pe, backend: str = "auto") -> Tensor:
+    """Upstream's ``attention``: q, k, v [B, H, L, D] -> rotary embedding, attention, heads
+    merged [B, L, H*D]."""
+    return merge_heads(attention_heads(q, k, v, pe, backend))
+
+
 def merge_heads(x: Tensor) -> Tensor:
     """[B, H, L, D] -> [B, L, H*D]."""
     b, h, n, d = x.shape
@@ -497,9 +503,11 @@ class LastLayer(nn.Module):
 
 
 # ------------------------------------------------------------- distributed processors
-def _distributed_attention(state, block, q, k, v, pe) -> Tensor:
+def sequence_parallel_attention(state, block, q, k, v, pe) -> Tensor:
     """Joint attention of this rank's local [txt; img] tokens q, k, v [B, H, n_local, D]
-    under the forward's plan (plain attention when there is none) -> [B, n_local, C]."""
+    under the plan of the forward in progress, ``state.plan`` (plain :func:`attention` when
+    there is none) -> [B, n_local, C]. A custom processor on a model with sequence
+    parallelism calls this with ``model.sp_state`` where the plain one calls attention."""
     plan = state.plan
     if plan is None:
         return merge_heads(attention_heads(q, k, v, pe, _backend(block)))
@@ -518,7 +526,7 @@ class DistributedDoubleStreamBlockProcessor(DoubleStreamBlockProcessor):
         self.state = state
 
     def joint_attention(self, block, q, k, v, pe):
-        return _distributed_attention(self.state, block, q, k, v, pe)
+        return sequence_parallel_attention(self.state, block, q, k, v, pe)
 
 
 class DistributedSingleStreamBlockProcessor(SingleStreamBlockProcessor):
@@ -528,7 +536,7 @@ class DistributedSingleStreamBlockProcessor(SingleStreamBlockProcessor):
         self.state = state
 
     def joint_attention(self, block, q, k, v, pe):
-        return _distributed_attention(self.state, block, q, k, v, pe)
+        return sequence_parallel_attention(self.state, block, q, k, v, pe)
 
 
 # --------------------------------------------------------------------------- model
