@@ -339,10 +339,6 @@ def check_v2_inference_config(cfg: Any, start_index: Any = None, end_index: Any 
     if cfg.get("cfg_parallel") not in (None, 1):
         raise _bad("cfg_parallel", cfg.get("cfg_parallel"), "1 (the three-branch guidance "
                    "batch of Open-Sora 2.0 does not split into two CFG halves)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != 1:
-        raise ValueError(f"Open-Sora 2.0 configs run on one process in this tool (WORLD_SIZE="
-                         f"{world}); accepted: python tools/inference.py without torchrun")
     batch_size = cfg.get("batch_size") if cfg.get("batch_size") is not None else 1
     if not _is_int(batch_size) or batch_size < 1:
         raise _bad("batch_size", batch_size, "an int >= 1")
@@ -371,10 +367,32 @@ def check_v2_inference_config(cfg: Any, start_index: Any = None, end_index: Any 
     if hidden is None:
         hidden = {"flux": 3072, "OpenSora-v2-MMDiT": 3072, "MMDiT-cpu": 64}.get(
             model.get("type"), 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # as launch reads it
+    heads = model.get("num_heads")
+    if heads is None:
+        heads = {"OpenSora-v2-MMDiT": 24, "MMDiT-cpu": 4}.get(model.get("type"))
+    if world > 1 and _is_int(heads) and heads % world:
+        raise ValueError(f"{world} ranks do not divide the model's num_heads={heads} (the "
+                         f"sequence-parallel attention splits the heads over the ranks); "
+                         f"accepted: a rank count that divides {heads}")
     branches = OpenSora2Sampler(**settings["sampler"]).branches
     check_video_fits(settings["num_frames"], (settings["height"], settings["width"]),
                      batch_size, hidden if _is_int(hidden) else 1, memory_bytes(device),
                      memory_bytes(torch.device("cpu")), device.type, cfg_copies=branches)
 
 
-__all__ += ["check_v2_inference_config", "check_v2_references", "V2_INFERENCE_KEYS"]
+#: the settings of a 2.0 run every rank must share, beside :data:`AGREED_KEYS`
+V2_AGREED_KEYS = ("sampling_option", "ae", "t5", "clip", "cond_type", "ref", "neg",
+                  "motion_score", "fps_save", "patch_size", "ae_spatial_compression", "num_steps",
+                  "guidance", "guidance_img")
+
+
+def v2_run_settings(cfg: Any, start_index: Any = None, end_index: Any = None) -> dict:
+    """:func:`run_settings` plus the keys of :data:`V2_AGREED_KEYS`."""
+    out = run_settings(cfg, start_index, end_index)
+    out.update({k: cfg.get(k) for k in V2_AGREED_KEYS})
+    return out
+
+
+__all__ += ["check_v2_inference_config", "check_v2_references", "v2_run_settings",
+            "V2_INFERENCE_KEYS", "V2_AGREED_KEYS"]

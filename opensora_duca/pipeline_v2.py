@@ -27,7 +27,9 @@ prompt, ``;`` between a loop's two). Accepted and not used: ``dataset``, Colossa
 ``plugin`` / ``plugin_config`` / ``plugin_ae`` / ``plugin_config_ae``, ``offload_model``.
 Refused (one-line errors, before anything is built): ``prompt_refine=True`` and
 ``motion_score="dynamic"`` (they call an LLM API), ``use_t2i2v=True`` (the Flux image
-model), ``num_sample`` other than 1, ``cfg_parallel=2``, and more than one process.
+model), ``num_sample`` other than 1 and ``cfg_parallel=2``. Under torchrun every rank runs the
+same prompts and the MMDiT shards the image tokens over the ranks (its Ulysses sequence
+parallelism, ``enable_sequence_parallelism``; the rank count must divide ``num_heads``).
 
 What a run does, as upstream's ``prepare_api``: the prompt gets `` {fps} FPS.`` (after a
 period) and `` {motion_score} motion score.``; the video size is upstream's
@@ -532,7 +534,7 @@ def _build_text(cfg: Any, key: str, device, dtype):
     return enc.eval() if isinstance(enc, torch.nn.Module) else enc
 
 
-def _build_model(model_cfg: dict, device, dtype):
+def _build_model(model_cfg: dict, device, dtype, enable_sequence_parallelism=False):
     """The model, built as upstream's ``prepare_models`` does for its 2.0 types (the builder
     gets ``device_map`` and ``torch_dtype``; through the DuCa wrapper they reach the inner
     model), then moved to ``device`` / ``dtype``."""
@@ -540,6 +542,8 @@ def _build_model(model_cfg: dict, device, dtype):
     extra = {}
     if isinstance(inner, dict) and inner.get("type") in V2_MODEL_TYPES:
         extra = dict(device_map=device, torch_dtype=dtype)
+        if enable_sequence_parallelism:
+            extra["enable_sequence_parallelism"] = True
     model = build_module(model_cfg, MODELS, **extra)
     return model.to(device, dtype).eval()
 
@@ -554,11 +558,8 @@ def build_v2_from_config(cfg: Any, device: Any = None, dtype: Any = None,
     (bf16 when unset, as upstream). ``ckpt_path`` replaces ``model.from_pretrained``. The
     settings are checked (:func:`sampling_settings`) before anything is built; the global
     torch RNG is seeded with ``init_seed`` (default: the config's ``seed``) first, so random
-    weights are the same on every run. ``enable_sequence_parallelism`` is refused (one
-    process only, for now)."""
-    if enable_sequence_parallelism:
-        raise ValueError("Open-Sora 2.0 configs run on one process here; accepted: no torchrun "
-                         "(or one rank)")
+    weights are the same on every run. ``enable_sequence_parallelism`` goes to the 2.0 model
+    builders (the MMDiT's Ulysses attention over the process's sequence-parallel group)."""
     settings = sampling_settings(cfg)
     for key in ("model", "ae", "t5", "clip"):
         val = _as_dict(_get(cfg, key))
@@ -600,7 +601,7 @@ def build_v2_from_config(cfg: Any, device: Any = None, dtype: Any = None,
         if want is not None and have is not None and want != have:
             raise ValueError(f"model.{key}={want} does not match the {what} ({have}); "
                              f"accepted: {have}")
-    model = _build_model(model_cfg, device, dtype)
+    model = _build_model(model_cfg, device, dtype, enable_sequence_parallelism)
 
     manager = None
     if cache_cfg is not None:

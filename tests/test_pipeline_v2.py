@@ -42,28 +42,62 @@ def pipe():
 
 
 # ------------------------------------------------------------------ the tool, end to end
-def test_tiny_config_through_the_tool(tmp_path):
-    import av
+FLAGS = ["--save-latents", "--no-progress", "--prompt", "a red circle moving left",
+         "a blue square", "--num-sampling-steps", "4", "--cfg-scale", "5", "--seed", "7"]
+
+
+def _tool(args, torchrun=0):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "inference.py"), TINY,
-                          "--save-dir", str(tmp_path), "--save-latents", "--no-progress",
-                          "--prompt", "a red circle moving left", "a blue square"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "inference.py")]
+    if torchrun:
+        from dist_utils import free_port
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+               str(torchrun), "--master_port", str(free_port())] + cmd[1:]
+    res = subprocess.run(cmd + args, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=180)
     assert res.returncode == 0, res.stdout + res.stderr
-    out = res.stdout
-    assert "=== inference summary ===" in out and "OpenSora2Sampler 6 steps" in out
-    assert "9 frames, 64x64" in out and "latent [3, 8, 8]" in out and "seed 42" in out
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def tool_run(tmp_path_factory):
+    """One run of the tool's main in this process (the 2-rank test runs tools/inference.py)."""
+    import contextlib
+    import io
+    save = tmp_path_factory.mktemp("v2tool")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = inference_main([TINY, "--save-dir", str(save), "--device", "cpu"] + FLAGS)
+    assert rc == 0, out.getvalue()
+    return save, out.getvalue()
+
+
+def test_tiny_config_through_the_tool(tool_run):
+    import av
+    save, out = tool_run
+    assert "=== inference summary ===" in out and "OpenSora2Sampler 4 steps, cfg 5.0" in out
+    assert "9 frames, 64x64" in out and "latent [3, 8, 8]" in out and "seed 7" in out
     for i in range(2):
-        with av.open(str(tmp_path / f"sample_{i:04d}.mp4")) as c:
+        with av.open(str(save / f"sample_{i:04d}.mp4")) as c:
             frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
         assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
-        lat = torch.load(tmp_path / f"sample_{i:04d}.latents.pt", weights_only=True)
+        lat = torch.load(save / f"sample_{i:04d}.latents.pt", weights_only=True)
         assert lat.shape == (16, 3, 8, 8) and torch.isfinite(lat).all()
-    # prompt i is seeded with seed + i: the tool's latents are the pipeline's
-    pipe = build_v2_from_config(_tiny(), device="cpu")
-    ref = pipe.generate(["a blue square"], seeds=[43])["latents"][0]
+    # the flags reached the run and prompt i is seeded with seed + i: the pipeline's latents
+    pipe = build_v2_from_config(_tiny(num_steps=4, guidance=5.0, seed=7), device="cpu")
+    ref = pipe.generate(["a blue square"], seeds=[8])["latents"][0]
     torch.testing.assert_close(
-        torch.load(tmp_path / "sample_0001.latents.pt", weights_only=True), ref)
+        torch.load(save / "sample_0001.latents.pt", weights_only=True), ref)
+
+
+def test_two_ranks_give_the_single_process_latents(tool_run, tmp_path):
+    save, _ = tool_run
+    out = _tool([TINY, "--save-dir", str(tmp_path)] + FLAGS, torchrun=2)
+    assert "ranks: 2 (sequence parallel: on)" in out
+    for i in range(2):
+        one = torch.load(save / f"sample_{i:04d}.latents.pt", weights_only=True)
+        two = torch.load(tmp_path / f"sample_{i:04d}.latents.pt", weights_only=True)
+        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("options, needle", [
@@ -76,10 +110,13 @@ def test_tiny_config_through_the_tool(tmp_path):
     (["sampling_option.frames=3"], "sampling_option keys ['frames'] are not known"),
     (["scheduler.type=rflow"], "config keys ['scheduler'] are not known"),
     (["cfg_parallel=2"], "cfg_parallel=2 is not accepted"),
+    (["model.num_heads=3", "model.hidden_size=48"], "do not divide the model's num_heads=3"),
     (["cache.type=Nope"], "Nope"),
 ])
 def test_config_mistakes_are_one_line_exit_2(options, needle, capsys, tmp_path, monkeypatch):
     import opensora_duca.cli.inference as tool
+    if "num_heads=3" in options[0]:
+        monkeypatch.setenv("WORLD_SIZE", "2")
 
     def no_build(*a, **k):
         raise AssertionError("built despite a bad config")

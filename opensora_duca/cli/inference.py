@@ -60,6 +60,7 @@ from ..config_check import (
     check_v2_inference_config,
     dist_timeout,
     run_settings,
+    v2_run_settings,
 )
 from ..parallel import release_process_group
 from ..parallel.agreement import check_ranks_agree
@@ -205,7 +206,8 @@ def main(argv=None, t_start=None) -> int:
         check(cfg, args.start_index, args.end_index, device=args.device or (
             "cuda" if torch.cuda.is_available() else "cpu"))
         rank, world, device = init_distributed(args.device, dist_timeout(cfg))
-        check_ranks_agree(run_settings(cfg, args.start_index, args.end_index))
+        agreed = v2_run_settings if is_v2_config(cfg) else run_settings
+        check_ranks_agree(agreed(cfg, args.start_index, args.end_index))
         return run(cfg, args, rank, world, device, rank == 0, t_start)
     except (KeyError, ValueError, TypeError, OSError, ImportError, SafetensorError,
             pickle.UnpicklingError) as err:
