@@ -288,6 +288,15 @@ def test_bad_builder_options_are_one_line_errors():
         assert "\n" not in str(err.value)
 
 
+def test_ids_of_batch_one_are_shared():
+    double = up.build_double(seed=13, **CASES["fused_interleaved_cond"])
+    ours = ours_from_double(double)
+    inputs = up.make_inputs(double.config, seed=5)
+    shared = dict(inputs, img_ids=inputs["img_ids"][:1], txt_ids=inputs["txt_ids"][:1])
+    with torch.no_grad():
+        close(ours(**shared), double(**inputs), 2e-5)
+
+
 def test_bad_inputs_name_the_argument():
     model = ours_from_double(up.build_double())
     inputs = up.make_inputs(model.config)

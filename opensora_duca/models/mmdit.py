@@ -564,12 +564,12 @@ class MMDiTModel(nn.Module):
     ``forward(img, img_ids, txt, txt_ids, timesteps, y_vec, cond=None, guidance=None,
     **kwargs)`` as upstream: ``img`` packed latents [B, L, in_channels] in (t h w) order,
     ``img_ids`` [B, L, 3] their (t, h, w) positions, ``txt`` T5 features [B, Lt,
-    context_in_dim], ``txt_ids`` [B, Lt, 3] (zeros upstream), ``timesteps`` [B] in [0, 1],
-    ``y_vec`` CLIP vector [B, vec_in_dim], ``cond`` [B, L, in_channels + patch_size**2]
-    (``cond_embed``), ``guidance`` [B] (``guidance_embed``). Returns [B, L, in_channels] in the
-    model's dtype. Inputs are cast to the model's dtype. Other keywords are ignored, as
-    upstream does, except ``grid_size=(T, H, W)`` (used by sequence parallelism instead of
-    reading the grid from ``img_ids``).
+    context_in_dim], ``txt_ids`` [B, Lt, 3] (zeros upstream; both ids may have batch 1),
+    ``timesteps`` [B] in [0, 1], ``y_vec`` CLIP vector [B, vec_in_dim], ``cond`` [B, L,
+    in_channels + patch_size**2] (``cond_embed``), ``guidance`` [B] (``guidance_embed``).
+    Returns [B, L, in_channels] in the model's dtype. Inputs are cast to the model's dtype.
+    Other keywords are ignored, as upstream does, except ``grid_size=(T, H, W)`` (used by
+    sequence parallelism instead of reading the grid from ``img_ids``).
 
     Sequence parallelism (``enable_sequence_parallelism=True``; the group is
     :func:`opensora_duca.parallel.get_sequence_parallel_group`, ``num_heads`` must be
@@ -679,11 +679,12 @@ class MMDiTModel(nn.Module):
                              "3-d tensors [B, L, C]")
         b, n, c = img.shape
         n_axes = len(self.config.axes_dim)
+        bi = 1 if img_ids.shape[0] == 1 else b  # ids of batch 1 are shared by every sample
         checks = (
             ("img", img, (b, n, self.in_channels)),
-            ("img_ids", img_ids, (b, n, n_axes)),
+            ("img_ids", img_ids, (bi, n, n_axes)),
             ("txt", txt, (b, txt.shape[1], self.config.context_in_dim)),
-            ("txt_ids", txt_ids, (b, txt.shape[1], n_axes)),
+            ("txt_ids", txt_ids, (bi, txt.shape[1], n_axes)),
             ("y_vec", y_vec, (b, self.config.vec_in_dim)),
         )
         for key, val, want in checks:
