@@ -267,25 +267,19 @@ def test_vbench_cli(tmp_path, capsys):
     save_video(np.full((4, 32, 32, 3), 100, np.uint8), str(vids / "a calm lake-0.mp4"))
     (tmp_path / "w").mkdir()
     out = tmp_path / "r.json"
-    rc = cli.main(
-        [
-            str(vids),
-            "--weights-dir",
-            str(tmp_path / "w"),
-            "--dimensions",
-            "temporal_flickering",
-            "scene",
-            "--mode",
-            "custom_input",
-            "--output-dir",
-            str(tmp_path / "o"),
-            "--json",
-            str(out),
-        ]
-    )
+    common = [str(vids), "--weights-dir", str(tmp_path / "w"), "--mode", "custom_input",
+              "--output-dir", str(tmp_path / "o"), "--json", str(out)]
+    # missing weights are an error before any work (one line, exit 2) ...
+    rc = cli.main(common + ["--dimensions", "temporal_flickering", "dynamic_degree"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "raft-things.pth" in err[0]
+    assert not (tmp_path / "o").exists()
+    # ... unless asked to score the others
+    rc = cli.main(common + ["--dimensions", "temporal_flickering", "dynamic_degree",
+                            "--skip-missing-weights"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "| quality | temporal_flickering |" in text and "skipped: missing weights" in text
     data = json.loads(out.read_text())
-    assert "scene" in data["skipped_missing_weights"]
+    assert "dynamic_degree" in data["skipped_missing_weights"]
     assert cli.main([str(tmp_path / "none"), "--weights-dir", str(tmp_path / "w")]) == 2

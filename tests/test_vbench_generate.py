@@ -3,6 +3,7 @@ writes nothing, temporary files of dead writers are removed, those of a live wri
 slices, a cache policy from --cfg-options, and a 2-rank --data-parallel torchrun run."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,8 +32,13 @@ def _expected(prompts=PROMPTS, n=2):
     return sorted(f"{p}-{i}.mp4" for p in prompts for i in range(n))
 
 
+def _files(d):
+    """The video folder's files (the _meta folder of cost records aside)."""
+    return sorted(n for n in os.listdir(d) if os.path.isfile(os.path.join(d, n)))
+
+
 def _mtimes(d):
-    return {n: os.stat(os.path.join(d, n)).st_mtime_ns for n in os.listdir(d)}
+    return {n: os.stat(os.path.join(d, n)).st_mtime_ns for n in _files(d)}
 
 
 def test_naming_resume_and_stale_partial(tmp_path, capsys):
@@ -41,8 +47,9 @@ def test_naming_resume_and_stale_partial(tmp_path, capsys):
     args = [CONFIG, "--prompt-path", _prompt_file(tmp_path), "--num-samples", "2",
             "--save-dir", str(save)] + FAST
     assert vg.main(args) == 0
-    assert sorted(os.listdir(save)) == _expected()
-    assert all(is_complete_video(str(save / n)) for n in os.listdir(save))
+    assert _files(save) == _expected()
+    assert all(is_complete_video(str(save / n)) for n in _files(save))
+    assert sorted(os.listdir(save / "_meta")) == [n + ".json" for n in _expected()]
     first = _mtimes(save)
 
     # rerun: everything complete, nothing rewritten
@@ -66,7 +73,7 @@ def test_naming_resume_and_stale_partial(tmp_path, capsys):
     os.remove(live)
     out = capsys.readouterr().out
     assert "2 stale partial file(s) removed" in out and "3 complete file(s) skipped" in out
-    assert sorted(os.listdir(save)) == _expected()  # each file once, no temporary left
+    assert _files(save) == _expected()  # each file once, no temporary left
     assert is_complete_video(str(victim))
     after = _mtimes(save)
     assert {n: t for n, t in after.items() if n != victim.name} == \
@@ -83,16 +90,29 @@ def test_slice_and_cache_policy(tmp_path, capsys):
     assert vg.main(args) == 0
     out = capsys.readouterr().out
     assert "cache DuCa" in out and "cache policy   : DuCa" in out
-    assert sorted(os.listdir(save)) == [f"{PROMPTS[1]}-0.mp4"]
+    assert _files(save) == [f"{PROMPTS[1]}-0.mp4"]
+    meta = json.loads((save / "_meta" / f"{PROMPTS[1]}-0.mp4.json").read_text())
+    assert meta["label"] == "DuCa" and meta["prompt"] == PROMPTS[1] and meta["index"] == 0
+    assert meta["cache"]["type"] == "DuCa" and meta["seconds"] > 0 and meta["batch_size"] == 1
+    # DuCa computes some of the 4 steps partially or from the cache: fewer analytic FLOPs
+    assert 0 < meta["flops_actual"] < meta["flops_uncached"]
 
 
-def test_bad_args(tmp_path):
-    with pytest.raises(ValueError, match="--num-samples"):
-        vg.main([CONFIG, "--num-samples", "0"])
-    with pytest.raises(ValueError, match="--end"):
-        vg.main([CONFIG, "--start", "3", "--end", "1"])
-    with pytest.raises(FileNotFoundError, match="--prompt-path"):
-        vg.main([CONFIG, "--prompt-path", str(tmp_path / "missing.txt"), "--device", "cpu"])
+def test_bad_args(tmp_path, capsys):
+    """Bad input: one line on stderr, exit 2, before any model is built."""
+    cases = [
+        ([CONFIG, "--num-samples", "0"], "--num-samples"),
+        ([CONFIG, "--start", "3", "--end", "1"], "--end"),
+        ([CONFIG, "--prompt-path", str(tmp_path / "missing.txt"), "--device", "cpu"],
+         "--prompt-path"),
+        ([str(tmp_path / "nope.py")], "config"),
+        ([CONFIG, "--prompt-path", _prompt_file(tmp_path), "--cfg-options", "cache.type=NoSuch"],
+         "NoSuch"),
+    ]
+    for argv, word in cases:
+        assert vg.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0], (argv, err)
 
 
 def test_data_parallel_torchrun(tmp_path):
@@ -107,8 +127,11 @@ def test_data_parallel_torchrun(tmp_path):
            "--save-dir", str(save), "--data-parallel"] + FAST
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert sorted(os.listdir(save)) == _expected(prompts)
+    assert _files(save) == _expected(prompts)
     assert "data parallel on 2 rank(s)" in res.stdout
+    metas = [json.loads((save / "_meta" / (n + ".json")).read_text()) for n in _expected(prompts)]
+    assert {m["mode"] for m in metas} == {"data parallel"} and {m["world_size"] for m in metas} \
+        == {2}
 
 
 def test_sequence_parallel_torchrun(tmp_path):
@@ -126,4 +149,4 @@ def test_sequence_parallel_torchrun(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "sequence parallel on 2 rank(s)" in res.stdout
     assert res.stdout.count("vbench_generate:") == 1  # rank 0 prints
-    assert sorted(os.listdir(save)) == _expected()
+    assert _files(save) == _expected()

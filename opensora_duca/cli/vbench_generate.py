@@ -27,6 +27,13 @@ removed at start; those of running processes are left alone. An interrupted run 
 resumed by running the same command again and never leaves a half-written video under a final
 name.
 
+Cost records: next to each video, ``_meta/{video name}.json`` holds what the paper table of
+``tools/vbench_evaluate.py --reference`` needs: the prompt, sample index and seed, the cache
+policy, the seconds the batch that made it took divided by its videos (wall time of
+``Pipeline.generate``, text encoding and decoding included), and the analytic trunk FLOPs of an
+uncached and of the actual run, per video. Written atomically with the video, and kept when a
+resumed run skips the video.
+
 Parallelism: under torchrun, by default all ranks cooperate on each sample (sequence
 parallelism) and rank 0 decides the job list and writes the files. With ``--data-parallel``
 each rank takes its own round-robin share of the prompts (sequence parallelism off) and writes
@@ -37,19 +44,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch.distributed as dist
 from mmengine.config import DictAction
 
 from ..eval import vbench as vb
+from ..eval import vbench_table
 from ..parallel import release_process_group
 from ..parallel.launch import init_distributed
 from ..pipeline import build_from_config
-from ..utils.atomic import remove_stale_temps
+from ..utils.atomic import remove_stale_temps, write_json
 from ..utils.config import load_config
 from ..utils.host_memory import keep_freed_host_memory
 from ..utils.video import save_video
+
+META_DIR = vbench_table.META_DIR  # per-video cost records, beside the videos
 
 
 def parse_args(argv=None):
@@ -74,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--ckpt-path", default=None, help="model weights (replaces from_pretrained)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--label", default=None, help="name of this run in the paper table (default: "
+                   "the cache policy, 'uncached' without one)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None,
                    help="override config keys: key=value (nested keys with dots)")
     return p.parse_args(argv)
@@ -99,32 +112,51 @@ def load_suite(args):
     try:
         prompts = vb.load_prompts(args.prompt_path, args.dimensions)
     except vb.VBenchUnavailable as e:
-        raise SystemExit(f"no prompt suite: {e}\n(or pass --prompt-path FILE)") from None
+        raise ValueError(f"no prompt suite ({str(e).splitlines()[0]}); pass --prompt-path FILE "
+                         f"or install vbench") from None
     if not prompts:
-        raise SystemExit("the prompt list is empty")
+        raise ValueError("the prompt list is empty")
     return prompts
 
 
 def main(argv=None) -> int:
     keep_freed_host_memory()  # CPU runs: no page faults per step
     args = parse_args(argv)
-    _check_args(args)
-    cfg = load_config(args.config, args.cfg_options)
+    try:  # bad input: one line, exit 2, before any model is built
+        _check_args(args)
+        if not os.path.isfile(args.config):
+            raise FileNotFoundError(f"config {args.config!r} is not an existing file")
+        cfg = load_config(args.config, args.cfg_options)
+        prompts = load_suite(args)
+        check_cache_config(cfg)
+    except (ValueError, FileNotFoundError, KeyError, TypeError, vb.VBenchUnavailable) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        msg = str(msg).strip().splitlines()[0] if str(msg).strip() else repr(err)
+        print(f"vbench_generate: error: {msg}", file=sys.stderr, flush=True)
+        return 2
     rank, world, device = init_distributed(args.device)
     try:
-        return run(cfg, args, rank, world, device)
+        return run(cfg, args, rank, world, device, prompts)
     finally:
         release_process_group()  # collects what still holds the group, then destroys it
 
 
-def run(cfg, args, rank, world, device) -> int:
+def check_cache_config(cfg) -> None:
+    """A ``cache`` entry names a registered policy with accepted keys (built once, no model)."""
+    cache = cfg.get("cache")
+    if cache:
+        from ..cache import build_policy
+
+        build_policy(dict(cache))
+
+
+def run(cfg, args, rank, world, device, prompts) -> int:
     from tqdm import tqdm
 
     t_start = time.perf_counter()
     data_parallel = args.data_parallel and world > 1
     is_main = rank == 0
     writer = data_parallel or is_main  # who writes this rank's files
-    prompts = load_suite(args)
     save_dir = args.save_dir or cfg.get("save_dir") or "./samples/vbench"
     seed = args.seed if args.seed is not None else int(cfg.get("seed") or 0)
     end = len(prompts) if args.end is None else min(args.end, len(prompts))
@@ -163,14 +195,36 @@ def run(cfg, args, rank, world, device) -> int:
               f"partial file(s) removed -> {save_dir}", flush=True)
 
     written = 0
+    label = args.label or (pipe.cache_manager.policy.name if pipe.cache_manager is not None
+                           else "uncached")
+    meta_dir = os.path.join(save_dir, META_DIR)
     bar = tqdm(total=len(todo), desc="videos", disable=not is_main or args.no_progress)
     for b0 in range(0, len(todo), batch_size):
         batch = todo[b0:b0 + batch_size]
+        if pipe.cache_manager is not None:
+            pipe.cache_manager.reset_stats()
+        t0 = time.perf_counter()
         out = pipe.generate([j.prompt for j in batch], seeds=[j.seed for j in batch],
                             batch_size=len(batch))
+        seconds = time.perf_counter() - t0
+        flops = None
+        if pipe.cache_manager is not None:
+            st = pipe.cache_manager.stats()
+            flops = (st["flops_uncached"] / len(batch), st["flops_actual"] / len(batch))
         if writer:
             for k, job in enumerate(batch):
                 save_video(out["video"][k], job.path, fps=save_fps)
+                write_json(os.path.join(meta_dir, os.path.basename(job.path) + ".json"), {
+                    "prompt": job.prompt, "index": job.index, "seed": job.seed,
+                    "label": label, "cache": None if pipe.cache_manager is None else
+                    pipe.cache_manager.policy.describe(),
+                    "seconds": seconds / len(batch), "batch_size": len(batch),
+                    "flops_uncached": None if flops is None else flops[0],
+                    "flops_actual": None if flops is None else flops[1],
+                    "device": str(device), "world_size": world,
+                    "mode": "data parallel" if data_parallel else (
+                        "sequence parallel" if world > 1 else "single process"),
+                })
                 written += 1
         bar.update(len(batch))
     bar.close()

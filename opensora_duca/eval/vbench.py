@@ -118,16 +118,52 @@ REQUIRED_FILES: Dict[str, Tuple[str, ...]] = {
     ),
     "appearance_style": ("clip_model/ViT-B-32.pt",),
 }
+# Files under torch.hub's folder (``$TORCH_HOME/hub``, default ``~/.cache/torch/hub``): the DINO
+# repository's ``hubconf.py`` ignores VBench's ``dino_model/dino_vitbase16_pretrain.pth`` and loads
+# its weights with ``torch.hub.load_state_dict_from_url``, i.e. from this cache (offline: the file
+# must be there). VBench itself still insists on its own copy (it downloads it when missing).
+HUB_FILES: Dict[str, Tuple[str, ...]] = {
+    "subject_consistency": ("checkpoints/dino_vitbase16_pretrain.pth",),
+}
 # Not checked here: GRiT (object_class, multiple_objects, color, spatial_relationship) and Tag2Text
-# (scene) also load the `bert-base-uncased` tokenizer through transformers / the Hugging Face cache,
-# and several dimensions need extra python packages (detectron2, pyiqa/timm, transformers, ...); a
-# missing package shows up as a per-dimension failure with the import error.
+# (scene) also load the `bert-base-uncased` tokenizer (Tag2Text also its weights) through
+# transformers / the Hugging Face cache.
 EXTRA_NOTES = {
     "object_class": "also needs detectron2 and the HF `bert-base-uncased` tokenizer",
     "multiple_objects": "also needs detectron2 and the HF `bert-base-uncased` tokenizer",
     "color": "also needs detectron2 and the HF `bert-base-uncased` tokenizer",
     "spatial_relationship": "also needs detectron2 and the HF `bert-base-uncased` tokenizer",
-    "scene": "also needs transformers and the HF `bert-base-uncased` tokenizer",
+    "scene": "also needs transformers, fairscale and the HF `bert-base-uncased` tokenizer and "
+    "weights",
+}
+# The python modules each dimension's VBench module imports beyond vbench's own glue (what
+# `pip install --no-deps vbench` leaves out); requirements-vbench.txt pins those that install here.
+DIMENSION_MODULES: Dict[str, Tuple[str, ...]] = {
+    "subject_consistency": (),
+    "background_consistency": ("clip", "ftfy", "regex", "pkg_resources"),
+    "temporal_flickering": (),
+    "motion_smoothness": ("omegaconf", "imageio"),
+    "dynamic_degree": ("easydict", "scipy"),
+    "aesthetic_quality": ("clip", "ftfy", "regex", "pkg_resources"),
+    "imaging_quality": ("pyiqa", "pandas", "huggingface_hub", "requests", "scipy"),
+    "object_class": ("detectron2", "fvcore", "transformers"),
+    "multiple_objects": ("detectron2", "fvcore", "transformers"),
+    "color": ("detectron2", "fvcore", "transformers"),
+    "spatial_relationship": ("detectron2", "fvcore", "transformers"),
+    "scene": ("fairscale", "transformers", "timm"),
+    "human_action": ("timm", "clip"),
+    "temporal_style": ("clip", "ftfy", "regex"),
+    "appearance_style": ("clip", "ftfy", "regex", "pkg_resources"),
+    "overall_consistency": ("clip", "ftfy", "regex"),
+}
+PIP_NAMES = {"clip": "openai-clip", "pkg_resources": "setuptools<81",
+             "huggingface_hub": "huggingface-hub"}
+# Why the packages of some dimensions are not installed by requirements-vbench.txt.
+NOT_INSTALLABLE = {
+    "detectron2": "detectron2 is not published on PyPI (only from source / its own wheel "
+    "index); its PyPI repackagings are rejected by pip for direct-URL requirements",
+    "fairscale": "Tag2Text (scene) also needs transformers==4.33.2 (vbench's pin) and the "
+    "`bert-base-uncased` tokenizer and weights in the Hugging Face cache",
 }
 
 
@@ -416,15 +452,88 @@ def final_scores(raw_scores: Dict[str, float]) -> dict:
 # --------------------------------------------------------------------------------------------------
 # scoring
 # --------------------------------------------------------------------------------------------------
-def missing_files(dimension: str, cache_dir: str) -> List[str]:
-    """Paths under ``cache_dir`` that ``dimension`` needs and that do not exist."""
+def torch_hub_dir() -> str:
+    """torch.hub's folder now (``$TORCH_HOME/hub``, default ``~/.cache/torch/hub``)."""
+    import torch.hub
+
+    return torch.hub.get_dir()
+
+
+def weight_files(
+    dimension: str, cache_dir: str, hub_dir: Optional[str] = None
+) -> List[str]:
+    """Every file ``dimension`` loads, as absolute paths: under ``cache_dir`` (VBench's
+    ``VBENCH_CACHE_DIR``) and under torch.hub's folder (``hub_dir``, default
+    :func:`torch_hub_dir`)."""
     if dimension not in REQUIRED_FILES:
         raise ValueError(f"unknown VBench dimension {dimension!r}")
-    return [
-        os.path.join(cache_dir, rel)
-        for rel in REQUIRED_FILES[dimension]
-        if not os.path.isfile(os.path.join(cache_dir, rel))
-    ]
+    out = [os.path.join(os.path.abspath(cache_dir), rel) for rel in REQUIRED_FILES[dimension]]
+    if HUB_FILES.get(dimension):
+        hub = os.path.abspath(hub_dir or torch_hub_dir())
+        out += [os.path.join(hub, rel) for rel in HUB_FILES[dimension]]
+    return out
+
+
+def missing_files(dimension: str, cache_dir: str, hub_dir: Optional[str] = None) -> List[str]:
+    """Files ``dimension`` needs (:func:`weight_files`) that do not exist."""
+    return [p for p in weight_files(dimension, cache_dir, hub_dir) if not os.path.isfile(p)]
+
+
+def weights_listing(
+    dimensions: Sequence[str], cache_dir: str, hub_dir: Optional[str] = None
+) -> List[str]:
+    """One line per file: ``dimension: path (present|MISSING)``, plus the dimensions that need
+    none and the notes about what is not a file here (packages, Hugging Face cache)."""
+    lines = []
+    for d in dimensions:
+        files = weight_files(d, cache_dir, hub_dir)
+        if not files:
+            lines.append(f"{d}: no weight file")
+        for p in files:
+            lines.append(f"{d}: {p} ({'present' if os.path.isfile(p) else 'MISSING'})")
+        if d in EXTRA_NOTES:
+            lines.append(f"{d}: {EXTRA_NOTES[d]}")
+    return lines
+
+
+def parse_dimensions(values: Optional[Sequence[str]]) -> Tuple[List[str], bool]:
+    """``--dimensions`` values: ``None`` or ``["all"]`` is all 16 in VBench's group order (returned
+    with ``explicit=False``), otherwise the named ones, in order, without duplicates
+    (``explicit=True``). Unknown names raise ValueError naming them."""
+    if not values or list(values) == ["all"]:
+        return list(ALL_DIMENSIONS), False
+    if "all" in values:
+        raise ValueError("--dimensions: 'all' cannot be combined with dimension names")
+    unknown = [d for d in values if d not in ALL_DIMENSIONS]
+    if unknown:
+        raise ValueError(
+            f"--dimensions: unknown VBench dimension(s) {unknown}; accepted: all or any of "
+            f"{' '.join(ALL_DIMENSIONS)}"
+        )
+    return list(dict.fromkeys(values)), True
+
+
+def dimension_import_error(dimension: str, cache_dir: Optional[str] = None) -> Optional[str]:
+    """Why VBench's module for ``dimension`` cannot be used here (None when it can).
+
+    First the python modules it needs are looked up without importing them; then, when every
+    weight file under ``cache_dir`` is present (some vbench modules start a download at import
+    when a file is missing, e.g. ViCLIP's tokenizer), the module is imported. Call after
+    :func:`import_vbench`."""
+    absent = [m for m in DIMENSION_MODULES.get(dimension, ())
+              if importlib.util.find_spec(m) is None]
+    if absent:
+        names = ", ".join(PIP_NAMES.get(m, m) for m in absent)
+        why = "; ".join(NOT_INSTALLABLE[m] for m in absent if m in NOT_INSTALLABLE)
+        return f"needs the python package(s) {names}, not installed" + (f" ({why})" if why
+                                                                           else "")
+    if cache_dir is not None and missing_files(dimension, cache_dir):
+        return None  # not imported: the weights check reports the missing files
+    try:
+        importlib.import_module(f"vbench.{dimension}")
+    except Exception as e:  # ImportError mostly; any failure makes the dimension unusable
+        return f"importing vbench.{dimension} failed: {type(e).__name__}: {e}"
+    return None
 
 
 def plan_dimensions(
@@ -445,12 +554,36 @@ def plan_dimensions(
     return runnable, missing
 
 
-def _stage_videos(videos_dir: str, stage_dir: str) -> Tuple[List[str], List[str]]:
+def _video_fps(path: str) -> float:
+    import cv2
+
+    cap = cv2.VideoCapture(path)
+    try:
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    finally:
+        cap.release()
+    return fps if fps > 0 else 8.0
+
+
+def _upscaled(frames, min_size: int):
+    """Frames scaled by the smallest integer factor that makes the short side >= ``min_size``
+    (nearest neighbour: each pixel becomes a block, nothing is invented)."""
+    import numpy as np
+
+    h, w = frames.shape[1:3]
+    k = max(1, -(-int(min_size) // min(h, w)))
+    return np.repeat(np.repeat(frames, k, axis=1), k, axis=2) if k > 1 else frames
+
+
+def _stage_videos(
+    videos_dir: str, stage_dir: str, min_size: Optional[int] = None
+) -> Tuple[List[str], List[str]]:
     """Link complete videos into ``stage_dir`` (VBench lists the folder and takes the extension of
-    the first entry, so stray temporary / non-video files must not be there). Returns (staged, not
-    staged)."""
+    the first entry, so stray temporary / non-video files must not be there). With ``min_size``, a
+    video whose short side is smaller is staged as a nearest-neighbour upscaled copy instead (RAFT
+    and AMT need at least 64 pixels). Returns (staged, not staged)."""
     from opensora_duca.utils.atomic import is_temp_name
-    from opensora_duca.utils.video import is_complete_video
+    from opensora_duca.utils.video import is_complete_video, read_video, save_video
 
     if os.path.isdir(stage_dir):
         shutil.rmtree(stage_dir)
@@ -467,12 +600,41 @@ def _stage_videos(videos_dir: str, stage_dir: str) -> Tuple[List[str], List[str]
             rejected.append(name)
             continue
         dst = os.path.join(stage_dir, name)
-        try:
-            os.symlink(os.path.abspath(src), dst)
-        except OSError:
-            shutil.copy2(src, dst)
+        frames = read_video(src) if min_size else None
+        if frames is not None and min(frames.shape[1:3]) < int(min_size):
+            save_video(_upscaled(frames, min_size), dst, fps=_video_fps(src))
+        else:
+            try:
+                os.symlink(os.path.abspath(src), dst)
+            except OSError:
+                shutil.copy2(src, dst)
         staged.append(name)
     return staged, rejected
+
+
+def video_sizes(videos_dir: str) -> Dict[str, Tuple[int, int]]:
+    """``{name: (height, width)}`` of the complete .mp4 files of ``videos_dir`` (first frame)."""
+    import cv2
+
+    from opensora_duca.utils.atomic import is_temp_name
+
+    out = {}
+    for name in sorted(os.listdir(videos_dir)):
+        path = os.path.join(videos_dir, name)
+        if not name.lower().endswith(".mp4") or is_temp_name(name) or not os.path.isfile(path):
+            continue
+        cap = cv2.VideoCapture(path)
+        try:
+            ok, frame = cap.read()
+        finally:
+            cap.release()
+        if ok:
+            out[name] = tuple(frame.shape[:2])
+    return out
+
+
+# RAFT (dynamic_degree) and AMT (motion_smoothness) build 4-level pyramids at 1/8 resolution.
+MIN_SIDE = {"dynamic_degree": 64, "motion_smoothness": 64}
 
 
 def expected_videos(
@@ -483,6 +645,42 @@ def expected_videos(
     return [video_filename(p, i) for p in prompts for i in range(num_samples)]
 
 
+def videos_fingerprint(videos_dir: str, min_size: Optional[int] = None) -> dict:
+    """What a stored per-dimension result was computed from: the complete video files (name, size,
+    modification time) and the staging option. A result is reused only when this is unchanged."""
+    from opensora_duca.utils.atomic import is_temp_name
+
+    files = []
+    for name in sorted(os.listdir(videos_dir)):
+        path = os.path.join(videos_dir, name)
+        if name.lower().endswith(".mp4") and not is_temp_name(name) and os.path.isfile(path):
+            st = os.stat(path)
+            files.append([name, st.st_size, st.st_mtime_ns])
+    return {"files": files, "min_size": min_size}
+
+
+def result_path(output_dir: str, name: str, dimension: str) -> str:
+    """This project's per-dimension result file (VBench's own is ``{name}_{dim}_eval_results``)."""
+    return os.path.join(output_dir, f"{name}_{dimension}_result.json")
+
+
+def load_result(output_dir: str, name: str, dimension: str, fingerprint: dict,
+                mode: str) -> Optional[dict]:
+    """The stored result of ``dimension`` when it was computed from the same videos in the same
+    mode (a score or an error), else None."""
+    path = result_path(output_dir, name, dimension)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if rec.get("fingerprint") != fingerprint or rec.get("mode") != mode:
+        return None
+    return rec
+
+
 def evaluate(
     videos_dir: str,
     weights_dir: str,
@@ -491,13 +689,27 @@ def evaluate(
     output_dir: Optional[str] = None,
     mode: str = "vbench_standard",
     name: str = "opensora_duca",
+    resume: bool = True,
+    min_size: Optional[int] = None,
+    compute: bool = True,
 ) -> dict:
     """Score ``videos_dir`` with the genuine VBench code, one dimension at a time.
 
     Dimensions whose weights are missing from ``weights_dir`` are skipped and listed under
     ``skipped_missing_weights``; a dimension that raises is listed under ``failed`` with the error.
     ``mode`` is ``"vbench_standard"`` (files ``{prompt}-{i}.mp4`` for the suite prompts) or
-    ``"custom_input"`` (prompt read from each file name; not all dimensions support it)."""
+    ``"custom_input"`` (prompt read from each file name; not all dimensions support it).
+
+    Each dimension's outcome is stored in ``{output_dir}/{name}_{dim}_result.json`` with the
+    :func:`videos_fingerprint` it was computed from; with ``resume`` a stored score of the same
+    videos is reused (listed under ``resumed``), so an interrupted evaluation goes on where it
+    stopped and several processes can share the dimensions of one folder. With ``compute=False``
+    nothing is scored: stored results are collected, dimensions without one are listed under
+    ``pending`` and stored failures under ``failed``.
+    ``min_size``: stage videos whose short side is smaller as upscaled copies (see
+    :func:`_stage_videos`)."""
+    from opensora_duca.utils.atomic import write_json
+
     if mode not in ("vbench_standard", "custom_input"):
         raise ValueError(f"mode must be 'vbench_standard' or 'custom_input', got {mode!r}")
     if not os.path.isdir(videos_dir):
@@ -510,54 +722,87 @@ def evaluate(
     import torch
 
     runnable, missing = plan_dimensions(dimensions, weights_dir)
-    stage_dir = os.path.join(output_dir, f"_{name}_videos")
-    staged, rejected = _stage_videos(videos_dir, stage_dir)
+    fingerprint = videos_fingerprint(videos_dir, min_size)
     result = {
         "videos_dir": os.path.abspath(videos_dir),
         "weights_dir": weights_dir,
         "output_dir": output_dir,
         "mode": mode,
         "device": device,
-        "num_videos": len(staged),
-        "not_evaluated_files": rejected,
+        "num_videos": len(fingerprint["files"]),
+        "not_evaluated_files": [],
         "missing_videos": {},
         "dimensions": {},
         "skipped_missing_weights": missing,
         "failed": {},
+        "resumed": [],
+        "pending": [],
         "notes": {d: EXTRA_NOTES[d] for d in runnable if d in EXTRA_NOTES},
     }
+    todo = []
+    for dim in runnable:
+        rec = load_result(output_dir, name, dim, fingerprint, mode) if resume else None
+        if rec is not None and "raw" in rec:
+            result["dimensions"][dim] = {k: rec[k] for k in ("raw", "normalized", "num_videos")}
+            result["resumed"].append(dim)
+        elif not compute:
+            if rec is not None and "error" in rec:
+                result["failed"][dim] = rec["error"]
+            else:
+                result["pending"].append(dim)
+        else:
+            todo.append(dim)
+    if not compute:
+        result["num_videos"] = len(fingerprint["files"])
+        result["summary"] = final_scores({d: v["raw"] for d, v in result["dimensions"].items()})
+        return result
+    stage_dir = os.path.join(output_dir, f"_{name}_videos.{os.getpid()}")
+    staged, rejected = _stage_videos(videos_dir, stage_dir, min_size)
+    result["num_videos"] = len(staged)
+    result["not_evaluated_files"] = rejected
     if not staged:
+        shutil.rmtree(stage_dir, ignore_errors=True)
         raise FileNotFoundError(f"no complete .mp4 videos in {videos_dir}")
     full_info = full_info_json_path()
     staged_set = set(staged)
-    for dim in runnable:
-        if mode == "vbench_standard":
-            exp = expected_videos([dim], full_info_path=full_info)
-            miss = [n for n in exp if n not in staged_set]
-            result["missing_videos"][dim] = {
-                "expected": len(exp),
-                "missing": len(miss),
-                "examples": miss[:5],
-            }
-        run_name = f"{name}_{dim}"
-        try:
-            bench = vb.VBench(torch.device(device), full_info, output_dir)
-            bench.evaluate(
-                videos_path=stage_dir, name=run_name, dimension_list=[dim], mode=mode, local=True
-            )
-            with open(
-                os.path.join(output_dir, f"{run_name}_eval_results.json"), "r", encoding="utf-8"
-            ) as f:
-                res = json.load(f)[dim]
-            raw = float(res[0])
-            per_video = res[1] if len(res) > 1 else []
-            result["dimensions"][dim] = {
-                "raw": raw,
-                "normalized": 100.0 * normalize_score(dim, raw),
-                "num_videos": len(per_video),
-            }
-        except Exception as e:  # report per dimension, keep going
-            result["failed"][dim] = f"{type(e).__name__}: {e}"
+    try:
+        for dim in runnable:
+            if mode == "vbench_standard":
+                exp = expected_videos([dim], full_info_path=full_info)
+                miss = [n for n in exp if n not in staged_set]
+                result["missing_videos"][dim] = {
+                    "expected": len(exp),
+                    "missing": len(miss),
+                    "examples": miss[:5],
+                }
+            if dim not in todo:
+                continue
+            run_name = f"{name}_{dim}"
+            rec = {"dimension": dim, "mode": mode, "fingerprint": fingerprint}
+            try:
+                bench = vb.VBench(torch.device(device), full_info, output_dir)
+                bench.evaluate(
+                    videos_path=stage_dir, name=run_name, dimension_list=[dim], mode=mode,
+                    local=True,
+                )
+                with open(
+                    os.path.join(output_dir, f"{run_name}_eval_results.json"), "r",
+                    encoding="utf-8",
+                ) as f:
+                    res = json.load(f)[dim]
+                raw = float(res[0])
+                per_video = res[1] if len(res) > 1 else []
+                rec.update(raw=raw, normalized=100.0 * normalize_score(dim, raw),
+                           num_videos=len(per_video))
+                result["dimensions"][dim] = {
+                    k: rec[k] for k in ("raw", "normalized", "num_videos")
+                }
+            except Exception as e:  # report per dimension, keep going
+                rec["error"] = f"{type(e).__name__}: {e}"
+                result["failed"][dim] = rec["error"]
+            write_json(result_path(output_dir, name, dim), rec)
+    finally:
+        shutil.rmtree(stage_dir, ignore_errors=True)
     result["summary"] = final_scores({d: v["raw"] for d, v in result["dimensions"].items()})
     return result
 
@@ -584,8 +829,22 @@ __all__ = [
     "shard",
     "normalize_score",
     "final_scores",
+    "HUB_FILES",
+    "DIMENSION_MODULES",
+    "PIP_NAMES",
+    "NOT_INSTALLABLE",
+    "torch_hub_dir",
+    "weight_files",
     "missing_files",
+    "weights_listing",
+    "parse_dimensions",
+    "dimension_import_error",
     "plan_dimensions",
+    "video_sizes",
+    "MIN_SIDE",
+    "videos_fingerprint",
+    "result_path",
+    "load_result",
     "expected_videos",
     "evaluate",
 ]
