@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from write_utils import dead_writer_temp, live_writer
 
