@@ -311,6 +311,52 @@ def check_v2_references(cfg: Any, cond_type: str) -> None:
                 raise _bad("ref", entry, "existing image / video files")
 
 
+def v2_ae_layout(ae: Any) -> Optional[tuple[int, int, int]]:
+    """(latent channels, temporal, spatial compression) of a known 2.0 AE config (all three
+    are causal), or None for an unknown type."""
+    import re
+    typ = ae.get("type")
+    if typ == "tiny_causal_vae":
+        return 16, 4, 8
+    if typ == "hunyuan_vae":
+        return int(ae.get("latent_channels", 16)), int(ae.get("time_compression_ratio", 4)), \
+            int(ae.get("spatial_compression_ratio", 8))
+    if typ == "dc_ae":
+        m = re.fullmatch(r"dc-ae-f(\d+)t(\d+)c(\d+)", str(ae.get("model_name")))
+        if m:
+            return int(m.group(3)), int(m.group(2)), int(m.group(1))
+    return None
+
+
+def check_v2_ae(cfg: Any, settings: dict) -> None:
+    """The sampling options and the model's ``in_channels`` against a known AE's latent
+    layout (:func:`v2_ae_layout`), before anything is built."""
+    layout = v2_ae_layout(cfg["ae"])
+    if layout is None:
+        return
+    channels, temporal, spatial = layout
+    sampler, patch = settings["sampler"], settings["patch_size"]
+    kind = cfg["ae"]["type"]
+    if sampler["temporal_reduction"] != temporal or sampler["is_causal_vae"] is not True:
+        raise ValueError(
+            f"sampling_option temporal_reduction={sampler['temporal_reduction']!r}, "
+            f"is_causal_vae={sampler['is_causal_vae']!r} do not describe ae {kind!r}; "
+            f"accepted: temporal_reduction={temporal}, is_causal_vae=True")
+    if settings["spatial_compression"] != spatial * patch:
+        raise _bad("ae_spatial_compression", settings["spatial_compression"],
+                   f"{spatial * patch} (ae {kind!r}: {spatial} px per latent pixel, times "
+                   f"patch_size={patch})")
+    model = cfg["model"]
+    if model.get("type") == "DuCa" and hasattr(model.get("model"), "get"):
+        model = model["model"]
+    in_channels = model.get("in_channels")
+    if in_channels is None:
+        in_channels = {"OpenSora-v2-MMDiT": 64, "MMDiT-cpu": 64}.get(model.get("type"))
+    if _is_int(in_channels) and in_channels != channels * patch * patch:
+        raise _bad("model.in_channels", in_channels, f"{channels * patch * patch} (ae "
+                   f"{kind!r}: {channels} channels, times patch_size^2 = {patch * patch})")
+
+
 def check_v2_inference_config(cfg: Any, start_index: Any = None, end_index: Any = None,
                               device: Optional[torch.device] = None) -> None:
     """:func:`check_inference_config` for an Open-Sora 2.0 config
@@ -350,7 +396,7 @@ def check_v2_inference_config(cfg: Any, start_index: Any = None, end_index: Any 
             raise _bad(key, value, f"an int >= {low}")
     if start_index is not None and end_index is not None and end_index <= start_index:
         raise _bad("end_index", end_index, f"an int > start_index={start_index}")
-    for key in ("fps", "save_fps", "fps_save"):
+    for key in ("fps_save", "fps", "save_fps"):
         if cfg.get(key) is not None and (not _is_number(cfg[key]) or cfg[key] <= 0):
             raise _bad(key, cfg[key], "a positive finite number")
     resolve_dtype(cfg.get("dtype", "bf16"))
@@ -358,6 +404,7 @@ def check_v2_inference_config(cfg: Any, start_index: Any = None, end_index: Any 
     dist_timeout(cfg)
     check_cache(cfg, 1)
     settings = sampling_settings(cfg)
+    check_v2_ae(cfg, settings)
     check_v2_references(cfg, settings["cond_type"])
     device = torch.device("cpu") if device is None else torch.device(device)
     model = cfg["model"]
@@ -394,5 +441,6 @@ def v2_run_settings(cfg: Any, start_index: Any = None, end_index: Any = None) ->
     return out
 
 
-__all__ += ["check_v2_inference_config", "check_v2_references", "v2_run_settings",
+__all__ += ["check_v2_inference_config", "check_v2_references", "check_v2_ae", "v2_ae_layout",
+            "v2_run_settings",
             "V2_INFERENCE_KEYS", "V2_AGREED_KEYS"]

@@ -213,9 +213,10 @@ def sampling_settings(cfg: Any) -> dict:
     if cond_type != "t2v" and opt["method"] != "i2v":
         raise ValueError(f"cond_type={cond_type!r} needs sampling_option.method='i2v' (the "
                          f"distilled method has no image condition); accepted: cond_type='t2v'")
-    fps = _get(cfg, "fps") if _get(cfg, "fps") is not None else _get(cfg, "fps_save", 16)
+    fps_key = "fps" if _get(cfg, "fps") is not None else "fps_save"
+    fps = _get(cfg, fps_key, 16)
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
-        raise ValueError(f"fps_save={fps!r} is not accepted; accepted: a number > 0")
+        raise ValueError(f"{fps_key}={fps!r} is not accepted; accepted: a number > 0")
     motion = _get(cfg, "motion_score")
     if motion == "dynamic":
         raise ValueError("motion_score='dynamic' is not accepted (upstream asks an LLM API for "

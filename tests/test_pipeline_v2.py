@@ -15,7 +15,7 @@ from mmengine import Config
 from opensora_duca.cli.inference import main as inference_main
 from opensora_duca.config_check import check_v2_inference_config
 from opensora_duca.models.codecs import TinyCausalCodec
-from opensora_duca.models.text_encoders import HashedTextEmbedder
+from opensora_duca.models.text_encoders import HashedTextEmbedder, HFTextEmbedder
 from opensora_duca.pipeline_v2 import (
     build_v2_from_config,
     image_size_v2,
@@ -112,6 +112,10 @@ def test_two_ranks_give_the_single_process_latents(tool_run, tmp_path):
     (["cfg_parallel=2"], "cfg_parallel=2 is not accepted"),
     (["model.num_heads=3", "model.hidden_size=48"], "do not divide the model's num_heads=3"),
     (["cache.type=Nope"], "Nope"),
+    (["sampling_option.temporal_reduction=2"], "accepted: temporal_reduction=4"),
+    (["ae_spatial_compression=32"], "ae_spatial_compression=32 is not accepted"),
+    (["model.in_channels=128"], "model.in_channels=128 is not accepted"),
+    (["fps_save=0"], "fps_save=0 is not accepted"),
 ])
 def test_config_mistakes_are_one_line_exit_2(options, needle, capsys, tmp_path, monkeypatch):
     import opensora_duca.cli.inference as tool
@@ -276,12 +280,22 @@ def test_shipped_configs_resolve():
     assert hc.ae.type == "dc_ae" and hc.model.in_channels == 128 and hc.patch_size == 1
 
 
-def test_upstream_parts_fail_with_one_line():
+def test_upstream_parts_fail_with_one_line(tmp_path):
     cfg = _tiny(t5=dict(_delete_=True, type="text_embedder", from_pretrained="/nonexistent/t5",
                         max_length=512))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded") as err:
         build_v2_from_config(cfg, device="cpu")
     assert "\n" not in str(err.value)
+    folder = tmp_path / "t5"
+    folder.mkdir()
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="needs the 'transformers' package") as err:
+            HFTextEmbedder(str(folder), 512)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="kind='bert'"):
+        HFTextEmbedder(str(folder), 512, kind="bert")
     try:
         import opensora  # noqa: F401
     except ImportError:
