@@ -406,6 +406,16 @@ def check_v2_inference_config(cfg: Any, start_index: Any = None, end_index: Any 
     settings = sampling_settings(cfg)
     check_v2_ae(cfg, settings)
     check_v2_references(cfg, settings["cond_type"])
+    cond_type, sampler = settings["cond_type"], settings["sampler"]
+    if cond_type.startswith("v2v"):
+        from .schedulers.opensora2 import condition_frames, latent_frames
+        k = condition_frames(cond_type, sampler["is_causal_vae"])
+        have = latent_frames(settings["num_frames"], sampler["temporal_reduction"],
+                             sampler["is_causal_vae"])
+        if have < k:
+            raise ValueError(f"cond_type={cond_type!r} gives {k} latent frames and "
+                             f"num_frames={settings['num_frames']} has {have}; accepted: "
+                             f"num_frames with at least {k} latent frames")
     device = torch.device("cpu") if device is None else torch.device(device)
     model = cfg["model"]
     if model.get("type") == "DuCa" and hasattr(model.get("model"), "get"):
