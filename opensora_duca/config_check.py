@@ -357,6 +357,29 @@ def check_v2_ae(cfg: Any, settings: dict) -> None:
                    f"{kind!r}: {channels} channels, times patch_size^2 = {patch * patch})")
 
 
+def check_v2_paths(cfg: Any) -> None:
+    """Every local weights path of a 2.0 config exists (nothing is downloaded): the model's
+    (or the DuCa wrapper's inner model's) and the AE's ``from_pretrained`` when set, and the
+    ``text_embedder`` folders of ``t5`` and ``clip``."""
+    model = cfg["model"]
+    if model.get("type") == "DuCa" and hasattr(model.get("model"), "get"):
+        path = model.get("from_pretrained") or model["model"].get("from_pretrained")
+    else:
+        path = model.get("from_pretrained")
+    entries = [("model.from_pretrained", path, os.path.exists, "an existing local file or "
+                "folder (e.g. Open_Sora_v2.safetensors)"),
+               ("ae.from_pretrained", cfg["ae"].get("from_pretrained"), os.path.exists,
+                "an existing local file")]
+    for key in ("t5", "clip"):
+        if cfg[key].get("type") == "text_embedder":
+            entries.append((f"{key}.from_pretrained", cfg[key].get("from_pretrained", ""),
+                            os.path.isdir, "an existing local folder"))
+    for key, value, exists, accepted in entries:
+        if value is not None and not (isinstance(value, str) and exists(value)):
+            raise _bad(key, value, f"{accepted}; the weights must be downloaded first, nothing "
+                       f"is downloaded here")
+
+
 def check_v2_inference_config(cfg: Any, start_index: Any = None, end_index: Any = None,
                               device: Optional[torch.device] = None) -> None:
     """:func:`check_inference_config` for an Open-Sora 2.0 config
@@ -405,6 +428,7 @@ def check_v2_inference_config(cfg: Any, start_index: Any = None, end_index: Any 
     check_cache(cfg, 1)
     settings = sampling_settings(cfg)
     check_v2_ae(cfg, settings)
+    check_v2_paths(cfg)
     check_v2_references(cfg, settings["cond_type"])
     cond_type, sampler = settings["cond_type"], settings["sampler"]
     if cond_type.startswith("v2v"):
@@ -452,5 +476,6 @@ def v2_run_settings(cfg: Any, start_index: Any = None, end_index: Any = None) ->
 
 
 __all__ += ["check_v2_inference_config", "check_v2_references", "check_v2_ae", "v2_ae_layout",
+            "check_v2_paths",
             "v2_run_settings",
             "V2_INFERENCE_KEYS", "V2_AGREED_KEYS"]

@@ -272,13 +272,22 @@ def test_settings_aliases_and_rounding():
         sampling_settings(_tiny(cond_type="i2v_head", **{"sampling_option.method": "distill"}))
 
 
-def test_shipped_configs_resolve():
+def test_shipped_configs_resolve(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
     for name, size, frames in (("256px", (192, 336), 129), ("768px", (576, 1024), 129),
                                ("duca", (192, 336), 129), ("high_compression", (576, 1024), 128),
                                ("tiny", (64, 64), 9)):
         cfg = Config.fromfile(os.path.join(CONFIGS, f"{name}.py"))
         cfg.prompt = ["a cat"]
         assert is_v2_config(cfg)
+        if name != "tiny":  # the local weights must exist before anything is built
+            with pytest.raises(ValueError, match="model.from_pretrained='./ckpts/Open_Sora"):
+                check_v2_inference_config(cfg)
+            cfg.merge_from_dict({"model.from_pretrained": str(weights),
+                                 "ae.from_pretrained": str(weights),
+                                 "t5.from_pretrained": str(tmp_path),
+                                 "clip.from_pretrained": str(tmp_path)})
         check_v2_inference_config(cfg)
         s = sampling_settings(cfg)
         assert (s["height"], s["width"]) == size and s["num_frames"] == frames, name
