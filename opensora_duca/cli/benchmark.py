@@ -97,6 +97,7 @@ import torch
 
 from ..bench.benches import PRESETS, build_bench, option_error
 from ..bench.measure import device_name, parse_policies, run_benchmark
+from ..bench.mmdit import V2_PRESETS
 from ..bench.report import markdown_table, plot, step_kind_table
 from ..utils.atomic import write_json
 from ..utils.host_memory import keep_freed_host_memory
@@ -107,7 +108,9 @@ DEFAULT_POLICIES = "none,DuCa,ToCa,FORA,PAB"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", help=f"one of {list(PRESETS)}")
+    p.add_argument("--preset", default="cpu",
+                   help=f"one of {list(PRESETS) + list(V2_PRESETS)} (the last three: Open-Sora "
+                        f"2.0's MMDiT)")
     p.add_argument("--config", default=None, help="benchmark an inference config instead")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated policy names")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per policy (median)")
@@ -139,6 +142,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _main_v2(args, policies) -> int:
+    """An Open-Sora 2.0 (MMDiT) preset (``opensora_duca.bench.mmdit``)."""
+    from ..bench.mmdit import run_v2_benchmark, step_tflops, v2_table
+
+    preset = V2_PRESETS[args.preset]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if preset["large"]:
+        print(f"{args.preset}: uncached step {step_tflops(preset):.1f} TFLOP (three guidance "
+              f"branches, analytic)", flush=True)
+        if device.type == "cpu" and not args.allow_cpu:
+            raise option_error("--preset", args.preset, "a GPU device (the 11B model), or "
+                               "--allow-cpu to force it, or --preset mmdit-cpu")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    report = run_v2_benchmark(args.preset, [dict(type=p) for p in policies], device, dtype,
+                              repeat=args.repeat, steps=args.steps, seed=args.seed,
+                              log=(lambda s: None) if args.quiet else print)
+    print(v2_table(report), flush=True)
+    if args.json:
+        write_json(args.json, report)
+        print(f"[json] {args.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     keep_freed_host_memory()  # CPU runs: no page faults per step
     args = build_parser().parse_args(argv)
@@ -151,6 +178,8 @@ def main(argv=None) -> int:
     if args.steps is not None and args.steps < 1:
         raise option_error("--steps", args.steps, "an int >= 1")
     policies = parse_policies(args.policies)
+    if args.preset in V2_PRESETS:
+        return _main_v2(args, policies)
     bench = build_bench(args)
     compile_cfg = dict(backend=args.compile_backend) if args.compile else None
     warmup = args.warmup if args.warmup is not None else (
