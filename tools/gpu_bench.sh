@@ -17,3 +17,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     --profile --repeat "$REPEAT" --json "$DEST/xl480_eager.json" 2>&1 | tee "$DEST/xl480_eager.log"
 "$PY" tools/benchmark.py --preset opensora-480p-51f --device cuda --policies none,DuCa \
     --compile --repeat "$REPEAT" --json "$DEST/xl480_compiled.json" 2>&1 | tee "$DEST/xl480_compiled.log"
+# Open-Sora 2.0's published MMDiT (random weights, bf16) at 256px: FORA / TrunkReuse / TeaCache /
+# DuCa against uncached (11.9B parameters: about 24 GB of weights in bf16)
+"$PY" tools/benchmark.py --preset opensora2-256px --device cuda --steps 10 \
+    --policies none,DuCa,FORA,TeaCache --repeat 1 --json "$DEST/os2_256px.json" 2>&1 | \
+    tee "$DEST/os2_256px.log"
