@@ -107,6 +107,69 @@ ROWS = [
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# 6. determinism: identical inputs give identical bytes (mp4 at the demo size, .latents.pt)
+
+def _demo_frames(seed=0):
+    import numpy as np
+    t = np.linspace(0, 1, 32)
+    base = np.sin(6 * t + seed)[:, None] * np.cos(4 * t)[None, :] * 120 + 128
+    frames = np.stack([np.roll(base, k, axis=1) for k in range(8)])[..., None]
+    return np.concatenate([frames, frames[:, ::-1], frames * 0.5], -1).astype(np.uint8)
+
+
+def _mp4_repeat(tmp_path):
+    """The same 8 x 32 x 32 frames 12 times, other videos encoded in between: one file."""
+    from opensora_duca.utils.video import save_video
+    frames, digests = _demo_frames(), set()
+    for i in range(12):
+        save_video(_demo_frames(i + 1), str(tmp_path / "other.mp4"))
+        save_video(frames, str(tmp_path / f"v{i}.mp4"))
+        digests.add((tmp_path / f"v{i}.mp4").read_bytes())
+    return "ok", f"{len(digests)} distinct files"
+
+
+def _mp4_no_swscale(tmp_path):
+    """The encoder gets yuv420p frames made here: no swscale conversion (whose code path
+    depends on size, alignment and threads) between the frames and libx264."""
+    import av
+
+    from opensora_duca.utils.video import save_video
+
+    orig = av.video.reformatter.VideoReformatter.reformat
+    converted = []
+
+    def spy(self, frame, *a, **k):  # PyAV calls it for every frame; a no-op returns the frame
+        out = orig(self, frame, *a, **k)
+        converted.append(out is not frame)
+        return out
+    av.video.reformatter.VideoReformatter.reformat = spy
+    try:
+        save_video(_demo_frames(), str(tmp_path / "v.mp4"))
+    finally:
+        av.video.reformatter.VideoReformatter.reformat = orig
+    return "ok", f"{sum(converted)} frames converted by swscale"
+
+
+def _latents_bytes(tmp_path):
+    import torch
+
+    from opensora_duca.utils.atomic import save_torch
+    lat = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    save_torch(str(tmp_path / "a.latents.pt"), lat)
+    save_torch(str(tmp_path / "b.latents.pt"), lat.clone())
+    same = (tmp_path / "a.latents.pt").read_bytes() == (tmp_path / "b.latents.pt").read_bytes()
+    return "ok", f"identical={same}"
+
+
+ROWS += [
+    Row("mp4-32x32-identical-bytes", _mp4_repeat, "ok", r"^1 distinct files$"),
+    Row("mp4-no-swscale-between-frames-and-encoder", _mp4_no_swscale, "ok",
+        r"^0 frames converted"),
+    Row("latents-pt-identical-bytes", _latents_bytes, "ok", r"identical=True"),
+]
+
+
 class Built(Exception):
     """Raised when a tool starts its expensive work (building the model)."""
 

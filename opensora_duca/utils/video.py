@@ -7,7 +7,12 @@ Accepted inputs for :func:`save_video` / :func:`to_uint8_frames`:
 * a ``uint8`` ``torch.Tensor`` or ``numpy.ndarray`` of shape ``[T, H, W, 3]`` (or ``[T, H, W, 1]``).
 
 Encoding is deterministic: identical frames give identical bytes in any process on any
-machine with the same PyAV/FFmpeg build (libx264 runs one thread; the muxer writes no dates).
+machine with the same PyAV/FFmpeg build, at every size (the 32x32 demo size included): the RGB
+frames are converted to yuv420p here, in numpy (BT.601 limited range, as FFmpeg's default, with
+each chroma sample the mean of its 2x2 pixels, rounded half to even), so no swscale code path
+(its threads, or SIMD kernels chosen by size and alignment) sits between the frames and the
+encoder; libx264 runs one thread (``threads=1``, no slice or frame threads, with its default
+preset and ``crf`` 23 unless given); the muxer writes no dates.
 
 A file is written to a temporary file of its own in the destination folder and renamed onto
 ``{name}`` only once the encoder has been flushed and the container closed
@@ -101,6 +106,24 @@ def _pad_even(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """One RGB ``uint8 [H, W, 3]`` frame (even H, W) as a yuv420p plane stack
+    ``uint8 [H * 3 / 2, W]`` (Y, then U, then V; PyAV's layout): BT.601 limited range, chroma
+    the mean of each 2x2 block. Pure float64 arithmetic: the same bytes on every machine."""
+    x = frame.astype(np.float64)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    h, w = r.shape
+
+    def pooled(c):
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    rp, gp, bp = pooled(r), pooled(g), pooled(b)
+    u = 128.0 + (-37.797 * rp - 74.203 * gp + 112.0 * bp) / 255.0
+    v = 128.0 + (112.0 * rp - 93.786 * gp - 18.214 * bp) / 255.0
+    q = [np.clip(np.rint(c), 0, 255).astype(np.uint8) for c in (y, u, v)]
+    return np.concatenate([c.ravel() for c in q]).reshape(h * 3 // 2, w)
+
+
 def save_video(video: ArrayLike, path: str, fps: float = 8, crf: int | None = None) -> str:
     """Write ``video`` as an H.264 (libx264, yuv420p) mp4 at ``path``, atomically.
 
@@ -129,8 +152,8 @@ def save_video(video: ArrayLike, path: str, fps: float = 8, crf: int | None = No
             stream.codec_context.thread_type = "NONE"
             if crf is not None:
                 stream.options = {"crf": str(int(crf))}
-            for frame in frames:
-                av_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            for frame in frames:  # converted here: the encoder gets its own pixel format
+                av_frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
                 for packet in stream.encode(av_frame):
                     container.mux(packet)
             for packet in stream.encode():  # flush
@@ -181,4 +204,5 @@ __all__ = [
     "read_video",
     "is_complete_video",
     "to_uint8_frames",
+    "rgb_to_yuv420p",
 ]
