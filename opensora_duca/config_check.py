@@ -448,6 +448,13 @@ def check_v2_inference_config(cfg: Any, start_index: Any = None, end_index: Any 
     if hidden is None:
         hidden = {"flux": 3072, "OpenSora-v2-MMDiT": 3072, "MMDiT-cpu": 64}.get(
             model.get("type"), 1)
+    cond_embed = model.get("cond_embed")
+    if cond_embed is None:
+        cond_embed = model.get("type") in ("OpenSora-v2-MMDiT", "MMDiT-cpu")
+    if settings["sampler"]["method"] == "distill" and cond_embed is True:
+        raise ValueError("sampling_option.method='distill' runs the model without a visual "
+                         "condition and this model has cond_embed=True (it needs one, as "
+                         "upstream's); accepted: method='i2v', or a model with cond_embed=False")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # as launch reads it
     heads = model.get("num_heads")
     if heads is None:

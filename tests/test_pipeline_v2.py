@@ -117,6 +117,7 @@ def test_two_ranks_give_the_single_process_latents(tool_run, tmp_path):
     (["ae_spatial_compression=32"], "ae_spatial_compression=32 is not accepted"),
     (["model.in_channels=128"], "model.in_channels=128 is not accepted"),
     (["fps_save=0"], "fps_save=0 is not accepted"),
+    (["sampling_option.method=distill"], "this model has cond_embed=True"),
     (["cond_type=v2v_head", f"ref={TINY}"], "num_frames=9 has 3"),
 ])
 def test_config_mistakes_are_one_line_exit_2(options, needle, capsys, tmp_path, monkeypatch):
