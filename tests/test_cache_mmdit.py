@@ -375,14 +375,21 @@ def _sp_runs(rank, world_size, sp: bool = True):
     return out
 
 
-def test_one_and_two_ranks_give_the_single_process_run():
-    """DuCa and TeaCache under sequence parallelism take the single process's decisions and
-    give its latents (float rounding); a step that reuses the trunk or the attention issues
-    fewer collectives than a computed one (a reused module issues none)."""
+@pytest.fixture(scope="module")
+def single_process_runs():
+    return _sp_runs(0, 1, sp=False)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_two_and_four_ranks_give_the_single_process_run(single_process_runs, world_size):
+    """Uncached, DuCa and TeaCache under sequence parallelism (4 ranks: more ranks than the
+    grid's 3 latent rows, padding rows) take the single process's decisions and give its
+    latents (float rounding); cached steps issue fewer collectives than computed ones (a reused
+    module issues none)."""
     from dist_utils import run_distributed
 
-    single = _sp_runs(0, 1, sp=False)
-    ranks = run_distributed(_sp_runs, 2)
+    single = single_process_runs
+    ranks = run_distributed(_sp_runs, world_size)
     for name in SP_POLICIES:
         for r in ranks:
             assert r[name][1] == single[name][1], name  # the same plan on every rank
