@@ -384,6 +384,11 @@ class PipelineV2:
         batch_size = batch_size or d.get("batch_size") or 1
         cond_type = s2.check_cond_type(d.get("cond_type") if cond_type is None else cond_type)
         neg = d.get("neg", "") if neg is None else neg
+        if not _is_int(num_frames, 1):
+            raise ValueError(f"num_frames={num_frames!r} is not accepted; accepted: an int >= 1")
+        if cond_type != "t2v" and self.scheduler.method != "i2v":
+            raise ValueError(f"cond_type={cond_type!r} needs sampling_option.method='i2v' (the "
+                             f"distilled method has no image condition); accepted: 't2v'")
         self.check_video(num_frames, height, width)
         if references is None and cond_type != "t2v":
             references = self.config_references(prompts)
