@@ -225,6 +225,10 @@ def _runnable(args, dims, explicit):
     vb.import_vbench(cache_dir=args.weights_dir)
     unavailable = {}
     for d in dims:
+        if args.mode == "custom_input" and d in vb.CUSTOM_UNSUPPORTED:
+            unavailable[d] = ("not in custom_input mode (it needs the suite's auxiliary "
+                              "information of each prompt: use vbench_standard)")
+            continue
         err = vb.dimension_import_error(d, args.weights_dir)
         if err is not None:
             unavailable[d] = err

@@ -633,6 +633,11 @@ def video_sizes(videos_dir: str) -> Dict[str, Tuple[int, int]]:
     return out
 
 
+# VBench's custom_input mode (prompt read from the file name) cannot score these: they need the
+# suite's auxiliary information (object, colour, scene, style of each prompt).
+CUSTOM_UNSUPPORTED = ("object_class", "multiple_objects", "scene", "appearance_style", "color",
+                      "spatial_relationship")
+
 # RAFT (dynamic_degree) and AMT (motion_smoothness) build 4-level pyramids at 1/8 resolution.
 MIN_SIDE = {"dynamic_degree": 64, "motion_smoothness": 64}
 
@@ -842,6 +847,7 @@ __all__ = [
     "plan_dimensions",
     "video_sizes",
     "MIN_SIDE",
+    "CUSTOM_UNSUPPORTED",
     "videos_fingerprint",
     "result_path",
     "load_result",
