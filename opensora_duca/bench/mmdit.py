@@ -95,7 +95,8 @@ def _sync(device):
 
 def run_v2_benchmark(name: str, policies: List[dict], device, dtype, repeat: int = 3,
                      steps=None, seed: int = 42, log=print) -> dict:
-    """Time each policy (median of ``repeat`` runs) against uncached on preset ``name``."""
+    """Time each policy (median of ``repeat`` interleaved rounds) against uncached on preset
+    ``name``."""
     preset = V2_PRESETS[name]
     grid = preset_grid(preset)
     steps = preset["steps"] if steps is None else steps
@@ -104,27 +105,27 @@ def run_v2_benchmark(name: str, policies: List[dict], device, dtype, repeat: int
                          MODELS).eval()
     inp = _inputs(model, grid, preset["txt_len"], device, dtype, seed)
     ts = get_schedule(steps, grid[1] * grid[2], grid[0])
-    rows, ref = [], None
-    for cfg in [dict(type="none")] + [p for p in policies if p.get("type") != "none"]:
-        mgr = apply_cache(model, cfg)
-        times = []
-        for _ in range(repeat):
-            mgr.reset_stats()
+    cfgs = [dict(type="none")] + [p for p in policies if p.get("type") != "none"]
+    times: List[List[float]] = [[] for _ in cfgs]
+    outs, stats = [None] * len(cfgs), [None] * len(cfgs)
+    for _ in range(repeat):  # interleaved rounds: a load change hits every policy alike
+        for k, cfg in enumerate(cfgs):
+            mgr = apply_cache(model, cfg)
             _sync(device)
             t0 = time.perf_counter()
-            out = _sample(model, inp, ts, grid[0])
+            outs[k] = _sample(model, inp, ts, grid[0])
             _sync(device)
-            times.append(time.perf_counter() - t0)
-        stats = mgr.stats()
-        remove_cache(model)
-        if ref is None:
-            ref = out
+            times[k].append(time.perf_counter() - t0)
+            stats[k] = mgr.stats()
+            remove_cache(model)
+    rows, ref = [], outs[0]
+    for cfg, t, out, st in zip(cfgs, times, outs, stats):
         mse = float((out - ref).pow(2).mean())
         peak = float(ref.abs().max()) ** 2
-        rows.append(dict(policy=cfg, seconds=sorted(times)[len(times) // 2],
-                         flops_ratio=stats["flops_ratio"], steps=stats["steps_by_kind"],
+        rows.append(dict(policy=cfg, seconds=sorted(t)[len(t) // 2], flops_ratio=st["flops_ratio"],
+                         steps=st["steps_by_kind"],
                          psnr=float("inf") if mse == 0 else 10 * math.log10(peak / mse)))
-        log(f"{cfg}: {rows[-1]['seconds']:.2f} s, FLOPs ratio {stats['flops_ratio']:.2f}")
+        log(f"{cfg}: {rows[-1]['seconds']:.2f} s, FLOPs ratio {st['flops_ratio']:.2f}")
     for r in rows:
         r["speedup"] = rows[0]["seconds"] / r["seconds"]
     return dict(preset=name, grid=list(grid), steps=steps, tokens=grid[0] * grid[1] * grid[2],
