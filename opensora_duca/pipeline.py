@@ -43,6 +43,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .cache import apply_cache, build_policy, get_cache_manager, remove_cache
+from .cache.calibrate import check_calibration_model
 from .parallel.cfg import check_cache_policy, setup_cfg_parallel
 from .registry import MODELS, SCHEDULERS, TEXT_ENCODERS, VAES, build_module
 from .utils.compile import compile_options
@@ -507,7 +508,8 @@ class Pipeline:
             timings["encode_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.cache_manager is not None:  # the timesteps on the host: the cache reads none
-            host_ts = self.scheduler.timesteps(height, width, num_frames).to(self.dtype).tolist()
+            # float32, as the sampler passes them (not rounded to the model's dtype)
+            host_ts = self.scheduler.timesteps(height, width, num_frames).tolist()
             with self.cache_manager.session(num_steps=self.scheduler.num_sampling_steps,
                                             timesteps=host_ts):
                 z = self.scheduler.sample(self.model, z, y, y_null, **kwargs)
@@ -533,6 +535,7 @@ class Pipeline:
         ``compile``: as the config's ``compile`` key. The policy is checked (and, with
         ``cfg_parallel=2``, refused if it couples the CFG halves) before the model is touched."""
         policy = build_policy(cache)
+        check_calibration_model(policy, self.model)
         if self.cfg_parallel is not None:
             check_cache_policy(policy)
         self.remove_cache()
@@ -634,6 +637,8 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
         elif compile_options(compile_cfg) is not None:  # compiled, uncached: policy "none"
             manager = apply_cache(model, dict(type="none"), compile=compile_cfg)
 
+    if manager is not None:  # a calibration file fitted on another model is refused
+        check_calibration_model(manager.policy, model)
     if cfg_parallel is not None and manager is not None:
         check_cache_policy(manager.policy)
         manager.batch_part = (cfg_parallel.cfg_rank, 2)

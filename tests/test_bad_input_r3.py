@@ -170,6 +170,232 @@ ROWS += [
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# 4. resume decides by what produced a file (its record), not by its name
+
+def _infer(*argv):
+    from opensora_duca.cli.inference import main
+    return tool(main, *argv)
+
+
+def _tiny(tmp_path, *extra):
+    from opensora_duca.cli.inference import merge_args, parse_args
+    from opensora_duca.utils.config import load_config
+    args = parse_args([TINY_CFG, "--save-dir", str(tmp_path), *map(str, extra)])
+    return merge_args(load_config(TINY_CFG, args.cfg_options), args), args
+
+
+def _made(tmp_path, name, prompt, seed, *extra):
+    """A finished video ``name`` and the record of a run of ``extra`` flags for ``prompt``."""
+    from opensora_duca.cli.inference import run_identity
+    from opensora_duca.utils.atomic import write_json
+    from opensora_duca.utils.video import save_video
+    save_video(_demo_frames(), str(tmp_path / f"{name}.mp4"))
+    if prompt is not None:
+        cfg, _ = _tiny(tmp_path, *extra)
+        write_json(str(tmp_path / f"{name}.json"), run_identity(cfg, prompt, seed))
+    return (tmp_path / f"{name}.mp4").read_bytes()
+
+
+def _resume_other(*extra, prompt="a red circle moving left"):
+    def call(tmp_path):
+        _made(tmp_path, "sample_0000", prompt, 42, *extra)
+        return _infer(TINY_CFG, "--save-dir", tmp_path, "--end-index", 1)
+    return call
+
+
+def _video_kept(tmp_path):
+    assert (tmp_path / "sample_0000.mp4").read_bytes() == _made(tmp_path / "x", "v", None, 0)
+
+
+def _resume_same(tmp_path):
+    from opensora_duca.cli.inference import plan_outputs
+    _made(tmp_path, "sample_0000", "a red circle moving left", 42)
+    cfg, args = _tiny(tmp_path)
+    names, todo = plan_outputs(cfg, args, cfg.prompt, [0, 1], str(tmp_path), 42)
+    return "ok", f"names={list(names.values())} todo={todo}"
+
+
+def _prompt_as_path(tmp_path):
+    from opensora_duca.cli.inference import plan_outputs
+    _made(tmp_path, "a_red_circle_moving_left", "a red circle moving left!", 42,
+          "--prompt-as-path")
+    cfg, args = _tiny(tmp_path, "--prompt-as-path", "--prompt", "a red circle moving left")
+    names, todo = plan_outputs(cfg, args, cfg.prompt, [0], str(tmp_path), 42)
+    return "ok", f"names={list(names.values())} todo={todo}"
+
+
+ROWS += [
+    Row("resume-other-steps", _resume_other("--num-sampling-steps", 3), 2,
+        r"sample_0000\.mp4 exists and was made by other settings \(differs in scheduler\); "
+        r"it is kept", _video_kept),
+    Row("resume-other-prompt", _resume_other(prompt="a blue square"), 2,
+        r"differs in prompt\).*prompt 0: 'a red circle moving left'", _video_kept),
+    Row("resume-other-seed", _resume_other("--seed", 1), 2, r"differs in seed\)"),
+    Row("resume-other-policy", _resume_other("--cfg-options", "cache.type=FORA"), 2,
+        r"differs in cache\)"),
+    Row("resume-no-record", lambda p: (_made(p, "sample_0000", None, 0),
+                                       _infer(TINY_CFG, "--save-dir", p))[1], 2,
+        r"differs in no record \(sample_0000\.json\)", _video_kept),
+    Row("resume-same-settings-skips", _resume_same, "ok",
+        r"names=\['sample_0000', 'sample_0001'\] todo=\[1\]"),
+    Row("prompt-as-path-other-prompt-gets-own-file", _prompt_as_path, "ok",
+        r"names=\['a_red_circle_moving_left-[0-9a-f]{8}'\] todo=\[0\]"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. silent acceptance: refused with the key, the value and what is accepted
+
+def _small_model(depth=1, seed=0):
+    import torch
+
+    from opensora_duca.models.stdit3 import STDiT3
+    torch.manual_seed(seed)
+    return STDiT3(in_channels=4, hidden_size=32, depth=depth, num_heads=2, caption_channels=8,
+                  model_max_length=5).eval()
+
+
+def _teacache_file(text):
+    def call(tmp_path):
+        from opensora_duca.cache import build_policy
+        (tmp_path / "cal.json").write_text(text)
+        return api(build_policy, dict(type="TeaCache", calibration=str(tmp_path / "cal.json")))
+    return call
+
+
+def _calibration_other_model(tmp_path):
+    from opensora_duca.cache import build_policy
+    from opensora_duca.cache.calibrate import check_calibration_model, model_identity
+    (tmp_path / "cal.json").write_text(json.dumps(dict(
+        coefficients=[1.0, 0.0], model=model_identity(_small_model(seed=0)))))
+    policy = build_policy(dict(type="TeaCache", calibration=str(tmp_path / "cal.json")))
+    assert api(check_calibration_model, policy, _small_model(seed=0))[0] == "ok"
+    return api(check_calibration_model, policy, _small_model(seed=1))
+
+
+def _checkpoint(mutate):
+    def call(tmp_path):
+        from safetensors.torch import save_file
+
+        from opensora_duca.models.checkpoint import load_checkpoint
+        sd = {k: v.clone().contiguous() for k, v in _small_model().state_dict().items()}
+        mutate(sd)
+        save_file(sd, str(tmp_path / "w.safetensors"))
+        return api(load_checkpoint, _small_model(), str(tmp_path / "w.safetensors"))
+    return call
+
+
+def _to_int(sd):
+    sd["t_block.1.weight"] = sd["t_block.1.weight"].long()
+
+
+def _to_bool(sd):
+    sd["final_layer.linear.bias"] = sd["final_layer.linear.bias"] > 0
+
+
+def _reshape(sd):
+    sd["t_block.1.weight"] = sd["t_block.1.weight"][:3]
+
+
+def _empty_blocks(tmp_path):
+    import torch
+
+    from opensora_duca.cache import apply_cache
+    model = _small_model()
+    model.spatial_blocks = torch.nn.ModuleList()
+    model.temporal_blocks = torch.nn.ModuleList()
+    return api(apply_cache, model, dict(type="DuCa"))
+
+
+def _rflow(**kw):
+    from opensora_duca.registry import SCHEDULERS, build_module
+    return lambda tmp_path: api(build_module, dict(type="rflow", **kw), SCHEDULERS)
+
+
+def _teacache(**kw):
+    from opensora_duca.cache import build_policy
+    return lambda tmp_path: api(build_policy, dict(type="TeaCache", **kw))
+
+
+ROWS += [
+    Row("calibration-coefficients-string", _teacache_file('{"coefficients": "12"}'),
+        "ValueError", r"calibration=.*cal\.json.*a non-empty 'coefficients' list of finite "
+        r"numbers \(got '12'\)"),
+    Row("calibration-coefficients-nan", _teacache_file('{"coefficients": [NaN, 1.0]}'),
+        "ValueError", r"finite numbers \(got \[nan, 1\.0\]\)"),
+    Row("calibration-coefficients-infinity", _teacache_file('{"coefficients": [Infinity]}'),
+        "ValueError", r"finite numbers \(got \[inf\]\)"),
+    Row("calibration-x-range-nan", _teacache_file('{"coefficients": [1], "x_range": [NaN, 1]}'),
+        "ValueError", r"'x_range' None or \[lo, hi\] of finite numbers"),
+    Row("coefficients-given-infinite", _teacache(coefficients=[1.0, float("inf")]), "ValueError",
+        r"coefficients.*inf.*a non-empty list of finite numbers"),
+    Row("coefficients-given-string", _teacache(coefficients="12"), "ValueError",
+        r"coefficients.*'12'.*a non-empty list of numbers"),
+    Row("calibration-fitted-on-another-model", _calibration_other_model, "ValueError",
+        r"TeaCache calibration=.*cal\.json' was fitted on another model \(differs in weights"),
+    Row("rflow-transform-scale-negative", _rflow(transform_scale=-1), "ValueError",
+        r"transform_scale=-1; accepted: a finite number > 0"),
+    Row("rflow-transform-scale-zero", _rflow(transform_scale=0), "ValueError",
+        r"transform_scale=0; accepted"),
+    Row("rflow-num-timesteps-zero", _rflow(num_timesteps=0), "ValueError",
+        r"num_timesteps=0; accepted: an integer >= 1"),
+    Row("rflow-cfg-scale-nan", _rflow(cfg_scale=float("nan")), "ValueError",
+        r"cfg_scale=nan; accepted: a finite number"),
+    Row("checkpoint-int64-weights", _checkpoint(_to_int), "CheckpointMismatchError",
+        r"non-floating-point values for floating-point weights \(t_block\.1\.weight int64\)"),
+    Row("checkpoint-bool-weights", _checkpoint(_to_bool), "CheckpointMismatchError",
+        r"\(final_layer\.linear\.bias bool\); accepted: float32"),
+    Row("checkpoint-wrong-shape-one-line", _checkpoint(_reshape), "CheckpointMismatchError",
+        r"^checkpoint .* does not match STDiT3: shape mismatches: t_block\.1\.weight "
+        r"\(3, 32\) vs model \(192, 32\); accepted: [^\n]*$"),
+    Row("empty-spatial-blocks", _empty_blocks, "TypeError", r"spatial_blocks is empty"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 / 3 (root cause): the sampler keeps float32 timesteps and latents, as upstream 1.2 / 1.3
+
+def _sampler_dtypes(tmp_path):
+    """A 300-step bf16 run: the model gets float32 timesteps, all distinct (bf16 would merge
+    those near 1000), and float32 latents from the second step on."""
+    import torch
+
+    from opensora_duca.schedulers.rflow import RFlow
+    seen = []
+
+    def model(z, t, y, mask=None, **kw):
+        seen.append((z.dtype, t.dtype, float(t[0])))
+        return torch.zeros(z.shape, dtype=torch.float32)
+    z = torch.zeros(1, 2, 1, 2, 2, dtype=torch.bfloat16)
+    out = RFlow(num_sampling_steps=300).sample(model, z, torch.zeros(1, 1, 2, 4),
+                                               torch.zeros(1, 1, 2, 4), progress=False)
+    ts = [t for _, _, t in seen]
+    return "ok", (f"latents {sorted({str(d) for d, _, _ in seen[1:]})} timesteps "
+                  f"{sorted({str(d) for _, d, _ in seen})} distinct={len(set(ts)) == len(ts)} "
+                  f"out {out.dtype}")
+
+
+def _bf16_cached_300_steps(tmp_path):
+    from opensora_duca.pipeline import build_from_config
+    cfg = dict(image_size=(16, 16), num_frames=1, fps=8, seed=0, dtype="bf16",
+               model=dict(type="STDiT3-S/2", depth=1, hidden_size=32, num_heads=2),
+               vae=dict(type="DemoCodec"),
+               text_encoder=dict(type="DemoTextEncoder", output_dim=8, model_max_length=6),
+               scheduler=dict(type="rflow", num_sampling_steps=300), cache=dict(type="DuCa"))
+    pipe = build_from_config(cfg, device="cpu")
+    out = pipe.generate(["a red circle moving left"], progress=False)
+    return "ok", f"finite={bool(out['video'].isfinite().all())}"
+
+
+ROWS += [
+    Row("rflow-float32-timesteps-and-latents", _sampler_dtypes, "ok",
+        r"latents \['torch.float32'\] timesteps \['torch.float32'\] distinct=True "
+        r"out torch.float32"),
+    Row("bf16-duca-300-steps", _bf16_cached_300_steps, "ok", r"finite=True"),
+]
+
+
 class Built(Exception):
     """Raised when a tool starts its expensive work (building the model)."""
 

@@ -114,8 +114,8 @@ def test_prompts_with_one_file_name_get_distinct_files(tmp_path):
            "--num-sampling-steps", "2", "--prompt-as-path", "--prompt", *prompts]
     out = _run(cmd)
     assert "2 written, 0 skipped" in out
-    expected = sorted(f"a_red_circle-{hashlib.sha1(p.encode()).hexdigest()[:8]}.mp4"
-                      for p in prompts)
+    expected = sorted(f"a_red_circle-{hashlib.sha1(p.encode()).hexdigest()[:8]}{ext}"
+                      for p in prompts for ext in (".mp4", ".json"))  # video and its record
     assert sorted(os.listdir(tmp_path)) == expected
     out = _run(cmd)  # a rerun finds both
     assert "0 written, 2 skipped" in out

@@ -320,10 +320,20 @@ def test_upstream_13_i2v_scheduler_config_builds():
     assert sched.scale_image_weight and sched.initial_image_scale == 1.0
 
 
-def test_bfloat16_latents_keep_their_dtype():
+def test_bfloat16_latents_become_float32_as_upstream():
+    # upstream's update z + v * dt has a float32 dt of batch shape: the latents of a bf16 run
+    # are float32 from the first step on, and the model gets float32 timesteps
     sched = RFlow(num_sampling_steps=2, scale_image_weight=True)
     z = torch.zeros(B, C, T, H, W, dtype=torch.bfloat16)
-    out = run(sched, ThirdsModel(1.0, 1.0, 0.0), z=z, z_cond=torch.ones_like(z),
-              image_cfg_scale=3.0, use_sdedit=True)
-    assert all(s.dtype == torch.bfloat16 for s in out)
-    assert torch.isfinite(out[-1].float()).all()
+    model = ThirdsModel(1.0, 1.0, 0.0)
+    out = run(sched, model, z=z, z_cond=torch.ones_like(z), image_cfg_scale=3.0,
+              use_sdedit=True)
+    assert all(s.dtype == torch.float32 for s in out)
+    # SDEdit's noisy frames are float32 (upstream's add_noise): float32 at step 0 already
+    assert [c["z"].dtype for c in model.calls] == [torch.float32, torch.float32]
+    assert all(c["t"].dtype == torch.float32 for c in model.calls)
+    assert torch.isfinite(out[-1]).all()
+    model = ThirdsModel(1.0, 1.0, 0.0)
+    out = run(sched, model, z=z, z_cond=torch.ones_like(z), image_cfg_scale=3.0)
+    assert [c["z"].dtype for c in model.calls] == [torch.bfloat16, torch.float32]
+    assert out[-1].dtype == torch.float32

@@ -13,7 +13,9 @@ gives the coefficients (highest degree first) that ``TeaCache(calibration=...)``
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -49,19 +51,79 @@ def load_calibration(path: str) -> Tuple[Tuple[float, ...], Optional[Tuple[float
     """The ``coefficients`` (highest degree first) and the measured input range ``x_range``
     (None when the file has none) of a JSON file written by ``tools/calibrate.py``; raises
     :class:`CalibrationFileError`."""
+    data = _read(path)
+    coeffs, rng = data.get("coefficients"), data.get("x_range")
+    if not isinstance(coeffs, list) or not coeffs or not all(_finite(c) for c in coeffs):
+        raise CalibrationFileError(path, f"a non-empty 'coefficients' list of finite numbers "
+                                         f"(got {_short(coeffs)})")
+    if rng is not None and not (isinstance(rng, list) and len(rng) == 2
+                                and all(_finite(x) for x in rng) and rng[0] <= rng[1]):
+        raise CalibrationFileError(path, f"'x_range' None or [lo, hi] of finite numbers with "
+                                         f"lo <= hi (got {_short(rng)})")
+    return tuple(float(c) for c in coeffs), None if rng is None else (float(rng[0]),
+                                                                       float(rng[1]))
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _read(path) -> dict:
     if not isinstance(path, str) or not os.path.isfile(path):
         raise CalibrationFileError(path, "the path of a JSON file written by tools/calibrate.py")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        coeffs = tuple(float(c) for c in data["coefficients"])
-        rng = data.get("x_range")
-        rng = None if rng is None else (float(rng[0]), float(rng[1]))
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
-        raise CalibrationFileError(path, f"a JSON file with a 'coefficients' list ({err})")
-    if not coeffs:
-        raise CalibrationFileError(path, "a non-empty 'coefficients' list")
-    return coeffs, rng
+    except (OSError, ValueError) as err:
+        raise CalibrationFileError(path, f"a JSON file written by tools/calibrate.py "
+                                         f"({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise CalibrationFileError(path, "a JSON object written by tools/calibrate.py")
+    return data
 
 
-__all__ = ["fit_polynomial", "load_calibration", "CalibrationFileError"]
+def model_identity(model) -> Dict[str, object]:
+    """What identifies a model's weights for a calibration file: its class, its parameter
+    count, the sha256 of its parameter names and shapes, and the sha256 of the first 64 values
+    of every parameter rounded to bf16 (so an fp32 and a bf16 copy of one checkpoint agree;
+    cheap: a few values per tensor leave the device)."""
+    import torch
+
+    names, sample = hashlib.sha256(), hashlib.sha256()
+    count = 0
+    for name, p in model.named_parameters():
+        count += p.numel()
+        names.update(f"{name}:{tuple(p.shape)};".encode())
+        head = p.detach().reshape(-1)[:64].to("cpu", torch.bfloat16).view(torch.int16)
+        sample.update(head.numpy().tobytes())
+    return {"type": type(model).__name__, "parameters": count,
+            "shapes": names.hexdigest()[:16], "weights": sample.hexdigest()[:16]}
+
+
+def check_calibration_model(policy, model) -> None:
+    """A policy's calibration file (``policy.calibration``, when set) must have been fitted on
+    ``model``: the file's ``model`` record (written by tools/calibrate.py) must equal
+    :func:`model_identity`; a file without one is accepted (written before it was recorded).
+    Raises a one-line ``ValueError``."""
+    path = getattr(policy, "calibration", None)
+    if path is None:
+        return
+    recorded = _read(path).get("model")
+    if recorded is None:
+        return
+    actual = model_identity(model)
+    if recorded != actual:
+        diff = [k for k in actual if not isinstance(recorded, dict) or recorded.get(k) != actual[k]]
+        raise ValueError(f"{getattr(policy, 'name', 'cache')} calibration={path!r} was fitted on "
+                         f"another model (differs in {', '.join(diff)}: file {recorded!r}, this "
+                         f"model {actual!r}); accepted: a file tools/calibrate.py wrote for "
+                         f"this model")
+
+
+__all__ = ["fit_polynomial", "load_calibration", "CalibrationFileError", "model_identity",
+           "check_calibration_model"]

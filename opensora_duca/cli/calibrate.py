@@ -10,10 +10,13 @@ run per seed, all prompts in one batch), records per step the relative L1 change
 block's modulated input (as the TeaCache policy measures it) and of the model output, fits a
 least-squares polynomial of ``--degree`` and writes JSON ``{"coefficients": [...] (highest degree
 first), "degree", "rmse", "samples", "x_range", "x", "y", "config", "prompts", "seeds",
-"steps"}``. Point
+"steps", "model"}`` (``model``: :func:`opensora_duca.cache.calibrate.model_identity` of the
+model fitted on; a policy pointed at the file refuses another model). Point
 the policy at it: ``cache = dict(type="TeaCache", calibration="calibration.json")``. Use seeds
 that the evaluation does not use (the defaults, 100 and 101, are not those of tools/frontier.py).
-Mistakes in the arguments are one line on stderr and exit code 2.
+Mistakes in the arguments (and a config that cannot be loaded, too few samples for the
+degree, an --out that cannot be written) are one line on stderr and exit code 2, before the
+model is built.
 """
 from __future__ import annotations
 
@@ -25,9 +28,10 @@ import torch
 from mmengine.config import DictAction
 
 from ..cache import apply_cache, remove_cache
-from ..cache.calibrate import fit_polynomial
+from ..cache.calibrate import fit_polynomial, model_identity
 from ..pipeline import build_from_config
-from ..utils.atomic import write_json
+from ..registry import SCHEDULERS, build_module
+from ..utils.atomic import check_writable, write_json
 from ..utils.config import load_config
 from ..utils.host_memory import keep_freed_host_memory
 
@@ -69,6 +73,11 @@ def collect_changes(pipe, prompts: Sequence[str], seeds: Sequence[int]) -> Dict[
     return {"x": xs, "y": ys}
 
 
+def _short(v, n: int = 80) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,15 +102,31 @@ def main(argv=None) -> int:
             raise ValueError(f"--steps {args.steps}: accepted: an integer >= 2")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads {args.threads}: accepted: an integer >= 1")
+        bad = [s for s in args.seeds if not 0 <= s < 2 ** 63]
+        if bad:
+            raise ValueError(f"--seeds {bad[0]}: accepted: integers in [0, 2**63)")
+        check_writable(args.out, "--out")
         cfg = load_config(args.config, args.cfg_options)
-        prompts = list(args.prompt or cfg.get("prompt") or [])
-        if not prompts:
-            raise ValueError("no prompts: give --prompt or a `prompt` list in the config")
+        prompts = cfg.get("prompt") if args.prompt is None else args.prompt
+        if isinstance(prompts, str):  # one prompt, not a list of its characters
+            prompts = [prompts]
+        prompts = list(prompts or [])
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(f"prompts={_short(prompts)}: accepted: --prompt or a `prompt` "
+                             f"(a string or a list of non-empty strings) in the config")
         if args.steps is not None:
             cfg.scheduler.num_sampling_steps = args.steps
+        steps = build_module(dict(cfg.scheduler), SCHEDULERS).num_sampling_steps
+        samples = (steps - 1) * len(prompts) * len(args.seeds)  # one per clip and step >= 1
+        if samples <= args.degree:
+            raise ValueError(f"--degree {args.degree} needs more than {args.degree} samples; "
+                             f"{steps} steps x {len(prompts)} prompts x {len(args.seeds)} seeds "
+                             f"give {samples}: add prompts, seeds or steps, or lower --degree")
         cfg.cache = None
-    except (ValueError, FileNotFoundError) as err:
-        print(f"calibrate: error: {err}", file=sys.stderr)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        msg = str(msg).strip().splitlines()[0] if str(msg).strip() else type(err).__name__
+        print(f"calibrate: error: {msg}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,7 +140,7 @@ def main(argv=None) -> int:
     report = {**fit, "x_range": [min(samples["x"]), max(samples["x"])],
               "x": samples["x"], "y": samples["y"], "config": args.config,
               "prompts": prompts, "seeds": list(args.seeds),
-              "steps": pipe.scheduler.num_sampling_steps}
+              "steps": pipe.scheduler.num_sampling_steps, "model": model_identity(pipe.model)}
     write_json(args.out, report)
     print(f"calibration: degree {fit['degree']} on {fit['samples']} steps, RMSE "
           f"{fit['rmse']:.4g}, coefficients {fit['coefficients']} -> {args.out}")

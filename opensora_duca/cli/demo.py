@@ -19,13 +19,14 @@ import sys
 from mmengine.config import DictAction
 
 from ..cache import apply_cache, build_policy, remove_cache
+from ..cache.calibrate import check_calibration_model
 from ..eval.fidelity import psnr, ssim
 from ..eval.judge import judge, summarize
 from ..parallel import release_process_group
 from ..parallel.agreement import check_ranks_agree
 from ..parallel.launch import init_distributed
 from ..pipeline import build_from_config, unique_filenames
-from ..utils.atomic import write_json
+from ..utils.atomic import check_writable, write_json
 from ..utils.config import load_config, plain
 from ..utils.host_memory import keep_freed_host_memory
 from ..utils.video import save_video, to_uint8_frames
@@ -68,9 +69,11 @@ def _policies(cfg) -> dict:
         raise ValueError(f"compare_caches={extra!r} is not accepted; accepted: a dict "
                          f"{{run name: dict(type=...)}}")
     for name, c in extra.items():
-        if not isinstance(name, str) or not name or "/" in name or name in ("uncached", *out):
+        if not isinstance(name, str) or not name.strip() or name in (".", "..") \
+                or any(c in name for c in "/\\\0") or name in ("uncached", *out):
             raise ValueError(f"compare_caches: run name {name!r} is not accepted; accepted: a "
-                             f"new non-empty name without '/'")
+                             f"new non-empty folder name (not '.' or '..', without '/', '\\' "
+                             f"or NUL; the run's videos go to save_dir/<name>)")
         out[name] = _plain(c)
     for c in out.values():
         build_policy(c)  # a bad key or value fails here, with the key named
@@ -81,11 +84,24 @@ def _demo(args) -> int:
     try:
         cfg = load_config(args.config, args.cfg_options)
         policies = _policies(cfg)
-        prompts = list(args.prompt or cfg.get("prompt") or [])
-        if not prompts:
-            raise ValueError("no prompts: give --prompt or a `prompt` list in the config")
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"demo.py: error: {err}", file=sys.stderr, flush=True)
+        prompts = cfg.get("prompt") if args.prompt is None else args.prompt
+        if isinstance(prompts, str):  # one prompt, not a list of its characters
+            prompts = [prompts]
+        prompts = list(prompts or [])
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError("no prompts: give --prompt or a `prompt` (a string or a list of "
+                             "non-empty strings) in the config")
+        if args.num_sampling_steps is not None and args.num_sampling_steps < 1:
+            raise ValueError(f"--num-sampling-steps {args.num_sampling_steps}: accepted: an "
+                             f"integer >= 1")
+        if args.seed is not None and not 0 <= args.seed < 2 ** 63:
+            raise ValueError(f"--seed {args.seed}: accepted: an integer in [0, 2**63)")
+        check_writable(args.save_dir or cfg.get("save_dir", "./samples/demo"), "save_dir",
+                       folder=True)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        msg = str(msg).strip().splitlines()[0] if str(msg).strip() else type(err).__name__
+        print(f"demo.py: error: {msg}", file=sys.stderr, flush=True)
         return 2
     cfg.cache = None  # built uncached; the policies are attached run by run
     cfg.compare_caches = None
@@ -101,7 +117,14 @@ def _demo(args) -> int:
         return 2
     is_main = rank == 0
     pipe = build_from_config(cfg, device=device, enable_sequence_parallelism=world > 1)
-    steps = args.num_sampling_steps or pipe.scheduler.num_sampling_steps
+    try:  # before any clip: a calibration file fitted on another model
+        for c in policies.values():
+            check_calibration_model(build_policy(c), pipe.model)
+    except ValueError as err:
+        print(f"demo.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    steps = pipe.scheduler.num_sampling_steps if args.num_sampling_steps is None \
+        else args.num_sampling_steps
     gen = dict(seed=seed, num_sampling_steps=steps, batch_size=len(prompts))
     pipe.generate(prompts[:1], seed=seed, num_sampling_steps=2)  # warm-up (allocations, threads)
 

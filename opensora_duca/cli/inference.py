@@ -25,10 +25,17 @@ index in the prompt list) or, with ``--prompt-as-path``,
 ``{save_dir}/{prompt with unsafe characters dropped, spaces as _}.mp4``; prompts that map to the
 same name get ``-`` and 8 hex digits of the SHA-1 of their text appended (a repeated prompt also
 ``-{i}``), so every prompt has its own file. Files are written to a temporary file of their own
-and renamed when complete; a complete existing file is skipped, so rerunning
-the same command resumes an interrupted run. ``--save-latents`` also writes
-``{name}.latents.pt`` (the float32 sampled latents). The noise of prompt ``i`` is seeded
-with ``seed + i``, so a prompt's video does not depend on batching or on what was skipped.
+and renamed when complete. Beside every video, ``{name}.json`` records what produced it (the
+prompt, its seed, and the settings that decide the output -- model and its checkpoint file's
+size and time, cache policy, sampler, sizes, dtype -- with their sha256 digest); it is written
+before the video. A complete existing video is skipped only when its record matches this
+run's, so rerunning the same command resumes an interrupted run; one made by other settings
+(or without a record) is refused before the model is built (one line, exit 2), never replaced;
+with ``--prompt-as-path`` a file of another prompt that maps to the same name is kept and the
+new prompt gets ``-`` and 8 hex digits of the SHA-1 of its text appended.
+``--save-latents`` also writes ``{name}.latents.pt`` (the float32 sampled latents). The noise
+of prompt ``i`` is seeded with ``seed + i``, so a prompt's video does not depend on batching or
+on what was skipped.
 
 Under torchrun every rank runs the same prompts with the same seed; the model shards tokens
 over the ranks (``enable_sequence_parallelism=True``); only rank 0 writes files and prints.
@@ -45,10 +52,13 @@ waits for a stalled or dead one (exit code 1).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import pickle
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -67,8 +77,8 @@ from ..parallel.agreement import check_ranks_agree
 from ..parallel.launch import init_distributed
 from ..pipeline import build_from_config, load_prompts, unique_filenames
 from ..pipeline_v2 import apply_cli_overrides, build_v2_from_config, is_v2_config
-from ..utils.atomic import save_torch
-from ..utils.config import load_config
+from ..utils.atomic import save_torch, write_json
+from ..utils.config import load_config, plain
 from ..utils.host_memory import keep_freed_host_memory
 from ..utils.video import is_complete_video, save_video
 
@@ -175,6 +185,89 @@ def output_names(cfg, args, prompts: list[str]) -> list[str]:
     return [f"{prefix}_{i:04d}" for i in range(len(prompts))]
 
 
+#: config keys that do not change what a prompt's video holds (not part of its identity)
+NOT_IDENTITY = ("prompt", "prompt_path", "save_dir", "sample_name", "batch_size", "dist_timeout",
+                "compile", "cfg_parallel", "compare_caches", "custom_imports")
+
+
+def _checkpoint_files(value, out: dict) -> dict:
+    """Size and modification time of every existing file a ``from_pretrained``-like string
+    of the config names (a changed checkpoint at the same path is another model)."""
+    if isinstance(value, dict):
+        for v in value.values():
+            _checkpoint_files(v, out)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _checkpoint_files(v, out)
+    elif isinstance(value, str) and len(value) < 4096 and os.path.isfile(value):
+        st = os.stat(value)
+        out[os.path.abspath(value)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def run_identity(cfg, prompt: str, seed: int) -> dict:
+    """What decides one prompt's video: the prompt, its seed and the config's settings (the
+    keys of :data:`NOT_IDENTITY` aside) with the checkpoint files' size and time; ``digest``
+    is the sha256 of the rest as canonical JSON."""
+    settings = {k: v for k, v in plain(cfg).items() if k not in NOT_IDENTITY}
+    ident = dict(prompt=prompt, seed=int(seed),
+                 settings=json.loads(json.dumps(settings, sort_keys=True, default=repr)),
+                 files=_checkpoint_files(settings, {}))
+    blob = json.dumps(ident, sort_keys=True, separators=(",", ":"))
+    return dict(ident, digest=hashlib.sha256(blob.encode("utf-8")).hexdigest())
+
+
+def _record(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+        return rec if isinstance(rec, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
+
+
+def plan_outputs(cfg, args, prompts: list, indices: list, save_dir: str, seed: int):
+    """(names, todo): the file name of every prompt index and the indices still to generate.
+
+    A complete video is done when its record (``{name}.json``) matches this run's identity;
+    a video of another prompt under a ``--prompt-as-path`` name moves the new prompt to its
+    hashed name; any other video made by other settings, or without a record, raises a
+    one-line ``ValueError`` (the file is kept)."""
+    all_names = output_names(cfg, args, prompts)
+    names, todo = {}, []
+    for i in indices:
+        name = all_names[i]
+        ident = run_identity(cfg, prompts[i], seed + i)
+        video = os.path.join(save_dir, name + ".mp4")
+        rec = _record(os.path.join(save_dir, name + ".json"))
+        if args.prompt_as_path and is_complete_video(video) and rec is not None \
+                and rec.get("prompt") != prompts[i]:
+            name = f"{name}-{hashlib.sha1(prompts[i].encode('utf-8')).hexdigest()[:8]}"
+            video = os.path.join(save_dir, name + ".mp4")
+            rec = _record(os.path.join(save_dir, name + ".json"))
+        names[i] = name
+        if is_complete_video(video):
+            if rec is None or rec.get("digest") != ident["digest"]:
+                diff = [f"no record ({name}.json)"] if rec is None else sorted(
+                    [k for k in ("prompt", "seed", "files") if rec.get(k) != ident[k]]
+                    + [k for k in set(ident["settings"]) | set(rec.get("settings") or {})
+                       if (rec.get("settings") or {}).get(k) != ident["settings"].get(k)])
+                raise ValueError(
+                    f"{video} exists and was made by other settings (differs in "
+                    f"{', '.join(diff) or 'its digest'}); it is kept: give another --save-dir "
+                    f"or --sample-name, or remove it (prompt {i}: {_short(prompts[i])!r})")
+            if args.save_latents and not os.path.isfile(
+                    os.path.join(save_dir, name + ".latents.pt")):
+                todo.append(i)
+        else:
+            todo.append(i)
+    return names, todo
+
+
 def parallel_layout(pipe, world: int) -> str:
     """How the ranks share the work, for the summary."""
     if pipe.cfg_parallel is None:
@@ -239,24 +332,27 @@ def run(cfg, args, rank, world, device, is_main, t_start) -> int:
     end = len(prompts) if args.end_index is None else args.end_index
     indices = list(range(start, min(end, len(prompts))))
     save_dir = cfg.get("save_dir") or "./samples/samples/"
-    all_names = output_names(cfg, args, prompts)
-    names = {i: all_names[i] for i in indices}
+    seed = int(cfg.get("seed", 0))
 
-    # decide once (rank 0) what is already done, so every rank runs the same batches
-    todo = [i for i in indices if not is_complete_video(os.path.join(save_dir, names[i] + ".mp4"))
-            or (args.save_latents and not os.path.isfile(
-                os.path.join(save_dir, names[i] + ".latents.pt")))]
+    # decide once (rank 0) what is already done, so every rank runs the same batches (and
+    # every rank stops on a refused file)
+    try:
+        plan = plan_outputs(cfg, args, prompts, indices, save_dir, seed) if is_main else None
+    except ValueError as err:
+        plan = err
     if world > 1:
-        box = [todo]
+        box = [plan]
         dist.broadcast_object_list(box, src=0)
-        todo = box[0]
+        plan = box[0]
+    if isinstance(plan, ValueError):
+        raise plan
+    names, todo = plan
     skipped = [i for i in indices if i not in todo]
 
     t_build = time.perf_counter()
     build = build_v2_from_config if is_v2_config(cfg) else build_from_config
     pipe = build(cfg, device=device, enable_sequence_parallelism=world > 1)
     t_build = time.perf_counter() - t_build
-    seed = int(cfg.get("seed", 0))
     batch_size = int(cfg.get("batch_size") or 1)
     save_fps = cfg.get("save_fps") or cfg.get("fps", 24)
     if is_main:
@@ -277,6 +373,8 @@ def run(cfg, args, rank, world, device, is_main, t_start) -> int:
         if is_main:
             for j, i in enumerate(batch):
                 path = os.path.join(save_dir, names[i] + ".mp4")
+                rec = os.path.join(save_dir, names[i] + ".json")  # before the video
+                _write(write_json, rec, rec, run_identity(cfg, prompts[i], seed + i))
                 if args.save_latents:
                     lat = os.path.join(save_dir, names[i] + ".latents.pt")
                     _write(save_torch, lat, lat, out["latents"][j].clone())

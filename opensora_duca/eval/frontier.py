@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from ..cache import apply_cache, remove_cache
+from ..cache import apply_cache, build_policy, remove_cache
+from ..cache.calibrate import check_calibration_model
 from ..utils.atomic import exclusive_lock, save_figure, save_torch, write_json
 from ..utils.video import to_uint8_frames
 from .fidelity import psnr, ssim
@@ -174,6 +175,9 @@ def _run_locked(pipe, points, prompts, seeds, out_json, batch_size, progress, me
     meta = frontier_meta(meta, prompts, seeds, pipe.scheduler.num_sampling_steps)
     ref_path = out_json + ".reference.pt"
     result = load_existing(out_json, meta) or {"meta": meta, "reference": None, "points": []}
+    for _, cfg in points:  # before any clip: a calibration fitted on another model
+        if cfg.get("calibration") is not None:
+            check_calibration_model(build_policy(cfg), pipe.model)
     if pipe.cache_manager is not None:
         remove_cache(pipe.model)
         pipe.cache_manager = None

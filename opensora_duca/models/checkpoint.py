@@ -69,8 +69,32 @@ def _model_entries(sd: dict) -> dict:
     return {k: v for k, v in sd.items() if not k.startswith(BUNDLE_PREFIXES)}
 
 
+class CheckpointMismatchError(ValueError, RuntimeError):
+    """A checkpoint that does not fit the model (keys, shapes or dtypes); one line. A
+    ``ValueError`` (a user error: the tools report it in one line, exit code 2) and, as before,
+    a ``RuntimeError``."""
+
+
+def _fmt(keys):
+    return ", ".join(keys[:20]) + (f" ... ({len(keys)} in all)" if len(keys) > 20 else "")
+
+
+def check_dtypes(path: str, sd: dict, own: dict) -> None:
+    """A floating-point parameter or buffer must get floating-point values: integer or bool
+    tensors (a casting accident, or no weights at all) would be cast silently."""
+    bad = sorted(k for k in set(own) & set(sd) if own[k].is_floating_point()
+                 and isinstance(sd[k], torch.Tensor) and not sd[k].is_floating_point())
+    if bad:
+        raise CheckpointMismatchError(
+            f"checkpoint {path!r} holds non-floating-point values for floating-point weights "
+            f"({_fmt([f'{k} {sd[k].dtype}'.replace('torch.', '') for k in bad])}); accepted: "
+            f"float32 / float16 / bfloat16 tensors")
+
+
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    """Load strictly: missing or unexpected keys and shape mismatches raise with the names."""
+    """Load strictly: missing or unexpected keys, shape mismatches and integer / bool values
+    for floating-point weights raise :class:`CheckpointMismatchError` (one line) with the
+    names."""
     path = resolve_checkpoint_path(path)
     sd = read_state_dict(path)
     own = model.state_dict()
@@ -78,21 +102,21 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     unexpected = sorted(set(sd) - set(own))
     bad = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
     if missing or unexpected or bad:
-        def _fmt(keys):
-            return ", ".join(keys[:20]) + (f" ... ({len(keys)} in all)" if len(keys) > 20 else "")
         lines = [f"checkpoint {path!r} does not match {type(model).__name__}:"]
         if missing:
-            lines.append(f"  missing keys: {_fmt(missing)}")
+            lines.append(f"missing keys: {_fmt(missing)};")
         if unexpected:
-            lines.append(f"  unexpected keys: {_fmt(unexpected)}")
+            lines.append(f"unexpected keys: {_fmt(unexpected)};")
         if bad:
-            lines.append("  shape mismatches: " + _fmt(
-                [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad]))
+            lines.append("shape mismatches: " + _fmt(
+                [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in bad]) + ";")
         if any(k.startswith("x_embedder_cond") for k in unexpected):
-            lines.append("  (an Open-Sora 1.3 checkpoint: build STDiT3 with in_channels=16, "
+            lines.append("(an Open-Sora 1.3 checkpoint: build STDiT3 with in_channels=16, "
                          "cond_embedders=True and the run's kernel_size / use_spatial_rope, "
                          "as configs/opensora-v1-3/inference/sample.py does)")
-        raise RuntimeError("\n".join(lines))
+        lines.append("accepted: a checkpoint of this model's configuration")
+        raise CheckpointMismatchError(" ".join(lines))
+    check_dtypes(path, sd, own)
     _check_recorded_options(model, path)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 

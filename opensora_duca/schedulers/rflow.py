@@ -32,8 +32,15 @@ latents' dtype, as upstream's. ``use_flaw_fix`` is not applied to three-way step
 applies it to two-way steps only). With ``use_sdedit`` the given frames of z (z_cond_mask ==
 1) are replaced before every step by add_noise(z_cond, fresh standard normal noise, t_i).
 Open-Sora 1.2's frame conditioning (``x_cond`` / ``cond_mask``) and CFG parallelism are
-refused with it. The latents keep their dtype, as in two-way runs (upstream's become float32
-at the first step in both).
+refused with it.
+
+Dtypes, as upstream 1.2 / 1.3: the timesteps are float32 throughout (the model gets them in
+float32 and rounds them to its own dtype inside, as upstream's STDiT3 does), and each step's
+update ``z + v * dt`` is computed in float32 (upstream's dt is a float32 tensor of batch
+shape, so its product with v is float32 whatever the model returns): the latents a bf16 / fp16
+run starts from become float32 at the first step, and consecutive timesteps stay distinct
+(rounded to bf16, those near 1000 of a 300-step or a transformed 720p schedule coincide). The
+model's input is cast to its dtype by the model, so its compute dtype is unchanged.
 """
 from __future__ import annotations
 
@@ -116,6 +123,15 @@ def fix_guidance_flaw(v: torch.Tensor, v_cond: torch.Tensor) -> torch.Tensor:
     return v * (0.7 * factor + 0.3)
 
 
+def _step(z: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+          num_timesteps: int) -> torch.Tensor:
+    """``z + v * (t - t_next) / num_timesteps`` in float32 (or wider), as upstream's update,
+    whose float32 dt of batch shape promotes the product: the latents become float32."""
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    dt = (t.float() - t_next.float()) / num_timesteps
+    return z.to(dtype) + v.to(dtype) * dt
+
+
 def _is_finite_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -148,6 +164,16 @@ class RFlow:
         if not _is_finite_number(initial_image_scale):
             raise ValueError(f"scheduler initial_image_scale={initial_image_scale!r}; accepted: "
                              f"a finite number (the image guidance weight of the first frame)")
+        if not _is_finite_number(transform_scale) or transform_scale <= 0:
+            raise ValueError(f"scheduler transform_scale={transform_scale!r}; accepted: a "
+                             f"finite number > 0 (it scales the timestep transform's ratio; "
+                             f"<= 0 gives negative or NaN timesteps)")
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) \
+                or num_timesteps < 1:
+            raise ValueError(f"scheduler num_timesteps={num_timesteps!r}; accepted: an integer "
+                             f">= 1 (1000 in Open-Sora)")
+        if not _is_finite_number(cfg_scale):
+            raise ValueError(f"scheduler cfg_scale={cfg_scale!r}; accepted: a finite number")
         if isinstance(force_num, bool) or not isinstance(force_num, int) or force_num < 0:
             raise ValueError(f"scheduler force_num={force_num!r}: must be an integer >= 0")
         thr = uniform_over_threshold
@@ -284,7 +310,7 @@ class RFlow:
                 z = torch.where(follow[:, None, :, None, None], z, x_cond)
                 additional_args["x_mask"] = torch.cat([follow] * copies, 0)
             z_in = torch.cat([z] * copies, 0)
-            t_in = t.expand(z_in.shape[0]).to(z.dtype)
+            t_in = t.expand(z_in.shape[0])  # float32, as upstream's
             out = model(z_in, t_in, y_in, mask=m_in, **additional_args)
             v = out[:, : z.shape[1]] if out.shape[1] != z.shape[1] else out
             if cfg_parallel is not None:
@@ -295,7 +321,7 @@ class RFlow:
             if self.use_flaw_fix:
                 v = fix_guidance_flaw(v, v_c)
             t_next = ts[i + 1] if i + 1 < len(ts) else torch.zeros_like(t)
-            z_new = z + v.to(z.dtype) * ((t - t_next) / self.num_timesteps)
+            z_new = _step(z, v, t, t_next, self.num_timesteps)
             if cond_mask is not None:
                 z_new = torch.where(noise_added[:, None, :, None, None], z_new, z)
             z = z_new
@@ -386,7 +412,8 @@ class RFlow:
                     noise = torch.stack([torch.randn(z_cond.shape[1:], generator=g,
                                                      dtype=torch.float32) for g in generators])
                     noise = noise.to(z_cond.device, z_cond.dtype)
-                noisy = keep * z_cond + (1 - keep) * noise
+                # in float32, as upstream's add_noise (its weights are float32 of z's shape)
+                noisy = keep * z_cond.float() + (1 - keep) * noise.float()
                 z = torch.where(given, noisy, z)
             g_text = oscillation_scale(text_scale, i, self.force_num) if osc_text else text_scale
             g_image = oscillation_scale(image_scale, i, self.force_num) if osc_image \
@@ -395,14 +422,14 @@ class RFlow:
                 g_image = self.image_guidance_weights(g_image, i, len(ts), z.shape[2]).to(
                     z.device, z.dtype).view(1, 1, -1, 1, 1)
             z_in = torch.cat([z] * 3, 0)
-            t_in = t.expand(z_in.shape[0]).to(z.dtype)
+            t_in = t.expand(z_in.shape[0])  # float32, as upstream's
             out = model(z_in, t_in, y_in, mask=m_in, cond=cond_in, cond_mask=cond_mask_in,
                         mask_index=list(mask_index), y_null=y_null_in, **additional_args)
             v = out[:, :c] if out.shape[1] != c else out
             v_c, v_image, v_none = v.chunk(3, dim=0)
             v = v_none + g_image * (v_image - v_none) + g_text * (v_c - v_image)
             t_next = ts[i + 1] if i + 1 < len(ts) else torch.zeros_like(t)
-            z = z + v.to(z.dtype) * ((t - t_next) / self.num_timesteps)
+            z = _step(z, v, t, t_next, self.num_timesteps)
             if on_step is not None:
                 on_step(i, z)
         return z

@@ -137,6 +137,42 @@ def save_figure(path: str, fig: Any, **kwargs: Any) -> str:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
 
 
+def check_writable(path: str, key: str, folder: bool = False) -> str:
+    """Before any work: ``path`` (a file, or with ``folder`` a folder) can be written -- its
+    folder exists and is writable or can be created, and the name fits the file system.
+    Raises a one-line ``ValueError`` naming ``key``; returns ``path``."""
+    shown = path if len(str(path)) <= 120 else str(path)[:120] + "..."
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ValueError(f"{key}={shown!r} is not accepted; accepted: a path")
+    target = os.path.abspath(path)
+    names = [os.path.basename(target)]
+    if not folder:  # the writer's temporary file: the name, a dot, pid, host and 12 hex digits
+        names.append(_temp_prefix(target) + f"{os.getpid()}-{_host()}.{'0' * 12}" + TEMP_SUFFIX)
+    limit = 255
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        limit = os.pathconf(os.path.dirname(target) if os.path.isdir(os.path.dirname(target))
+                            else "/", "PC_NAME_MAX")
+    for name in names:
+        if len(name.encode("utf-8", "surrogateescape")) > limit:
+            raise ValueError(f"{key}={shown!r}: the file name is too long for the file system "
+                             f"(its temporary file {len(name)} > {limit} bytes); accepted: a "
+                             f"name of at most {limit - 60} characters")
+    probe = target if folder else os.path.dirname(target)
+    while not os.path.isdir(probe):  # the nearest existing folder must let us create the rest
+        if os.path.exists(probe):
+            raise ValueError(f"{key}={shown!r}: {probe} is a file, not a folder")
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={shown!r}: the folder {probe} is not writable; accepted: a "
+                         f"path in a writable folder")
+    if not folder and os.path.isdir(target):
+        raise ValueError(f"{key}={shown!r} is a folder; accepted: a file path")
+    return path
+
+
 class LockedError(ValueError):
     """Another process holds the lock of an output."""
 
@@ -205,4 +241,4 @@ def remove_stale_temps(path: str) -> int:
 
 __all__ = ["TEMP_SUFFIX", "is_temp_name", "atomic_path", "atomic_write", "write_bytes",
            "write_text", "write_json", "save_torch", "save_figure", "remove_stale_temps",
-           "LockedError", "exclusive_lock"]
+           "LockedError", "exclusive_lock", "check_writable"]

@@ -13,7 +13,6 @@ from ..calibrate import CalibrationFileError, load_calibration
 from ..plan import MEASURES, StepKind, StepPlan
 from .base import CachePolicy
 from .fields import (
-    check_number,
     check_range,
     error,
     final_step_field,
@@ -131,7 +130,11 @@ class TeaCache(AdaptivePolicy):
         elif coeffs is not None:
             if not isinstance(coeffs, (list, tuple)) or not coeffs:
                 raise error(n, "coefficients", coeffs, "a non-empty list of numbers")
-            coeffs = tuple(check_number(n, "coefficients", c, -math.inf) for c in coeffs)
+            for c in coeffs:  # finite numbers (NaN / Inf would never skip, or always)
+                if isinstance(c, bool) or not isinstance(c, (int, float)) \
+                        or not math.isfinite(c):
+                    raise error(n, "coefficients", coeffs, "a non-empty list of finite numbers")
+            coeffs = tuple(float(c) for c in coeffs)
         if rng is not None:
             rng = check_range(n, "input_range", rng, strict=False)
         object.__setattr__(self, "coefficients", coeffs)
