@@ -15,7 +15,7 @@ $(STAMP): setup.py requirements-test.txt requirements-vbench.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-test.txt
 	# --no-deps: torchvision/vbench/colossalai metadata would pull another torch (see requirements-vbench.txt)
-	$(BIN)/pip install -q --no-deps torchvision==0.28.0 vbench==0.1.5 colossalai==0.5.0 openai-clip==1.0.1 timm==1.0.12 pyiqa==0.1.13 huggingface-hub==0.36.2
+	$(BIN)/pip install -q --no-deps torchvision==0.28.0 vbench==0.1.5 colossalai==0.5.0 openai-clip==1.0.1 timm==1.0.12 pyiqa==0.1.13 huggingface-hub==0.36.2 transformers==4.33.2 tokenizers==0.13.3 fairscale==0.4.13
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 

@@ -26,13 +26,13 @@ pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("vbench") is None, reason="vbench not installed"
 )
 
-# What requirements-vbench.txt installs: these 11 must run here. GRiT (object_class,
-# multiple_objects, color, spatial_relationship) needs detectron2 and Tag2Text (scene) needs
-# transformers / fairscale: not installed by the project's setup.
+# What the project's setup installs (requirements-vbench.txt, the Makefile): these 12 must run
+# here. GRiT (object_class, multiple_objects, color, spatial_relationship) needs detectron2, which
+# cannot be installed here.
 RUNNABLE = {
     "subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
     "dynamic_degree", "aesthetic_quality", "imaging_quality", "human_action", "temporal_style",
-    "appearance_style", "overall_consistency",
+    "appearance_style", "overall_consistency", "scene",
 }
 
 # VBench's published normalisation (the reference facts), written out independently of the code.
@@ -65,16 +65,21 @@ def _reference_scores(raw):
 def standins(tmp_path_factory):
     root = tmp_path_factory.mktemp("vbench_standins")
     cache, home = str(root / "vbench_cache"), str(root / "torch_home")
-    old = os.environ.get("TORCH_HOME")
+    hf = str(root / "hf_hub")
+    names = ("TORCH_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE",
+             "TRANSFORMERS_OFFLINE", "TRANSFORMERS_CACHE", "PYTORCH_TRANSFORMERS_CACHE",
+             "PYTORCH_PRETRAINED_BERT_CACHE")
+    old = {k: os.environ.get(k) for k in names}
     os.environ["TORCH_HOME"] = home  # the DINO hubconf reads its weights from torch.hub's cache
-    try:
-        files = st.build_standins(cache, home, scale="tiny")
-        yield {"cache": cache, "home": home, "files": files}
+    try:  # (build_standins points the Hugging Face libraries at hf, offline)
+        files = st.build_standins(cache, home, scale="tiny", hf_cache=hf)
+        yield {"cache": cache, "home": home, "hf": hf, "files": files}
     finally:
-        if old is None:
-            os.environ.pop("TORCH_HOME", None)
-        else:
-            os.environ["TORCH_HOME"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _suite_videos(folder, frames=8, size=(64, 96)):
@@ -195,6 +200,7 @@ def test_weight_listing_and_checks_before_work(standins, tmp_path, capsys, monke
     empty, home = tmp_path / "empty", tmp_path / "home"
     empty.mkdir()
     monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "hf"))
     assert cli.main(["--weights-dir", str(empty), "--list-weights"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     listed = {}
@@ -217,13 +223,17 @@ def test_weight_listing_and_checks_before_work(standins, tmp_path, capsys, monke
                 "ViCLIP/ViClip-InternVid-10M-FLT.pth", "ViCLIP/bpe_simple_vocab_16e6.txt.gz"):
         assert str(empty / rel) in paths, rel
     assert str(home / "hub" / "checkpoints" / "dino_vitbase16_pretrain.pth") in paths
+    snap = tmp_path / "hf" / "models--bert-base-uncased" / "snapshots" / "<revision>"
+    assert str(snap / "vocab.txt") in paths
+    assert str(snap / "model.safetensors|pytorch_model.bin") in paths
 
     # the stand-in folder has every file the runnable dimensions need
     monkeypatch.setenv("TORCH_HOME", standins["home"])
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", standins["hf"])
     assert cli.main(["--weights-dir", standins["cache"], "--list-weights", "--dimensions",
                      *sorted(RUNNABLE)]) == 0
     out = capsys.readouterr().out
-    assert "(MISSING)" not in out and out.count("(present)") == 15
+    assert "(MISSING)" not in out and out.count("(present)") == 16 + 4  # 4: bert-base-uncased
 
     # missing weights: one line naming every missing file, exit 2, nothing written
     vids = tmp_path / "v"

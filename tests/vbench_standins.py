@@ -25,24 +25,31 @@ checkpoint loading and scoring code, and this project's aggregation.
   dict}``) and ``ViCLIP/bpe_simple_vocab_16e6.txt.gz`` (the CLIP BPE file, copied from the
   installed ``clip`` package);
 - human_action: ``umt_model/l16_ptk710_ftk710_ftk400_f16_res224.pth``, UMT's video ViT, 400 classes;
+- scene: ``caption_model/tag2text_swin_14m.pth`` (``{"model": state dict}`` of VBench's
+  Tag2Text captioner: Swin-B at 384 px, BERT tag encoder and caption decoder) and, in the Hugging
+  Face cache (``$HUGGINGFACE_HUB_CACHE``), ``models--bert-base-uncased`` with a generated WordPiece
+  vocabulary of 30522 entries (the special tokens at BERT's ids, filler words elsewhere), its
+  configs and ``model.safetensors`` holding the layers Tag2Text loads from it;
 - temporal_flickering: nothing.
 
-GRiT (object_class, multiple_objects, color, spatial_relationship) and Tag2Text (scene) are not
-built: their code needs packages that cannot be installed here (see ``docs/evaluation.md``).
+GRiT (object_class, multiple_objects, color, spatial_relationship) is not built: its code needs
+detectron2, which cannot be installed here (see ``docs/evaluation.md``).
 
-ViCLIP and UMT are ViT-L/14 and ViT-L/16 whose sizes VBench's code fixes (``clip_joint_l14``,
-``clip_text_l14``, the timm entry ``vit_large_patch16_224``); on one CPU core one video through
-either takes about a minute. ``scale="tiny"`` builds them 64 wide and 1 layer deep and
-:func:`tiny_fixed_architectures` makes VBench's code build the same tiny shapes (the same classes,
-only the width/depth arguments change) for an in-process run; ``scale="full"`` builds them at
-the size VBench builds, for a run of the unmodified tool in a subprocess.
+ViCLIP, UMT and Tag2Text are ViT-L/14, ViT-L/16 and Swin-B + BERT-base networks whose sizes
+VBench's code fixes (``clip_joint_l14``, ``clip_text_l14``, the timm entry
+``vit_large_patch16_224``, Tag2Text's JSON configs); on one CPU core one video through any of
+them takes about a minute. ``scale="tiny"`` builds them 64 wide (BERT: 768 wide, as Tag2Text's
+code requires, 1 layer) and 1 layer deep and :func:`tiny_fixed_architectures` makes VBench's code
+build the same tiny shapes (the same classes, only the width/depth arguments and config values
+change) for an in-process run; ``scale="full"`` builds them at the size VBench builds, for a run
+of the unmodified tool in a subprocess.
 
 Run as a script to build a folder for a manual run::
 
     python tests/vbench_standins.py OUT_DIR [--full]
 
-which writes ``OUT_DIR/vbench_cache`` (pass it as ``--weights-dir``) and ``OUT_DIR/torch_home``
-(export it as ``TORCH_HOME``).
+which writes ``OUT_DIR/vbench_cache`` (pass it as ``--weights-dir``), ``OUT_DIR/torch_home``
+(export it as ``TORCH_HOME``) and ``OUT_DIR/hf_hub`` (export it as ``HUGGINGFACE_HUB_CACHE``).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import argparse
 import contextlib
 import gzip
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -160,11 +168,43 @@ def tiny_fixed_architectures(cache_dir: str) -> Iterator[None]:
     saved = (vc.clip_joint_l14, vc.clip_text_l14, reg._model_entrypoints["vit_large_patch16_224"])
     vc.clip_joint_l14, vc.clip_text_l14 = vision, text
     reg._model_entrypoints["vit_large_patch16_224"] = umt_vit
+    t2t = None
+    if importlib.util.find_spec("fairscale") and importlib.util.find_spec("transformers"):
+        import vbench.third_party.tag2Text.tag2text as t2t
+
+        conf = _tiny_tag2text_configs(cache_dir)
+        t2t_saved = (t2t.CUR_DIR, t2t.Tag2Text_Caption.__init__.__defaults__)
+        t2t.CUR_DIR = conf
+        t2t.Tag2Text_Caption.__init__.__defaults__ = (
+            os.path.join(conf, "med_config.json"),) + t2t_saved[1][1:]
     try:
         yield
     finally:
         vc.clip_joint_l14, vc.clip_text_l14 = saved[0], saved[1]
         reg._model_entrypoints["vit_large_patch16_224"] = saved[2]
+        if t2t is not None:
+            t2t.CUR_DIR, t2t.Tag2Text_Caption.__init__.__defaults__ = t2t_saved
+
+
+def _tiny_tag2text_configs(cache_dir: str) -> str:
+    """Tag2Text's three JSON configs, small: Swin 16 wide with 1 block per stage (384 px, window
+    12 as VBench's), BERT 1 layer. The widths Tag2Text's code hard-wires stay: the BERT hidden
+    size 768 and the vocabulary sizes."""
+    src = os.path.join(vb.vbench_package_dir(), "third_party", "tag2Text")
+    dst = os.path.join(cache_dir, "_standin_tag2text_tiny_configs")
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(src, "config_swinB_384.json"), encoding="utf-8") as f:
+        swin = json.load(f)
+    swin.update(embed_dim=16, vision_width=128, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1])
+    with open(os.path.join(dst, "config_swinB_384.json"), "w", encoding="utf-8") as f:
+        json.dump(swin, f)
+    for name in ("med_config.json", "q2l_config.json"):
+        with open(os.path.join(src, name), encoding="utf-8") as f:
+            cfg = json.load(f)
+        cfg.update(num_hidden_layers=1, num_attention_heads=1, intermediate_size=64)
+        with open(os.path.join(dst, name), "w", encoding="utf-8") as f:
+            json.dump(cfg, f)
+    return dst
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,16 +355,110 @@ def build_umt(cache_dir: str, scale: str = "tiny") -> List[str]:
     return [_save(model.state_dict(), path)]
 
 
-def build_standins(cache_dir: str, torch_home: str, scale: str = "tiny") -> Dict[str, List[str]]:
+def use_hf_cache(hf_cache: str) -> None:
+    """Point the Hugging Face libraries at ``hf_cache``, offline: through the environment, and,
+    for a process that imported them already (they read it once), their module constants."""
+    hf_cache = os.path.abspath(hf_cache)
+    os.environ.update(HF_HUB_CACHE=hf_cache, HUGGINGFACE_HUB_CACHE=hf_cache, HF_HUB_OFFLINE="1",
+                      TRANSFORMERS_OFFLINE="1")
+    for var in ("TRANSFORMERS_CACHE", "PYTORCH_TRANSFORMERS_CACHE",
+                "PYTORCH_PRETRAINED_BERT_CACHE"):
+        os.environ.pop(var, None)
+    hh = sys.modules.get("huggingface_hub.constants")
+    if hh is not None:
+        hh.HF_HUB_CACHE = hh.HUGGINGFACE_HUB_CACHE = hf_cache
+        hh.HF_HUB_OFFLINE = True
+    th = sys.modules.get("transformers.utils.hub")
+    if th is not None:
+        for name in ("TRANSFORMERS_CACHE", "PYTORCH_TRANSFORMERS_CACHE",
+                     "PYTORCH_PRETRAINED_BERT_CACHE", "HUGGINGFACE_HUB_CACHE"):
+            if hasattr(th, name):
+                setattr(th, name, hf_cache)
+        if hasattr(th, "_is_offline_mode"):
+            th._is_offline_mode = True
+
+
+HF_REVISION = "5ba1c0de5ba1c0de5ba1c0de5ba1c0de5ba1c0de"  # refs/main of the stand-in repo
+
+
+def _bert_vocab() -> List[str]:
+    """A WordPiece vocabulary with BERT's special tokens at BERT's ids ([PAD] 0, [UNK] 100,
+    [CLS] 101, [SEP] 102, [MASK] 103), single characters, some words and numbered fillers: 30522
+    entries, the size Tag2Text's configs declare."""
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]",
+                                                              "[MASK]"]
+    vocab += list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-|")
+    vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab += ["a", "picture", "of", "the", "in", "on", "with", "and", "is", "kitchen", "street",
+              "beach", "room", "forest", "sky", "water", "person", "car", "dog", "cat"]
+    vocab = list(dict.fromkeys(vocab))
+    vocab += [f"standin{i}" for i in range(30522 - len(vocab))]
+    return vocab
+
+
+def build_hf_bert(hf_cache: str, cache_dir: str, scale: str = "tiny") -> List[str]:
+    """``bert-base-uncased`` in the Hugging Face cache layout (refs/main -> snapshots/REV):
+    tokenizer files and a BERT encoder with the sizes Tag2Text loads from it (its q2l config,
+    without cross-attention, like the released model)."""
+    from safetensors.torch import save_file
+    from transformers import BertConfig
+
+    _vbench(cache_dir)
+    from vbench.third_party.tag2Text.med import BertModel  # the class Tag2Text loads it into
+
+    base = os.path.join(hf_cache, "models--bert-base-uncased")
+    snap = os.path.join(base, "snapshots", HF_REVISION)
+    os.makedirs(snap, exist_ok=True)
+    os.makedirs(os.path.join(base, "refs"), exist_ok=True)
+    with open(os.path.join(base, "refs", "main"), "w", encoding="utf-8") as f:
+        f.write(HF_REVISION)
+    with open(os.path.join(snap, "vocab.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(_bert_vocab()) + "\n")
+    with open(os.path.join(snap, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"do_lower_case": True, "model_max_length": 512}, f)
+    conf_dir = (_tiny_tag2text_configs(cache_dir) if scale == "tiny" else
+                os.path.join(vb.vbench_package_dir(), "third_party", "tag2Text"))
+    cfg = BertConfig.from_json_file(os.path.join(conf_dir, "q2l_config.json"))
+    cfg.architectures = ["BertModel"]
+    cfg.add_cross_attention = False  # BERT itself has none: Tag2Text adds (and initialises) it
+    cfg.to_json_file(os.path.join(snap, "config.json"))
+    model = BertModel(cfg, add_pooling_layer=False)
+    save_file(_finite({k: v.contiguous() for k, v in model.state_dict().items()}),
+              os.path.join(snap, "model.safetensors"), metadata={"format": "pt"})
+    return [os.path.join(snap, n) for n in ("vocab.txt", "tokenizer_config.json", "config.json",
+                                            "model.safetensors")]
+
+
+def build_tag2text(cache_dir: str, scale: str = "tiny") -> List[str]:
+    """Tag2Text's captioner as VBench's ``tag2text_caption(image_size=384, vit="swin_b")`` builds
+    it (needs the ``bert-base-uncased`` stand-in in the Hugging Face cache first)."""
+    _vbench(cache_dir)
+    from vbench.third_party.tag2Text.tag2text import tag2text_caption
+
+    ctx = tiny_fixed_architectures(cache_dir) if scale == "tiny" else contextlib.nullcontext()
+    with ctx:
+        model = tag2text_caption(pretrained="", image_size=384, vit="swin_b")
+    sd = {k: v for k, v in model.state_dict().items()
+          if "relative_position_index" not in k and "attn_mask" not in k}
+    return [_save({"model": sd}, os.path.join(cache_dir, "caption_model",
+                                              "tag2text_swin_14m.pth"))]
+
+
+def build_standins(cache_dir: str, torch_home: str, scale: str = "tiny",
+                   hf_cache: str | None = None) -> Dict[str, List[str]]:
     """Write every stand-in; returns ``{group: [files]}``. ``torch_home`` is where ``TORCH_HOME``
-    must point during the run (the DINO hubconf reads its weights from the torch hub cache)."""
+    must point during the run (the DINO hubconf reads its weights from the torch hub cache),
+    ``hf_cache`` where ``HUGGINGFACE_HUB_CACHE`` must (Tag2Text's ``bert-base-uncased``; the scene
+    stand-ins are built only with it, and only when transformers and fairscale are installed)."""
     if scale not in ("tiny", "full"):
         raise ValueError(f"scale must be 'tiny' or 'full', got {scale!r}")
+    if hf_cache:  # read by huggingface_hub / transformers when they are first imported
+        use_hf_cache(hf_cache)
     torch.manual_seed(0)
     os.makedirs(cache_dir, exist_ok=True)
     _copy_bpe(cache_dir)  # before vbench's ViCLIP tokenizer module reads its default path
     _vbench(cache_dir)  # also makes torchvision importable for clip
-    return {
+    out = {
         "clip": build_clip(cache_dir),
         "aesthetic": build_aesthetic(cache_dir),
         "dino": build_dino(cache_dir, torch_home),
@@ -334,6 +468,11 @@ def build_standins(cache_dir: str, torch_home: str, scale: str = "tiny") -> Dict
         "viclip": build_viclip(cache_dir, scale),
         "umt": build_umt(cache_dir, scale),
     }
+    if hf_cache and importlib.util.find_spec("fairscale") and importlib.util.find_spec(
+            "transformers"):
+        out["bert"] = build_hf_bert(hf_cache, cache_dir, scale)
+        out["tag2text"] = build_tag2text(cache_dir, scale)
+    return out
 
 
 def main(argv=None) -> int:
@@ -343,14 +482,14 @@ def main(argv=None) -> int:
                     help="ViCLIP and UMT at the ViT-L size VBench builds (else tiny: only for an "
                          "in-process run under tiny_fixed_architectures())")
     args = ap.parse_args(argv)
-    cache, home = os.path.join(args.out_dir, "vbench_cache"), os.path.join(args.out_dir,
-                                                                          "torch_home")
+    cache = os.path.join(args.out_dir, "vbench_cache")
+    home, hf = os.path.join(args.out_dir, "torch_home"), os.path.join(args.out_dir, "hf_hub")
     os.environ["TORCH_HOME"] = home
-    files = build_standins(cache, home, "full" if args.full else "tiny")
+    files = build_standins(cache, home, "full" if args.full else "tiny", hf_cache=hf)
     for group, paths in files.items():
         for p in paths:
             print(f"{group}: {p}")
-    print(f"--weights-dir {cache}\nexport TORCH_HOME={home}")
+    print(f"--weights-dir {cache}\nexport TORCH_HOME={home} HUGGINGFACE_HUB_CACHE={hf}")
     return 0
 
 

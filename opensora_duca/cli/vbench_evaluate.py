@@ -272,6 +272,9 @@ def _wait_for(markers, timeout_s):
 
 def main(argv=None) -> int:
     keep_freed_host_memory()  # CPU runs: no page faults per step
+    # offline: Tag2Text's tokenizer and BERT weights come from the Hugging Face cache as they are
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = parse_args(argv)
     try:
         dims, explicit, _ = preflight(args)
@@ -291,6 +294,8 @@ def main(argv=None) -> int:
         return 3
     for d, why in unavailable.items():
         print(f"skipped {d}: cannot run here: {why}", flush=True)
+    if args.device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per rank
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
 
     # ---- this rank's share of the (folder, dimension) pairs
     items = [(i, d) for i in range(len(runs)) for d in dims]

@@ -125,16 +125,22 @@ REQUIRED_FILES: Dict[str, Tuple[str, ...]] = {
 HUB_FILES: Dict[str, Tuple[str, ...]] = {
     "subject_consistency": ("checkpoints/dino_vitbase16_pretrain.pth",),
 }
-# Not checked here: GRiT (object_class, multiple_objects, color, spatial_relationship) and Tag2Text
-# (scene) also load the `bert-base-uncased` tokenizer (Tag2Text also its weights) through
-# transformers / the Hugging Face cache.
+# Files in the Hugging Face cache (:func:`hf_hub_cache`, default ``~/.cache/huggingface/hub``),
+# as transformers reads them offline: Tag2Text (scene) builds its tokenizer from
+# ``bert-base-uncased`` and part of its tag head from that model's weights (``a|b``: either
+# file). Not checked for GRiT (object_class, multiple_objects, color, spatial_relationship), whose
+# code cannot run here: it also loads the `bert-base-uncased` tokenizer.
+HF_REPO = "bert-base-uncased"
+HF_FILES: Dict[str, Tuple[str, ...]] = {
+    "scene": ("config.json", "vocab.txt", "tokenizer_config.json",
+              "model.safetensors|pytorch_model.bin"),
+}
 EXTRA_NOTES = {
     "object_class": "also needs detectron2 and the HF `bert-base-uncased` tokenizer",
     "multiple_objects": "also needs detectron2 and the HF `bert-base-uncased` tokenizer",
     "color": "also needs detectron2 and the HF `bert-base-uncased` tokenizer",
     "spatial_relationship": "also needs detectron2 and the HF `bert-base-uncased` tokenizer",
-    "scene": "also needs transformers, fairscale and the HF `bert-base-uncased` tokenizer and "
-    "weights",
+    "scene": "reads the Hugging Face cache offline (HF_HUB_OFFLINE=1 is set by the tool)",
 }
 # The python modules each dimension's VBench module imports beyond vbench's own glue (what
 # `pip install --no-deps vbench` leaves out); requirements-vbench.txt pins those that install here.
@@ -150,7 +156,7 @@ DIMENSION_MODULES: Dict[str, Tuple[str, ...]] = {
     "multiple_objects": ("detectron2", "fvcore", "transformers"),
     "color": ("detectron2", "fvcore", "transformers"),
     "spatial_relationship": ("detectron2", "fvcore", "transformers"),
-    "scene": ("fairscale", "transformers", "timm"),
+    "scene": ("fairscale", "transformers", "tokenizers", "timm"),
     "human_action": ("timm", "clip"),
     "temporal_style": ("clip", "ftfy", "regex"),
     "appearance_style": ("clip", "ftfy", "regex", "pkg_resources"),
@@ -162,8 +168,8 @@ PIP_NAMES = {"clip": "openai-clip", "pkg_resources": "setuptools<81",
 NOT_INSTALLABLE = {
     "detectron2": "detectron2 is not published on PyPI (only from source / its own wheel "
     "index); its PyPI repackagings are rejected by pip for direct-URL requirements",
-    "fairscale": "Tag2Text (scene) also needs transformers==4.33.2 (vbench's pin) and the "
-    "`bert-base-uncased` tokenizer and weights in the Hugging Face cache",
+    "fairscale": "pip install --no-deps fairscale==0.4.13 transformers==4.33.2 tokenizers==0.13.3",
+    "transformers": "pip install --no-deps transformers==4.33.2 tokenizers==0.13.3 (vbench's pin)",
 }
 
 
@@ -459,24 +465,59 @@ def torch_hub_dir() -> str:
     return torch.hub.get_dir()
 
 
+def hf_hub_cache() -> str:
+    """The Hugging Face hub cache folder transformers 4.33 (vbench's pin) reads now: the first set
+    of ``$TRANSFORMERS_CACHE``, ``$PYTORCH_TRANSFORMERS_CACHE``, ``$PYTORCH_PRETRAINED_BERT_CACHE``,
+    ``$HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub`` (default ``~/.cache/huggingface/hub``)."""
+    for var in ("TRANSFORMERS_CACHE", "PYTORCH_TRANSFORMERS_CACHE",
+                "PYTORCH_PRETRAINED_BERT_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.abspath(os.path.expanduser(os.environ[var]))
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "huggingface")
+    return os.path.abspath(os.path.join(home, "hub"))
+
+
+def hf_snapshot_dir(repo: str = HF_REPO, hub_cache: Optional[str] = None) -> str:
+    """``{hub cache}/models--{repo}/snapshots/{revision of refs/main}`` (``<revision>`` when the
+    cache has no ``refs/main`` for the repo)."""
+    base = os.path.join(hub_cache or hf_hub_cache(), "models--" + repo.replace("/", "--"))
+    rev = "<revision>"
+    try:
+        with open(os.path.join(base, "refs", "main"), "r", encoding="utf-8") as f:
+            rev = f.read().strip() or rev
+    except OSError:
+        pass
+    return os.path.join(base, "snapshots", rev)
+
+
 def weight_files(
     dimension: str, cache_dir: str, hub_dir: Optional[str] = None
 ) -> List[str]:
     """Every file ``dimension`` loads, as absolute paths: under ``cache_dir`` (VBench's
-    ``VBENCH_CACHE_DIR``) and under torch.hub's folder (``hub_dir``, default
-    :func:`torch_hub_dir`)."""
+    ``VBENCH_CACHE_DIR``), under torch.hub's folder (``hub_dir``, default :func:`torch_hub_dir`)
+    and in the Hugging Face cache. ``a|b`` in a name: either file."""
     if dimension not in REQUIRED_FILES:
         raise ValueError(f"unknown VBench dimension {dimension!r}")
     out = [os.path.join(os.path.abspath(cache_dir), rel) for rel in REQUIRED_FILES[dimension]]
     if HUB_FILES.get(dimension):
         hub = os.path.abspath(hub_dir or torch_hub_dir())
         out += [os.path.join(hub, rel) for rel in HUB_FILES[dimension]]
+    if HF_FILES.get(dimension):
+        snap = hf_snapshot_dir()
+        out += [os.path.join(snap, rel) for rel in HF_FILES[dimension]]
     return out
+
+
+def _present(path: str) -> bool:
+    head, tail = os.path.split(path)
+    return any(os.path.isfile(os.path.join(head, alt)) for alt in tail.split("|"))
 
 
 def missing_files(dimension: str, cache_dir: str, hub_dir: Optional[str] = None) -> List[str]:
     """Files ``dimension`` needs (:func:`weight_files`) that do not exist."""
-    return [p for p in weight_files(dimension, cache_dir, hub_dir) if not os.path.isfile(p)]
+    return [p for p in weight_files(dimension, cache_dir, hub_dir) if not _present(p)]
 
 
 def weights_listing(
@@ -490,7 +531,7 @@ def weights_listing(
         if not files:
             lines.append(f"{d}: no weight file")
         for p in files:
-            lines.append(f"{d}: {p} ({'present' if os.path.isfile(p) else 'MISSING'})")
+            lines.append(f"{d}: {p} ({'present' if _present(p) else 'MISSING'})")
         if d in EXTRA_NOTES:
             lines.append(f"{d}: {EXTRA_NOTES[d]}")
     return lines
@@ -835,6 +876,10 @@ __all__ = [
     "normalize_score",
     "final_scores",
     "HUB_FILES",
+    "HF_REPO",
+    "HF_FILES",
+    "hf_hub_cache",
+    "hf_snapshot_dir",
     "DIMENSION_MODULES",
     "PIP_NAMES",
     "NOT_INSTALLABLE",
