@@ -12,9 +12,13 @@ whose memory estimate cannot fit on this machine.
 The size estimate is a lower bound of what a run holds at once, so nothing that could run is
 refused: the decoded float32 video (``batch x 3 x T x H x W x 4`` bytes, on the device and
 again on the CPU) and one hidden state of the model for the classifier-free-guidance batch
-(``2 x batch x tokens x hidden_size x 4`` bytes, with at least 1024 pixels per token: the
-strongest compression of a supported codec, 4 x 8 x 8, times the 1 x 2 x 2 patch; with
-``cfg_parallel=2`` a rank holds one half of that batch, ``batch x tokens x ...``).
+(``2 x batch x tokens x hidden_size x 4`` bytes; with ``cfg_parallel=2`` a rank holds one half
+of that batch, ``batch x tokens x ...``) with, for STDiT3 models, the MLP's intermediate
+activation beside it (``mlp_ratio`` times as large). The tokens are the real ones for a
+weight-free codec (``DemoCodec``, ``identity``: built here, its latent size divided by the
+model's patch; the demo codec gives 16 pixels per token) and otherwise at least 1024 pixels
+per token (the strongest compression of a supported codec, 4 x 8 x 8, times the 1 x 2 x 2
+patch); the hidden size and ``mlp_ratio`` come from the model's keys or its preset.
 """
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ from .cache.policies import build_policy
 from .parallel.cfg import check_cache_policy, check_degree, check_world
 from .parallel.launch import DEFAULT_TIMEOUT_S
 from .pipeline import get_num_frames, resolve_dtype, resolve_image_size
-from .registry import SCHEDULERS, build_module
-from .utils.compile import compile_options
+from .registry import SCHEDULERS, VAES, build_module
+from .utils.compile import check_available, compile_options
 
 #: top-level keys of an inference config and what they hold
 INFERENCE_KEYS = {
@@ -83,14 +87,58 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+#: the longest ``dist_timeout`` accepted (seconds; about 115 days: datetime.timedelta and the
+#: process group's millisecond counters overflow far above it)
+MAX_DIST_TIMEOUT_S = 1e7
+
+
 def dist_timeout(cfg: Any) -> float:
     """The config's ``dist_timeout`` in seconds (default 600), checked."""
     value = cfg.get("dist_timeout")
     if value is None:
         return DEFAULT_TIMEOUT_S
-    if not _is_number(value) or value <= 0:
-        raise _bad("dist_timeout", value, "a number of seconds > 0 (default 600)")
+    if not _is_number(value) or not 0 < value <= MAX_DIST_TIMEOUT_S:
+        raise _bad("dist_timeout", value, f"a number of seconds in (0, {MAX_DIST_TIMEOUT_S:g}] "
+                                          f"(default 600)")
     return float(value)
+
+
+def check_device(device: Any) -> torch.device:
+    """``--device``: None (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``
+    with a CUDA device N on this machine."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accepted = "cpu, cuda or cuda:N"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise _bad("--device", device, accepted) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise _bad("--device", device, accepted)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise _bad("--device", device, "cpu (this machine has no usable CUDA device)")
+    if dev.index is not None and dev.index >= count:
+        raise _bad("--device", device, f"cpu, cuda or cuda:N with N < {count}")
+    return dev
+
+
+def check_compile(value: Any, device: torch.device) -> None:
+    """The ``compile`` key: its options, a backend torch knows, and what the backend needs on
+    this device (inductor on a CPU: a C++ compiler), before the model is built."""
+    opts = compile_options(value)
+    if opts is None:
+        return
+    try:
+        check_available(opts, torch.device(device))
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
+    from torch._dynamo import list_backends
+    known = sorted(set(list_backends(exclude_tags=())) | {"inductor"})
+    if opts.backend not in known:
+        raise _bad("compile.backend", opts.backend, f"a torch.compile backend: {known}")
 
 
 def _gib(n: float) -> str:
@@ -109,14 +157,19 @@ def memory_bytes(device: torch.device) -> Optional[int]:
 
 def check_video_fits(num_frames: int, image_size: tuple[int, int], batch_size: int,
                      hidden_size: int, device_bytes: Optional[int], host_bytes: Optional[int],
-                     device_type: str = "cpu", cfg_copies: int = 2) -> None:
+                     device_type: str = "cpu", cfg_copies: int = 2,
+                     tokens: Optional[int] = None, mlp_ratio: float = 0.0) -> None:
     """Refuse a video size whose lower-bound memory estimate exceeds the memory there is
     (``None``: unknown, not checked). ``cfg_copies``: samples of the guidance batch a rank
-    runs per prompt (1 with ``cfg_parallel=2``)."""
+    runs per prompt (1 with ``cfg_parallel=2``). ``tokens``: the model's tokens per sample
+    when known (the codec's real compression and the patch), else the lower bound of
+    :data:`PIXELS_PER_TOKEN`; ``mlp_ratio`` > 0 adds the MLP's intermediate activation
+    (``mlp_ratio`` x the hidden state), which exists beside the hidden state."""
     h, w = image_size
     pixels = num_frames * h * w
     video = batch_size * 3 * pixels * 4
-    hidden = cfg_copies * batch_size * math.ceil(pixels / PIXELS_PER_TOKEN) * hidden_size * 4
+    tokens = math.ceil(pixels / PIXELS_PER_TOKEN) if tokens is None else tokens
+    hidden = cfg_copies * batch_size * tokens * hidden_size * 4 * (1 + mlp_ratio)
     size = f"num_frames={num_frames}, image_size=({h}, {w}), batch_size={batch_size}"
     for where, need, have, parts in (
             (device_type, video + hidden, device_bytes,
@@ -170,8 +223,8 @@ def check_inference_config(cfg: Any, start_index: Any = None, end_index: Any = N
     if cache is not None and (not hasattr(cache, "get") or "type" not in cache):
         raise _bad("cache", cache, "dict(type=<a registered cache policy>, ...) or None")
     seed = cfg.get("seed", 0)
-    if not _is_int(seed):
-        raise _bad("seed", seed, "an int")
+    if not _is_int(seed) or not 0 <= seed < 2 ** 63:  # seed + i seeds a torch.Generator
+        raise _bad("seed", seed, "an int in [0, 2**63)")
     batch_size = cfg.get("batch_size") if cfg.get("batch_size") is not None else 1
     if not _is_int(batch_size) or batch_size < 1:
         raise _bad("batch_size", batch_size, "an int >= 1")
@@ -190,7 +243,7 @@ def check_inference_config(cfg: Any, start_index: Any = None, end_index: Any = N
     if sched.get("cfg_scale") is not None and not _is_number(sched["cfg_scale"]):
         raise _bad("scheduler.cfg_scale", sched["cfg_scale"], "a finite number")
     resolve_dtype(cfg.get("dtype", "fp32"))
-    compile_options(cfg.get("compile"))
+    check_compile(cfg.get("compile"), torch.device("cpu") if device is None else device)
     dist_timeout(cfg)
     cfg_parallel = check_degree(cfg.get("cfg_parallel"))
     check_cache(cfg, cfg_parallel)
@@ -204,10 +257,41 @@ def check_inference_config(cfg: Any, start_index: Any = None, end_index: Any = N
     if hasattr(scheduler, "timesteps"):
         scheduler.timesteps(image_size[0], image_size[1], num_frames)
     device = torch.device("cpu") if device is None else torch.device(device)
-    hidden = cfg["model"].get("hidden_size") or 1
-    check_video_fits(num_frames, image_size, batch_size, hidden if _is_int(hidden) else 1,
+    hidden, tokens, mlp_ratio = _model_size(cfg, num_frames, image_size)
+    check_video_fits(num_frames, image_size, batch_size, hidden,
                      memory_bytes(device), memory_bytes(torch.device("cpu")), device.type,
-                     cfg_copies=2 // cfg_parallel)
+                     cfg_copies=2 // cfg_parallel, tokens=tokens, mlp_ratio=mlp_ratio)
+
+
+#: codecs without weights: built by the check to read their real compression
+WEIGHT_FREE_CODECS = ("DemoCodec", "identity")
+
+
+def _model_size(cfg: Any, num_frames: int, image_size: tuple) -> tuple:
+    """(hidden_size, tokens per sample or None, mlp_ratio) of the config's model, from its keys
+    or its preset (STDiT3 presets), and the tokens from a weight-free codec's latent size."""
+    from .models.stdit3 import PRESETS
+
+    model = cfg["model"]
+    preset = PRESETS.get(model.get("type"), {})
+
+    def get(key, default):
+        val = model.get(key, preset.get(key, default))
+        return default if val is None else val
+    hidden = get("hidden_size", 1)
+    hidden = hidden if _is_int(hidden) and hidden > 0 else 1
+    mlp_ratio = get("mlp_ratio", 4.0) if preset or model.get("type") == "STDiT3" else 0.0
+    mlp_ratio = float(mlp_ratio) if _is_number(mlp_ratio) and mlp_ratio > 0 else 0.0
+    tokens = None
+    vae = cfg.get("vae")
+    if hasattr(vae, "get") and vae.get("type") in WEIGHT_FREE_CODECS:
+        patch = get("patch_size", (1, 2, 2))
+        try:
+            latent = build_module(dict(vae), VAES).get_latent_size((num_frames, *image_size))
+            tokens = math.prod(math.ceil(n / p) for n, p in zip(latent[-3:], patch))
+        except (ValueError, TypeError, KeyError):
+            tokens = None  # the codec refuses the size: reported where it is used
+    return hidden, tokens, mlp_ratio
 
 
 def run_settings(cfg: Any, start_index: Any = None, end_index: Any = None) -> dict:
@@ -224,6 +308,7 @@ def run_settings(cfg: Any, start_index: Any = None, end_index: Any = None) -> di
 
 
 __all__ = ["check_inference_config", "check_cache", "cache_configs", "check_video_fits",
+           "check_device", "check_compile", "MAX_DIST_TIMEOUT_S",
            "dist_timeout", "memory_bytes", "run_settings", "INFERENCE_KEYS", "AGREED_KEYS"]
 
 
@@ -412,8 +497,8 @@ def check_v2_inference_config(cfg: Any, start_index: Any = None, end_index: Any 
     if not _is_int(batch_size) or batch_size < 1:
         raise _bad("batch_size", batch_size, "an int >= 1")
     seed = cfg.get("seed", 0)
-    if not _is_int(seed):
-        raise _bad("seed", seed, "an int")
+    if not _is_int(seed) or not 0 <= seed < 2 ** 63:  # seed + i seeds a torch.Generator
+        raise _bad("seed", seed, "an int in [0, 2**63)")
     for key, value, low in (("start_index", start_index, 0), ("end_index", end_index, 1)):
         if value is not None and (not _is_int(value) or value < low):
             raise _bad(key, value, f"an int >= {low}")

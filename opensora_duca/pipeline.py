@@ -135,8 +135,13 @@ def load_prompts(path: str, start_idx: Optional[int] = None,
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt_path={path!r} is not an existing file; accepted: a text "
                                 f"file with one prompt per line")
-    with open(path, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f]
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt_path={path!r} is not UTF-8 text (byte {err.start}: "
+                         f"{err.reason}); accepted: a UTF-8 text file with one prompt per "
+                         f"line") from None
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"prompt_path={path!r} holds no prompts (only blank lines)")

@@ -396,6 +396,308 @@ ROWS += [
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# 8 / 9 / 11. one line, exit 2, before any work; late errors made early; small ones
+
+def _real_build():
+    """Undo the ``no_build`` fixture for this call (it restores its patch afterwards)."""
+    from opensora_duca.cli import inference
+    from opensora_duca.pipeline import build_from_config
+    inference.build_from_config = build_from_config
+
+
+def _no_compiler(tmp_path):
+    from opensora_duca.utils import compile as comp
+    orig = comp._cxx_compiler
+    comp._cxx_compiler = lambda: None
+    try:
+        return _infer(TINY_CFG, "--compile", "--device", "cpu", "--save-dir", tmp_path)
+    finally:
+        comp._cxx_compiler = orig
+
+
+def _hf_folder(config):
+    def call(tmp_path):
+        from safetensors.torch import save_file
+
+        from opensora_duca.registry import MODELS, build_module
+        folder = tmp_path / "hf"
+        folder.mkdir()
+        model = build_module(dict(type="STDiT3-S/2", depth=1, hidden_size=32, num_heads=2),
+                             MODELS)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(dict(dict(
+            depth=1, hidden_size=32, num_heads=2), **config)))
+        return api(build_module, dict(type="STDiT3-S/2", from_pretrained=str(folder),
+                                      force_huggingface=True), MODELS)
+    return call
+
+
+def _duca(**kw):
+    from opensora_duca.cache import build_policy
+    return lambda tmp_path: api(build_policy, dict(type="DuCa", **kw))
+
+
+def _duca_exp_overflow(tmp_path):
+    from opensora_duca.cache import build_policy
+    policy = build_policy(dict(type="DuCa", ratio_schedule=dict(type="exp", decay=1e10)))
+    return api(lambda: [policy.plan(s, 300, []) for s in range(290, 300)][-1] is not None)
+
+
+def _wrapper_and_cache(tmp_path):
+    from opensora_duca.config_check import check_cache
+    cfg = dict(cache=dict(type="FORA"), model=dict(type="DuCa", model=dict(type="STDiT3-S/2")))
+    return api(check_cache, cfg, 1)
+
+
+def _prompt_file(lines=None, data=None):
+    def call(tmp_path):
+        path = tmp_path / "prompts.txt"
+        if data is not None:
+            path.write_bytes(data)
+        else:
+            path.write_text("\n".join(lines) + "\n")
+        _real_build()
+        return _infer(TINY_CFG, "--prompt-path", path, "--save-dir", tmp_path / "out",
+                      "--num-sampling-steps", 1, "--no-progress")
+    return call
+
+
+def _no_videos(tmp_path):
+    assert not list(tmp_path.rglob("*.mp4")), list(tmp_path.rglob("*"))
+
+
+def _read_only_save_dir(tmp_path):
+    from opensora_duca.utils import atomic
+    out = tmp_path / "ro"
+    out.mkdir()
+    orig = atomic.os.access
+    atomic.os.access = lambda p, m: False if os.path.abspath(p) == str(out) else orig(p, m)
+    try:
+        return _infer(TINY_CFG, "--save-dir", out)
+    finally:
+        atomic.os.access = orig
+
+
+def _nan_output(tmp_path):
+    _real_build()
+    return _infer(TINY_CFG, "--save-dir", tmp_path, "--cfg-scale", "1e308", "--prompt",
+                  "a red circle moving left", "--num-sampling-steps", 2, "--no-progress")
+
+
+def _sigterm(tmp_path):
+    """SIGTERM while a video is being written: exit 143, no temporary file left."""
+    import signal
+
+    from opensora_duca.cli import inference
+    _real_build()
+    orig = inference.save_video
+
+    def killed_midway(video, path, **kw):
+        from opensora_duca.utils.atomic import atomic_path
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"half a video")
+            os.kill(os.getpid(), signal.SIGTERM)
+    inference.save_video = killed_midway
+    try:
+        return _infer(TINY_CFG, "--save-dir", tmp_path, "--prompt", "a red circle moving left",
+                      "--num-sampling-steps", 1, "--no-progress")
+    finally:
+        inference.save_video = orig
+
+
+def _no_partial(tmp_path):
+    left = [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")
+            or p.suffix == ".mp4"]
+    assert not left, left
+
+
+def _umask_mode(tmp_path):
+    import torch
+
+    from opensora_duca.cli.train import export_safetensors
+    old = os.umask(0o022)
+    try:
+        export_safetensors({"w": torch.zeros(2)}, str(tmp_path / "m.safetensors"),
+                           torch.float32, {})
+    finally:
+        os.umask(old)
+    return "ok", oct(os.stat(tmp_path / "m.safetensors").st_mode & 0o777)
+
+
+def _demo_cfg(tmp_path, **keys):
+    text = open(DEMO_CFG).read().replace("{{ fileDirname }}", os.path.dirname(DEMO_CFG))
+    text += "".join(f"\n{k} = {v!r}" for k, v in keys.items())
+    (tmp_path / "demo_cfg.py").write_text(text)
+    return str(tmp_path / "demo_cfg.py")
+
+
+def _demo(*argv, **keys):
+    def call(tmp_path):
+        from opensora_duca.cli.demo import main
+        return tool(main, _demo_cfg(tmp_path, **keys), "--save-dir", tmp_path / "out", *argv)
+    return call
+
+
+def _demo_string_prompt(tmp_path):
+    from opensora_duca.cli import demo
+    seen = {}
+    orig = demo.check_ranks_agree
+    demo.check_ranks_agree = lambda settings: seen.update(settings) or orig(settings)
+    try:
+        code, err = tool(demo.main, _demo_cfg(tmp_path, prompt="a red circle moving left"),
+                         "--save-dir", tmp_path / "out")
+    except Built:
+        pass
+    finally:
+        demo.check_ranks_agree = orig
+    return "ok", f"prompts={seen.get('prompts')}"
+
+
+def _calibrate(*argv):
+    def call(tmp_path):
+        from opensora_duca.cli.calibrate import main
+        return tool(main, *argv)
+    return call
+
+
+LONG = "a red circle moving left " * 20000  # 500 KB
+
+
+ROWS += [
+    Row("compile-without-cxx-compiler", _no_compiler, 2,
+        r"inductor backend needs a C\+\+ compiler.*aot_eager"),
+    Row("compile-bogus-backend", lambda p: _infer(
+        TINY_CFG, "--save-dir", p, "--cfg-options", "compile.backend=nope"), 2,
+        r"compile\.backend='nope' is not accepted; accepted: a torch\.compile backend"),
+    Row("hf-config-patch-size-0", _hf_folder(dict(patch_size=0)), "ValueError",
+        r"patch_size=0: accepted: three positive integers"),
+    Row("hf-config-mlp-ratio-negative", _hf_folder(dict(mlp_ratio=-1)), "ValueError",
+        r"mlp_ratio=-1: accepted: a finite number > 0"),
+    Row("hf-config-depth-40", _hf_folder(dict(depth=40)), "ValueError",
+        r"config\.json depth=40 but the weights hold 1 blocks"),
+    Row("duca-warmup-0-aggressive-first", _duca(
+        warmup_steps=0, tables=dict(spatial_attn=["aggressive", "full", "conservative"])),
+        "ValueError", r"warmup_steps=0.*first entries \{'spatial_attn': 'aggressive'\}"),
+    Row("duca-warmup-0-full-first-accepted", _duca(warmup_steps=0), "ok", r"DuCa"),
+    Row("duca-exp-schedule-overflow", _duca_exp_overflow, "ok", r"True"),
+    Row("wrapper-and-top-level-cache", _wrapper_and_cache, "ValueError", r"cache is set twice"),
+    Row("dist-timeout-1e300", lambda p: _infer(TINY_CFG, "--save-dir", p, "--dist-timeout",
+                                               "1e300"), 2,
+        r"dist_timeout=1e\+300 is not accepted; accepted: a number of seconds in \(0, 1e\+07\]"),
+    Row("device-tpu", lambda p: _infer(TINY_CFG, "--save-dir", p, "--device", "tpu"), 2,
+        r"--device='tpu' is not accepted; accepted: cpu, cuda or cuda:N"),
+    Row("device-cuda-without-cuda", lambda p: _infer(TINY_CFG, "--save-dir", p, "--device",
+                                                     "cuda:7"), 2,
+        r"--device='cuda:7' is not accepted; accepted: cpu|cuda:N with N <"),
+    Row("seed-beyond-64-bits", lambda p: _infer(TINY_CFG, "--save-dir", p, "--seed", 2 ** 70), 2,
+        r"seed=1180591620717411303424 is not accepted; accepted: an int in \[0, 2\*\*63\)"),
+    Row("sample-name-300-characters", lambda p: _infer(TINY_CFG, "--save-dir", p,
+                                                       "--sample-name", "n" * 300), 2,
+        r"sample_name: the file name 'n{40}\.\.\.\(316 characters\)' is too long"),
+    Row("save-dir-read-only", _read_only_save_dir, 2, r"save_dir=.*ro'?: the folder .*ro is "
+        r"not writable"),
+    Row("save-dir-under-a-file", lambda p: (p.joinpath("f").write_text("x"), _infer(
+        TINY_CFG, "--save-dir", p / "f" / "out"))[1], 2, r"f is a file, not a folder"),
+    Row("prompt-file-61st-unknown-word", _prompt_file(["a red circle moving left"] * 60
+                                                      + ["a red zebra moving left"]), 2,
+        r"prompt 'a red zebra moving left': words \['zebra'\]", _no_videos),
+    Row("prompt-file-not-utf8", _prompt_file(data=b"a red circle\n\xff\xfe bad\n"), 2,
+        r"prompt_path='.*prompts\.txt' is not UTF-8 text"),
+    Row("prompt-500kb-not-echoed", lambda p: (_real_build(), _infer(
+        TINY_CFG, "--save-dir", p, "--prompt", LONG + "zebra", "--num-sampling-steps", 1))[1],
+        2, r"^.{0,700}characters in all\)\n$"),
+    Row("nan-output-says-nan", _nan_output, 1,
+        r"latents of prompt 0 .* are not finite \(NaN or Inf\)", _no_videos),
+    Row("sigterm-leaves-no-partial", _sigterm, 143, r"terminated \(SIGTERM\)", _no_partial),
+    Row("exported-safetensors-follow-umask", _umask_mode, "ok", r"^0o644$"),
+    Row("demo-compare-caches-dotdot", _demo(compare_caches={"..": dict(type="FORA")}), 2,
+        r"compare_caches: run name '\.\.' is not accepted"),
+    Row("demo-steps-0", _demo("--num-sampling-steps", 0), 2,
+        r"--num-sampling-steps 0: accepted: an integer >= 1"),
+    Row("demo-string-prompt", _demo_string_prompt, "ok", r"prompts=\['a red circle moving left'\]"),
+    Row("calibrate-string-prompt", _calibrate(
+        _demo_cfg.__call__ if False else DEMO_CFG, "--cfg-options", "prompt=abcdef", "--steps",
+        3, "--seeds", 0, "--degree", 2, "--out", "/tmp/never-written-cal.json"), 2,
+        r"3 steps x 1 prompts x 1 seeds give 2"),
+    Row("calibrate-out-under-a-file", lambda p: (p.joinpath("f").write_text("x"), _calibrate(
+        DEMO_CFG, "--out", p / "f" / "cal.json")(p))[1], 2, r"f is a file, not a folder"),
+    Row("calibrate-negative-seed", _calibrate(DEMO_CFG, "--seeds", -1), 2,
+        r"--seeds -1: accepted"),
+    Row("calibrate-missing-config", _calibrate("/no/such/config.py"), 2, r"/no/such/config\.py"),
+    Row("frontier-missing-config", lambda p: _frontier("--config", "/no/such.py", "--out",
+                                                       p / "f.json"), 2, r"/no/such\.py"),
+]
+
+
+# training checkpoints: unreadable or misfit ones refused in one line; a full disk is one line
+
+TRAIN = dict(model=dict(type="STDiT3-demo", depth=1, hidden_size=32, num_heads=2),
+             text_encoder=dict(type="DemoTextEncoder", output_dim=16, model_max_length=8),
+             vae=dict(type="DemoCodec"),
+             dataset=dict(type="SyntheticShapes", split="train", length=16, seed=0),
+             seed=3, batch_size=2, steps=1, lr=3e-3, warmup_steps=1, lr_schedule="constant",
+             ema_decay=0.9, ckpt_every=1, log_every=1, num_threads=1, export=None)
+
+
+def _train_main(tmp_path, *argv):
+    from opensora_duca.cli import train as T
+    cfg = tmp_path / "train_cfg.py"
+    cfg.write_text("".join(f"{k} = {v!r}\n" for k, v in dict(
+        TRAIN, outputs=str(tmp_path / "out")).items()))
+    return tool(T.main, cfg, "--no-progress", *argv)
+
+
+def _trained_then(damage):
+    def call(tmp_path):
+        import torch
+        code, err = _train_main(tmp_path)
+        assert isinstance(code, dict), err  # main returns the run's summary on success
+        ckpt = tmp_path / "out" / "checkpoints" / "last.pt"
+        damage(ckpt, torch)
+        return _train_main(tmp_path, "--steps", 2)
+    return call
+
+
+def _truncate(ckpt, torch):
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+
+
+def _reshape_trainee(ckpt, torch):
+    ck = torch.load(ckpt, weights_only=True)
+    key = next(k for k in ck["trainee"] if k.endswith("t_block.1.weight"))
+    ck["trainee"][key] = torch.zeros(3, 3)
+    torch.save(ck, ckpt)
+
+
+def _disk_full(tmp_path):
+    import errno
+
+    from opensora_duca.cli import train as T
+    orig = T.save_torch
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    T.save_torch = full
+    try:
+        return _train_main(tmp_path)
+    finally:
+        T.save_torch = orig
+
+
+ROWS += [
+    Row("train-truncated-checkpoint", _trained_then(_truncate), 2,
+        r"last\.pt' cannot be read \(.*truncated or not a checkpoint\)"),
+    Row("train-wrong-shape-checkpoint", _trained_then(_reshape_trainee), 2,
+        r"last\.pt' does not fit this model / optimizer \(.*size mismatch"),
+    Row("train-disk-full-during-checkpoint", _disk_full, 1,
+        r"could not write the checkpoint .*last\.pt at step 1 \(OSError: \[Errno 28\] No "
+        r"space left on device\); the previous checkpoint is intact"),
+]
+
+
 class Built(Exception):
     """Raised when a tool starts its expensive work (building the model)."""
 

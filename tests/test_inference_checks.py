@@ -88,7 +88,7 @@ def test_bad_settings_fail_before_anything_is_built(args, message, tmp_path, mon
                                          "keyword argument 'bogus'"),
     (["--cfg-options", f"model.from_pretrained={CONFIG}"], "UnpicklingError: a weights file"),
     (["--cfg-options", "model.from_pretrained=BAD"], "SafetensorError: "),
-    (["--save-dir", CONFIG], "FileExistsError: "),
+    (["--save-dir", CONFIG], "is a file, not a folder"),  # refused before the build now
 ])
 def test_errors_while_building_are_one_line(args, message, tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"

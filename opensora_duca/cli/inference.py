@@ -56,6 +56,7 @@ import hashlib
 import json
 import os
 import pickle
+import signal
 import sys
 import time
 from typing import Optional
@@ -66,6 +67,7 @@ from mmengine.config import DictAction
 from safetensors import SafetensorError
 
 from ..config_check import (
+    check_device,
     check_inference_config,
     check_v2_inference_config,
     dist_timeout,
@@ -77,7 +79,7 @@ from ..parallel.agreement import check_ranks_agree
 from ..parallel.launch import init_distributed
 from ..pipeline import build_from_config, load_prompts, unique_filenames
 from ..pipeline_v2 import apply_cli_overrides, build_v2_from_config, is_v2_config
-from ..utils.atomic import save_torch, write_json
+from ..utils.atomic import check_writable, save_torch, write_json
 from ..utils.config import load_config, plain
 from ..utils.host_memory import keep_freed_host_memory
 from ..utils.video import is_complete_video, save_video
@@ -265,6 +267,12 @@ def plan_outputs(cfg, args, prompts: list, indices: list, save_dir: str, seed: i
                 todo.append(i)
         else:
             todo.append(i)
+    # the outputs can be written (checked before the model is built): the folder, and names
+    # that fit the file system with the writer's temporary suffix
+    check_writable(save_dir, "save_dir", folder=True)
+    for i in todo:
+        check_writable(os.path.join(save_dir, names[i] + ".latents.pt"),
+                       "prompt file name" if args.prompt_as_path else "sample_name")
     return names, todo
 
 
@@ -292,9 +300,14 @@ def main(argv=None, t_start=None) -> int:
     keep_freed_host_memory()  # CPU runs: no page faults per step
     t_start = time.perf_counter() if t_start is None else t_start
     args = parse_args(argv)
+    cfg = {}
+    # SIGTERM (torchrun stops the surviving ranks with it) ends the run like Ctrl-C: the
+    # writer in progress removes its temporary file, nothing half-written stays
+    previous = _on_sigterm()
     try:
         # the settings are checked before anything is built or waits for other ranks
         cfg = merge_args(load_config(args.config, args.cfg_options), args)
+        check_device(args.device)
         check = check_v2_inference_config if is_v2_config(cfg) else check_inference_config
         check(cfg, args.start_index, args.end_index, device=args.device or (
             "cuda" if torch.cuda.is_available() else "cpu"))
@@ -310,18 +323,68 @@ def main(argv=None, t_start=None) -> int:
         msg = str(msg).strip().splitlines()[0] if str(msg).strip() else repr(err)
         if isinstance(err, pickle.UnpicklingError):  # torch's text suggests an unsafe load
             msg = "a weights file holds more than tensors (or is no checkpoint); refused"
-        print(f"inference.py: error: {type(err).__name__}: {msg}", file=sys.stderr, flush=True)
+        print(f"inference.py: error: {type(err).__name__}: {_cap(msg)}", file=sys.stderr,
+              flush=True)
         return 2
-    except OutputError as err:
-        print(f"inference.py: error: {err}", file=sys.stderr, flush=True)
+    except (OutputError, NonFiniteOutput) as err:
+        print(f"inference.py: error: {_cap(str(err))}", file=sys.stderr, flush=True)
         return 1
-    except dist.DistError as err:  # a rank died or stalled: fail instead of waiting forever
+    except (dist.DistError, RuntimeError) as err:
+        if not isinstance(err, dist.DistError) and not _is_rank_failure(err):
+            raise
+        # a rank died or stalled: fail instead of waiting forever (gloo raises RuntimeError)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(f"inference.py: error: {type(err).__name__} (a rank died or did not answer "
-              f"within dist_timeout={dist_timeout(cfg)} s): {str(err).strip().splitlines()[0]}",
+              f"within dist_timeout={_timeout_or_default(cfg)} s): {_cap(first)}",
               file=sys.stderr, flush=True)
         return 1
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         release_process_group()  # after the pipeline is gone; collects cycles, then destroys
+
+
+class Terminated(SystemExit):
+    """SIGTERM arrived: the run stops (exit code 143) and unwinds its writers."""
+
+
+def _on_sigterm():
+    """Install the SIGTERM handler (main thread only); the previous handler, or None."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        print("inference.py: terminated (SIGTERM); unfinished files removed", file=sys.stderr,
+              flush=True)
+        raise Terminated(128 + signum)
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _is_rank_failure(err: BaseException) -> bool:
+    """A collective's failure under torchrun (gloo raises RuntimeError on a timeout or a closed
+    peer), as opposed to a bug."""
+    text = str(err).lower()
+    return dist.is_available() and dist.is_initialized() and any(
+        w in text for w in ("gloo", "timed out", "timeout", "connection closed", "nccl",
+                            "connection reset", "broken pipe"))
+
+
+def _timeout_or_default(cfg) -> object:
+    try:
+        return dist_timeout(cfg)
+    except (ValueError, AttributeError):
+        return "?"
+
+
+def _cap(text: str, n: int = 500) -> str:
+    """One error line of at most about ``n`` characters (a 500 KB prompt is not echoed)."""
+    text = str(text)
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters in all)"
+
+
+class NonFiniteOutput(RuntimeError):
+    """The sampler produced NaN or Inf (a diverging cfg_scale, broken weights)."""
 
 
 def run(cfg, args, rank, world, device, is_main, t_start) -> int:
@@ -353,6 +416,9 @@ def run(cfg, args, rank, world, device, is_main, t_start) -> int:
     build = build_v2_from_config if is_v2_config(cfg) else build_from_config
     pipe = build(cfg, device=device, enable_sequence_parallelism=world > 1)
     t_build = time.perf_counter() - t_build
+    tokenize = getattr(pipe.text_encoder, "tokenize", None)
+    if callable(tokenize) and todo:  # every prompt, before the first video (unknown words)
+        tokenize([prompts[i] for i in todo])
     batch_size = int(cfg.get("batch_size") or 1)
     save_fps = cfg.get("save_fps") or cfg.get("fps", 24)
     if is_main:
@@ -373,6 +439,13 @@ def run(cfg, args, rank, world, device, is_main, t_start) -> int:
         if is_main:
             for j, i in enumerate(batch):
                 path = os.path.join(save_dir, names[i] + ".mp4")
+                if not bool(torch.isfinite(out["latents"][j]).all()):
+                    raise NonFiniteOutput(
+                        f"the sampled latents of prompt {i} ({_short(prompts[i])!r}) are not "
+                        f"finite (NaN or Inf): the sampler diverged (cfg_scale="
+                        f"{pipe.scheduler.cfg_scale}, dtype "
+                        f"{str(pipe.dtype).replace('torch.', '')}) or the weights hold NaN; "
+                        f"nothing written for it")
                 rec = os.path.join(save_dir, names[i] + ".json")  # before the video
                 _write(write_json, rec, rec, run_identity(cfg, prompts[i], seed + i))
                 if args.save_latents:

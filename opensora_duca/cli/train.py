@@ -252,7 +252,13 @@ def load_training_checkpoint(path: str, device: torch.device) -> dict:
     tensors, containers and numbers (code to run, or the numpy objects of older checkpoints) is
     refused with a one-line ValueError before any of it runs."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError) as err:  # truncated, or no torch archive at all
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {path!r} cannot be read ({type(err).__name__}: {first}; "
+                         f"truncated or not a checkpoint); accepted: a checkpoint written by "
+                         f"this tools/train.py -- use --no-resume or another outputs folder to "
+                         f"start a new run") from None
     except pickle.UnpicklingError as err:
         detail = next((line.strip() for line in str(err).splitlines()
                        if "GLOBAL" in line or "Unsupported" in line), type(err).__name__)
@@ -260,6 +266,34 @@ def load_training_checkpoint(path: str, device: torch.device) -> dict:
                          f"containers and numbers ({detail}); accepted: a checkpoint written by "
                          "this tools/train.py — use --no-resume or another outputs folder to "
                          "start a new run") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} lacks {missing}; accepted: a checkpoint written "
+                         f"by this tools/train.py (keys {list(CHECKPOINT_KEYS)})")
+    return ck
+
+
+#: what a training checkpoint holds
+CHECKPOINT_KEYS = ("step", "trainee", "ema", "optimizer", "history", "world_size", "rng")
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing the training checkpoint failed (disk full, permissions); the previous one is
+    intact (atomic write)."""
+
+
+def _load_states(resume: str, trainee: nn.Module, opt, ck: dict) -> None:
+    """The checkpoint's model and optimizer states, refused in one line when they do not fit
+    (another model's shapes, another optimizer)."""
+    try:
+        trainee.load_state_dict(ck["trainee"])
+        opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        detail = " ".join(lines)[:400] or type(err).__name__
+        raise ValueError(f"checkpoint {resume!r} does not fit this model / optimizer "
+                         f"({detail}); accepted: a checkpoint of the same training config -- "
+                         f"use --no-resume or another outputs folder to start a new run") from None
 
 
 def export_safetensors(ema: dict, path: str, dtype: torch.dtype, metadata: dict) -> None:
@@ -338,8 +372,7 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
             raise ValueError(f"checkpoint {resume!r} was written with world_size="
                              f"{ck['world_size']}; this run has world_size={world}; accepted: "
                              "the same number of ranks (data shards and RNG streams are per rank)")
-        trainee.load_state_dict(ck["trainee"])
-        opt.load_state_dict(ck["optimizer"])
+        _load_states(resume, trainee, opt, ck)
         ema = {k: v.to(device) for k, v in ck["ema"].items()}
         gen.set_state(ck["rng"]["generators"][rank])
         set_global_rng_states(ck["rng"])
@@ -355,10 +388,15 @@ def train(cfg: dict, *, resume: str | bool | None = None, stop_after: int | None
     def checkpoint():
         gens = _gather(gen.get_state(), world)
         if rank == 0:
-            save_torch(ckpt_path, dict(
-                step=step, trainee=trainee.state_dict(), ema=ema, optimizer=opt.state_dict(),
-                history=history, world_size=world, wall_time=wall + (time.time() - t_start),
-                config=_jsonable(cfg), rng=dict(global_rng_states(), generators=gens)))
+            try:
+                save_torch(ckpt_path, dict(
+                    step=step, trainee=trainee.state_dict(), ema=ema, optimizer=opt.state_dict(),
+                    history=history, world_size=world, wall_time=wall + (time.time() - t_start),
+                    config=_jsonable(cfg), rng=dict(global_rng_states(), generators=gens)))
+            except OSError as err:
+                raise CheckpointWriteError(
+                    f"could not write the checkpoint {ckpt_path} at step {step} "
+                    f"({type(err).__name__}: {err}); the previous checkpoint is intact") from None
         if world > 1:
             torch.distributed.barrier()
 
@@ -541,8 +579,12 @@ def main(argv=None) -> dict:
                         stop_after=args.stop_after, progress=not args.no_progress)
     except (KeyError, ValueError, FileNotFoundError) as err:  # settings / checkpoint: one line
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        msg = str(msg).strip().splitlines()[0] if str(msg).strip() else repr(err)
         print(f"train.py: error: {type(err).__name__}: {msg}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except CheckpointWriteError as err:  # a disk problem, not the settings
+        print(f"train.py: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary), flush=True)
     return summary

@@ -80,8 +80,8 @@ def _fmt(keys):
 
 
 def check_dtypes(path: str, sd: dict, own: dict) -> None:
-    """A floating-point parameter or buffer must get floating-point values: integer or bool
-    tensors (a casting accident, or no weights at all) would be cast silently."""
+    """A floating-point parameter or buffer must get floating-point values (integer or bool
+    tensors, a casting accident or no weights at all, would be cast silently), and no NaN."""
     bad = sorted(k for k in set(own) & set(sd) if own[k].is_floating_point()
                  and isinstance(sd[k], torch.Tensor) and not sd[k].is_floating_point())
     if bad:
@@ -89,6 +89,12 @@ def check_dtypes(path: str, sd: dict, own: dict) -> None:
             f"checkpoint {path!r} holds non-floating-point values for floating-point weights "
             f"({_fmt([f'{k} {sd[k].dtype}'.replace('torch.', '') for k in bad])}); accepted: "
             f"float32 / float16 / bfloat16 tensors")
+    nan = sorted(k for k in set(own) & set(sd) if isinstance(sd[k], torch.Tensor)
+                 and sd[k].is_floating_point() and bool(torch.isnan(sd[k]).any()))
+    if nan:
+        raise CheckpointMismatchError(
+            f"checkpoint {path!r} holds NaN values in {_fmt(nan)} (every output would be NaN); "
+            f"accepted: finite weights")
 
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:

@@ -213,8 +213,17 @@ class STDiT3(nn.Module):
         for key, val in dict(in_channels=in_channels, hidden_size=hidden_size, depth=depth,
                              num_heads=num_heads, caption_channels=caption_channels,
                              model_max_length=model_max_length).items():
-            if not isinstance(val, int) or val < 1:
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"STDiT3 {key}={val!r}: must be a positive integer")
+        if not (isinstance(patch_size, (list, tuple)) and len(patch_size) == 3 and all(
+                isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in patch_size)):
+            raise ValueError(f"STDiT3 patch_size={patch_size!r}: accepted: three positive "
+                             f"integers (T, H, W), e.g. (1, 2, 2)")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) \
+                or not math.isfinite(mlp_ratio) or mlp_ratio <= 0 \
+                or int(hidden_size * mlp_ratio) < 1:
+            raise ValueError(f"STDiT3 mlp_ratio={mlp_ratio!r}: accepted: a finite number > 0 "
+                             f"(the MLP width is int(hidden_size * mlp_ratio) >= 1)")
         if hidden_size % num_heads:
             raise ValueError(f"STDiT3 hidden_size={hidden_size} is not divisible by "
                              f"num_heads={num_heads}")
@@ -507,8 +516,17 @@ def hf_folder_options(folder: str) -> dict:
     for key, value in raw.items():
         if key in accepted:
             opts[key] = tuple(value) if isinstance(value, list) else value
-    if any(k.startswith("x_embedder_cond.") for k in checkpoint_keys(folder)):
+    keys = checkpoint_keys(folder)
+    if any(k.startswith("x_embedder_cond.") for k in keys):
         opts.setdefault("cond_embedders", True)
+    blocks = {int(k.split(".")[1]) for k in keys
+              if k.startswith("spatial_blocks.") and k.split(".")[1].isdigit()}
+    depth = opts.get("depth")
+    if blocks and depth is not None and depth != max(blocks) + 1:
+        # refused before a model of that depth is built
+        raise ValueError(f"model from_pretrained={folder!r}: config.json depth={depth!r} but "
+                         f"the weights hold {max(blocks) + 1} blocks; accepted: a config.json "
+                         f"that matches its weights")
     return opts
 
 

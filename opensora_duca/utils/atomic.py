@@ -82,8 +82,11 @@ def atomic_path(path: str) -> Iterator[str]:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = _create_temp(path)
+    mode = os.stat(tmp).st_mode & 0o7777  # from the umask, as open(path, "w") would give
     try:
         yield tmp
+        if os.stat(tmp).st_mode & 0o7777 != mode:  # a writer that replaced the file (e.g.
+            os.chmod(tmp, mode)  # safetensors' 0600 file) still gives the umask's mode
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -154,9 +157,12 @@ def check_writable(path: str, key: str, folder: bool = False) -> str:
                             else "/", "PC_NAME_MAX")
     for name in names:
         if len(name.encode("utf-8", "surrogateescape")) > limit:
-            raise ValueError(f"{key}={shown!r}: the file name is too long for the file system "
-                             f"(its temporary file {len(name)} > {limit} bytes); accepted: a "
-                             f"name of at most {limit - 60} characters")
+            base = os.path.basename(target)
+            base = base if len(base) <= 40 else f"{base[:40]}...({len(base)} characters)"
+            raise ValueError(f"{key}: the file name {base!r} is too long for the file system "
+                             f"(with the writer's temporary suffix {len(name)} > {limit} "
+                             f"bytes); accepted: a file name of at most {limit - 60} "
+                             f"characters")
     probe = target if folder else os.path.dirname(target)
     while not os.path.isdir(probe):  # the nearest existing folder must let us create the rest
         if os.path.exists(probe):

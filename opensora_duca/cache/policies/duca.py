@@ -146,6 +146,16 @@ class DuCa(Forecasting, CachePolicy):
             return Entry.FULL
         return Entry.AGGRESSIVE if p % 3 == 2 else Entry.CONSERVATIVE
 
+    def _check_together(self) -> None:
+        super()._check_together()
+        if self.warmup_steps == 0:  # step 0 has nothing stored to reuse: it must be full
+            first = {str(k): self.tables[k][0].value for k in Kind
+                     if self.tables[k][0] != Entry.FULL}
+            if first:
+                raise error(self.name, "warmup_steps", 0,
+                            f"an int >= 1, or tables whose first entries are all 'full' (step "
+                            f"0 has nothing stored to reuse; first entries {first})")
+
     def _allowed_entries(self) -> tuple:
         return tuple(Entry)
 
@@ -166,7 +176,10 @@ class DuCa(Forecasting, CachePolicy):
             frac = step / max((num_steps or step + 1) - 1, 1)
             return s["start"] + (s["end"] - s["start"]) * frac
         if s["type"] == "exp":
-            return s["decay"] ** step
+            try:  # a growing schedule saturates (the ratio is capped at 1) instead of failing
+                return s["decay"] ** step
+            except OverflowError:
+                return math.inf
         return 1.0
 
     def ratio_factor(self, step, num_steps, layer, depth):
