@@ -698,6 +698,55 @@ ROWS += [
 ]
 
 
+def _memory_check(tmp_path):
+    """The demo codec's real compression (16 pixels per token, not 1024) and the demo model's
+    preset hidden size: 100000 frames are refused on a 32 GiB machine before anything runs."""
+    from opensora_duca import config_check
+    orig = config_check.memory_bytes
+    config_check.memory_bytes = lambda device: 32 * 2 ** 30
+    try:
+        return _infer(DEMO_CFG, "--save-dir", tmp_path, "--num-frames", 100000)
+    finally:
+        config_check.memory_bytes = orig
+
+
+def _bench(*argv):
+    def call(tmp_path):
+        from opensora_duca.bench import benches
+        from opensora_duca.cli.benchmark import main
+        orig = benches.build_bench
+
+        def built(*a, **k):
+            raise Built("the benchmark was built before the error was found")
+        import opensora_duca.cli.benchmark as B
+        B.build_bench = built
+        try:
+            return tool(main, *[str(a).replace("TMP", str(tmp_path)) for a in argv])
+        finally:
+            B.build_bench = orig
+    return call
+
+
+ROWS += [
+    Row("benchmark-repeat-0", _bench("--repeat", 0), 2,
+        r"^benchmark: error: --repeat=0 is not accepted; accepted: an int >= 1\n$"),
+    Row("benchmark-bogus-policy", _bench("--policies", "Bogus"), 2, r"Bogus"),
+    Row("benchmark-device-tpu", _bench("--device", "tpu"), 2, r"--device='tpu'"),
+    Row("benchmark-bogus-backend", _bench("--compile", "--compile-backend", "nope",
+                                          "--device", "cpu"), 2, r"compile\.backend='nope'"),
+    Row("benchmark-json-under-a-file", lambda p: (p.joinpath("f").write_text("x"), _bench(
+        "--json", "TMP/f/r.json")(p))[1], 2, r"f is a file, not a folder"),
+    Row("benchmark-missing-config", _bench("--config", "/no/such.py"), 2,
+        r"--config='/no/such\.py' is not accepted"),
+    Row("benchmark-negative-seed", _bench("--seed", -1), 2, r"--seed=-1 is not accepted"),
+]
+
+ROWS += [
+    Row("memory-check-real-codec", _memory_check, 2,
+        r"num_frames=100000, image_size=\(32, 32\), batch_size=4 cannot fit"),
+]
+
+
 class Built(Exception):
     """Raised when a tool starts its expensive work (building the model)."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -75,17 +76,18 @@ def test_fidelity_ssim_on_large_latents():
     assert f["psnr"] == 100.0 and abs(f["ssim"] - 1.0) < 1e-12 and f["rel_l2"] == 0.0
 
 
-def test_bad_inputs():
+def test_bad_inputs(capsys):
     with pytest.raises(ValueError, match="--policies.*Bogus.*registered"):
         parse_policies("none,Bogus")
     assert parse_policies("DuCa") == ["none", "DuCa"]  # the reference is always run
-    with pytest.raises(ValueError, match="--preset.*nope"):
-        main(["--preset", "nope", "--device", "cpu"])
+    for argv, match in ((["--preset", "nope", "--device", "cpu"], "--preset.*nope"),
+                        (["--preset", "cpu", "--tiny", "--steps", "3", "--repeat", "0",
+                          "--device", "cpu", "--quiet"], "--repeat")):
+        assert main(argv) == 2  # one line on stderr, exit code 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(match, err), err
     with pytest.raises(SystemExit, match="allow-cpu"):
         main(["--preset", "opensora-480p-51f", "--device", "cpu"])
-    with pytest.raises(ValueError, match="--repeat"):
-        main(["--preset", "cpu", "--tiny", "--steps", "3", "--repeat", "0",
-                 "--device", "cpu", "--quiet"])
 
 
 @pytest.mark.skipif(not demo_available(), reason="demo config/checkpoint not shipped yet")

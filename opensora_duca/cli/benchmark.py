@@ -92,6 +92,8 @@ fidelity PNG (``--plot``, matplotlib Agg).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 
@@ -99,7 +101,7 @@ from ..bench.benches import PRESETS, build_bench, option_error
 from ..bench.measure import device_name, parse_policies, run_benchmark
 from ..bench.mmdit import V2_PRESETS
 from ..bench.report import markdown_table, plot, step_kind_table
-from ..utils.atomic import write_json
+from ..utils.atomic import check_writable, write_json
 from ..utils.host_memory import keep_freed_host_memory
 
 DEFAULT_POLICIES = "none,DuCa,ToCa,FORA,PAB"
@@ -169,18 +171,49 @@ def _main_v2(args, policies) -> int:
 def main(argv=None) -> int:
     keep_freed_host_memory()  # CPU runs: no page faults per step
     args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise option_error("--threads", args.threads, "an int >= 1")
-        torch.set_num_threads(args.threads)
-    if args.batch < 1:
-        raise option_error("--batch", args.batch, "an int >= 1")
-    if args.steps is not None and args.steps < 1:
-        raise option_error("--steps", args.steps, "an int >= 1")
+    try:  # mistakes in the arguments: one line, exit code 2, before anything is built
+        policies = _checked(args)
+        if args.preset in V2_PRESETS:
+            return _main_v2(args, policies)
+        bench = build_bench(args)
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+        msg = str(msg).strip().splitlines()[0] if str(msg).strip() else type(err).__name__
+        print(f"benchmark: error: {msg}", file=sys.stderr, flush=True)
+        return 2
+    return _run(args, bench, policies)
+
+
+def _checked(args) -> list:
+    """Every argument checked (a one-line ValueError); the policies parsed."""
+    from ..config_check import check_compile, check_device
+    if args.threads is not None and args.threads < 1:
+        raise option_error("--threads", args.threads, "an int >= 1")
+    for key, val, low in (("--batch", args.batch, 1), ("--steps", args.steps, 1),
+                          ("--repeat", args.repeat, 1), ("--warmup", args.warmup, 0),
+                          ("--hidden", args.hidden, 1), ("--depth", args.depth, 1)):
+        if val is not None and val < low:
+            raise option_error(key, val, f"an int >= {low}")
+    if args.latent is not None and min(args.latent) < 1:
+        raise option_error("--latent", args.latent, "four ints >= 1 (C T H W)")
+    for key, val in (("--seed", args.seed), ("--init-seed", args.init_seed)):
+        if not 0 <= val < 2 ** 63:
+            raise option_error(key, val, "an int in [0, 2**63)")
+    device = check_device(args.device)
+    if args.compile:
+        check_compile(dict(backend=args.compile_backend), device)
+    for key, val in (("--json", args.json), ("--plot", args.plot)):
+        if val is not None:
+            check_writable(val, key)
+    if args.config is not None and not os.path.isfile(args.config):
+        raise option_error("--config", args.config, "an existing inference config file")
     policies = parse_policies(args.policies)
-    if args.preset in V2_PRESETS:
-        return _main_v2(args, policies)
-    bench = build_bench(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return policies
+
+
+def _run(args, bench, policies) -> int:
     compile_cfg = dict(backend=args.compile_backend) if args.compile else None
     warmup = args.warmup if args.warmup is not None else (
         1 if bench.device.type == "cuda" or args.compile else 0)
