@@ -741,7 +741,31 @@ ROWS += [
     Row("benchmark-negative-seed", _bench("--seed", -1), 2, r"--seed=-1 is not accepted"),
 ]
 
+def _stalled_rank(tmp_path):
+    """What gloo raises in a collective when another rank stalls past --dist-timeout: one
+    line, exit 1 (the job fails instead of a traceback on every rank)."""
+    from opensora_duca.cli import inference
+    patched = dict(init_distributed=lambda device, timeout: (0, 2, "cpu"),
+                   check_ranks_agree=lambda settings: None)
+
+    def stalled(*a, **k):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] "
+                           "Timed out waiting 3000ms for recv operation to complete\nmore")
+    patched["run"] = stalled
+    orig = {k: getattr(inference, k) for k in patched}
+    for k, v in patched.items():
+        setattr(inference, k, v)
+    try:
+        return _infer(TINY_CFG, "--save-dir", tmp_path, "--dist-timeout", 3)
+    finally:
+        for k, v in orig.items():
+            setattr(inference, k, v)
+
+
 ROWS += [
+    Row("stalled-rank-gloo-runtime-error", _stalled_rank, 1,
+        r"^inference\.py: error: RuntimeError \(a rank died or did not answer within "
+        r"dist_timeout=3\.0 s\): .*Timed out waiting 3000ms for recv operation to complete\n$"),
     Row("memory-check-real-codec", _memory_check, 2,
         r"num_frames=100000, image_size=\(32, 32\), batch_size=4 cannot fit"),
 ]
