@@ -29,7 +29,8 @@ PENDING = {"docs/opensora2.md", "docs/failure-behaviour.md"}
 #: folders that runs create (outputs named in the docs), not part of the repository
 OUTPUT_DIRS = ("samples/", "outputs/", "vbench_videos", "work_dirs/")
 #: files of an Open-Sora checkout that the docs name (upstream's own script)
-UPSTREAM_FILES = {"scripts/inference.py"}
+UPSTREAM_FILES = {"scripts/inference.py", "scripts/diffusion/inference.py",
+                  "./ckpts/Open_Sora_v2.safetensors"}
 
 
 def _read(rel):
