@@ -336,3 +336,46 @@ def test_hashed_text_embedder():
     torch.testing.assert_close(v[0], (clip.vector("a") + clip.vector("cat")) / 2)
     assert t5(["x"], added_tokens=3, seq_align=4).shape == (1, 5, 8)  # 3 + 5 = 8
     assert t5(["x"], added_tokens=2, seq_align=4).shape == (1, 6, 8)  # padded to 2 + 6
+
+
+def test_teacache_calibration_fitted_on_the_mmdit(tmp_path, pipe):
+    """tools/calibrate.py on a 2.0 config fits on the MMDiT (its identity recorded, one point
+    per clip and step >= 1, x the first double block's modulated-input change as TeaCache
+    measures it); TeaCache runs with the file on that model."""
+    import json
+
+    from opensora_duca.cache.calibrate import model_identity
+    from opensora_duca.cli.calibrate import main as calibrate_main
+
+    out = tmp_path / "cal.json"
+    assert calibrate_main([TINY, "--prompt", "a red ball", "--prompt", "waves", "--seeds", "100",
+                           "101", "--degree", "2", "--out", str(out)]) == 0
+    fit = json.loads(out.read_text())
+    steps = _tiny().sampling_option.num_steps
+    assert fit["samples"] == (steps - 1) * 2 * 2 and fit["steps"] == steps
+    assert fit["model"] == model_identity(pipe.model)
+    # x by hand: the first double block's modulated image input, steps 0 and 1, clip 0's rows
+    seen = []
+    block = pipe.model.double_blocks[0]
+
+    def grab(mod, args):
+        img, vec = args[0], args[2]
+        shift, scale = torch.nn.functional.linear(
+            torch.nn.functional.silu(vec), mod.img_mod.lin.weight,
+            mod.img_mod.lin.bias)[:, None, :].chunk(6, -1)[:2]
+        seen.append(((1 + scale) * torch.nn.functional.layer_norm(
+            img, img.shape[-1:], eps=1e-6) + shift).double())
+    handle = block.register_forward_pre_hook(grab)
+    try:
+        pipe.generate(["a red ball"], seeds=[100])  # the calibration's first run (batch 1)
+    finally:
+        handle.remove()
+    a, b = seen[1], seen[0]  # the clip's three guidance branches decide together
+    assert fit["x"][0] == pytest.approx(float((a - b).abs().sum() / b.abs().sum()), rel=1e-6)
+    pipe.attach_cache(dict(type="TeaCache", threshold=0.5, calibration=str(out)))
+    try:
+        pipe.generate(["a red ball"], seeds=[3])
+        labels = pipe.cache_manager.stats()["step_labels"]
+    finally:
+        pipe.remove_cache()
+    assert len(labels) == steps

@@ -5,7 +5,9 @@ Usage::
     python tools/calibrate.py CONFIG [--prompt P ...] [--seeds 100 101] [--degree 4]
         [--steps N] [--out calibration.json] [--cfg-options key=value ...]
 
-Runs the config's model uncached (prompts: ``--prompt`` or the config's ``prompt`` list; one
+Runs the config's model uncached (an Open-Sora 1.x config or a 2.0 one: STDiT3 or the MMDiT,
+whose first double block's modulated image input is measured; prompts: ``--prompt`` or the
+config's ``prompt`` list; one
 run per seed, all prompts in one batch), records per step the relative L1 change of the first
 block's modulated input (as the TeaCache policy measures it) and of the model output, fits a
 least-squares polynomial of ``--degree`` and writes JSON ``{"coefficients": [...] (highest degree
@@ -29,7 +31,9 @@ from mmengine.config import DictAction
 
 from ..cache import apply_cache, remove_cache
 from ..cache.calibrate import fit_polynomial, model_identity
+from ..config_check import check_v2_inference_config
 from ..pipeline import build_from_config
+from ..pipeline_v2 import build_v2_from_config, is_v2_config
 from ..registry import SCHEDULERS, build_module
 from ..utils.atomic import check_writable, write_json
 from ..utils.config import load_config
@@ -114,9 +118,17 @@ def main(argv=None) -> int:
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError(f"prompts={_short(prompts)}: accepted: --prompt or a `prompt` "
                              f"(a string or a list of non-empty strings) in the config")
-        if args.steps is not None:
-            cfg.scheduler.num_sampling_steps = args.steps
-        steps = build_module(dict(cfg.scheduler), SCHEDULERS).num_sampling_steps
+        v2 = is_v2_config(cfg)  # Open-Sora 2.0: the MMDiT, its sampler's steps
+        if v2:
+            if args.steps is not None:
+                cfg.sampling_option = dict(cfg.get("sampling_option") or {}, num_steps=args.steps)
+            cfg.cache = None
+            check_v2_inference_config(cfg)
+            steps = int((cfg.get("sampling_option") or {}).get("num_steps", 50))
+        else:
+            if args.steps is not None:
+                cfg.scheduler.num_sampling_steps = args.steps
+            steps = build_module(dict(cfg.scheduler), SCHEDULERS).num_sampling_steps
         samples = (steps - 1) * len(prompts) * len(args.seeds)  # one per clip and step >= 1
         if samples <= args.degree:
             raise ValueError(f"--degree {args.degree} needs more than {args.degree} samples; "
@@ -130,7 +142,9 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = build_from_config(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = build_v2_from_config(cfg, device=device) if v2 else build_from_config(cfg,
+                                                                                  device=device)
     samples = collect_changes(pipe, prompts, args.seeds)
     try:
         fit = fit_polynomial(samples["x"], samples["y"], args.degree)
@@ -140,7 +154,7 @@ def main(argv=None) -> int:
     report = {**fit, "x_range": [min(samples["x"]), max(samples["x"])],
               "x": samples["x"], "y": samples["y"], "config": args.config,
               "prompts": prompts, "seeds": list(args.seeds),
-              "steps": pipe.scheduler.num_sampling_steps, "model": model_identity(pipe.model)}
+              "steps": steps, "model": model_identity(pipe.model)}
     write_json(args.out, report)
     print(f"calibration: degree {fit['degree']} on {fit['samples']} steps, RMSE "
           f"{fit['rmse']:.4g}, coefficients {fit['coefficients']} -> {args.out}")
