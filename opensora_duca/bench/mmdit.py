@@ -1,6 +1,6 @@
 """Open-Sora 2.0 (MMDiT) benchmark presets of ``tools/benchmark.py``.
 
-* ``mmdit-cpu``: the CPU-sized MMDiT (``MMDiT-cpu``, random weights) on a 4 x 8 x 8 token grid,
+* ``mmdit-cpu``: the CPU-sized MMDiT (``MMDiT-cpu``, random weights) on a 4 x 16 x 16 token grid,
   30 steps, the three-branch guidance batch of one clip — runs on a CPU in seconds;
 * ``opensora2-256px`` / ``opensora2-768px``: the published Open-Sora 2.0 MMDiT (11B: 19 double,
   38 single blocks, hidden 3072) on upstream's default video (129 frames, 16:9; 33 latent
@@ -28,7 +28,7 @@ from ..registry import MODELS, build_module
 from ..schedulers.opensora2 import get_schedule, latent_frames, oscillation_scale
 
 V2_PRESETS: Dict[str, dict] = {
-    "mmdit-cpu": dict(model="MMDiT-cpu", grid=(4, 8, 8), txt_len=16, steps=30, large=False),
+    "mmdit-cpu": dict(model="MMDiT-cpu", grid=(4, 16, 16), txt_len=32, steps=30, large=False),
     "opensora2-256px": dict(model="OpenSora-v2-MMDiT", resolution="256px", txt_len=512,
                             steps=50, large=True),
     "opensora2-768px": dict(model="OpenSora-v2-MMDiT", resolution="768px", txt_len=512,
