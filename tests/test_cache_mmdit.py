@@ -397,3 +397,43 @@ def test_two_and_four_ranks_give_the_single_process_run(single_process_runs, wor
                                                                       single[name][0]))
     assert ranks[0]["duca"][2] < ranks[0]["none"][2]
     assert ranks[0]["teacache"][2] < ranks[0]["none"][2]
+
+
+def _booster_runs(rank, world_size):
+    """The double sharded as upstream's booster does (even chunks of the joint sequence): FORA's
+    and TrunkReuse's runs, and DuCa's refusal."""
+    double = build_double(7)
+    shard_mmdit(double)
+    inp = make_inputs(small_config(), grid=(2, 3, 4), txt_len=4, batch=2, seed=12)
+    out = {}
+    for cfg in (dict(type="FORA", interval=2), dict(type="TrunkReuse", interval=2)):
+        mgr = apply_cache(double, cfg)
+        out[cfg["type"]] = [torch.stack(sample(double, inp)), mgr.stats()["step_labels"]]
+        remove_cache(double)
+    apply_cache(double, dict(type="DuCa", warmup_steps=1))
+    try:
+        sample(double, inp)
+        out["refusal"] = None
+    except ValueError as err:
+        out["refusal"] = str(err)
+    return out
+
+
+def test_fixed_plans_run_under_upstreams_sequence_parallelism():
+    """Two ranks of upstream's booster (processors swapped, forward replaced, the joint
+    sequence split evenly): FORA and TrunkReuse give the single process's run; DuCa (token
+    subsets per latent row) is refused with one line at the first step."""
+    from dist_utils import run_distributed
+
+    inp = make_inputs(small_config(), grid=(2, 3, 4), txt_len=4, batch=2, seed=12)
+    plain = build_double(7)
+    ranks = run_distributed(_booster_runs, 2)
+    for name, cfg in (("FORA", dict(type="FORA", interval=2)),
+                      ("TrunkReuse", dict(type="TrunkReuse", interval=2))):
+        mgr = apply_cache(plain, cfg)
+        ref = torch.stack(sample(plain, inp))
+        labels = mgr.stats()["step_labels"]
+        remove_cache(plain)
+        for r in ranks:
+            assert r[name][1] == labels and rel(r[name][0], ref) < 1e-5, name
+    assert all("even chunks" in r["refusal"] and "\n" not in r["refusal"] for r in ranks)
