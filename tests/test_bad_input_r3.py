@@ -91,7 +91,21 @@ def _frontier_default_out(tmp_path):
     return ("tracked" if os.path.abspath(out).startswith(tracked) else "ok"), out
 
 
+def _frontier_other_calibration(tmp_path):
+    from opensora_duca.cli import frontier
+    from opensora_duca.pipeline import build_from_config
+    frontier.build_from_config = build_from_config  # the no_build fixture restores it
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps(dict(coefficients=[1.0, 0.0], model=dict(
+        type="STDiT3", parameters=1, shapes="0", weights="0"))))
+    return _frontier("--quick", "--families", "TeaCache", "--calibration", cal, "--out",
+                     tmp_path / "f.json", "--threads", 1)
+
+
 ROWS = [
+    Row("frontier-calibration-of-another-model", _frontier_other_calibration, 2,
+        r"TeaCache calibration=.*cal\.json' was fitted on another model",
+        lambda p: not (p / "f.json").exists() or pytest.fail("written")),
     Row("frontier-default-out-untracked", _frontier_default_out, "ok", r"^outputs/"),
     Row("frontier-foreign-meta", _frontier_on(json.dumps(FOREIGN)), 2,
         r"f\.json' holds a sweep of other settings \(differs in config, prompts, quick, "

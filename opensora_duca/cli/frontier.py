@@ -28,6 +28,8 @@ import sys
 
 import torch
 
+from ..cache import build_policy
+from ..cache.calibrate import check_calibration_model
 from ..data.synthetic import caption_set
 from ..eval.frontier import (
     default_sweep,
@@ -121,6 +123,13 @@ def _run(args, cfg, points, prompts, meta) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = build_from_config(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+    try:  # before any clip: a TeaCache calibration fitted on another model
+        for _, c in points:
+            if c.get("calibration") is not None:
+                check_calibration_model(build_policy(c), pipe.model)
+    except ValueError as err:
+        print(f"frontier: error: {err}", file=sys.stderr)
+        return 2
     result = run_frontier(pipe, points, prompts, args.seeds, args.out,
                           batch_size=args.batch_size, meta=meta, lock=False)
     plot(result, args.plot or os.path.splitext(args.out)[0] + ".png")
