@@ -47,7 +47,9 @@ anything is built the config is checked (:mod:`opensora_duca.config_check`: unkn
 sizes that cannot fit) and every rank checks that all ranks share the same settings
 (:mod:`opensora_duca.parallel.agreement`); a mistake is one line on stderr and exit code 2.
 ``--dist-timeout`` (config key ``dist_timeout``, seconds, default 600) bounds how long a rank
-waits for a stalled or dead one (exit code 1).
+waits for a stalled or dead one (exit code 1). Sampled latents with NaN or Inf are reported as
+such (exit code 1, nothing written for that prompt); SIGTERM ends the run with exit code 143
+and the file being written is removed (finished files stay). See docs/failure-behaviour.md.
 """
 from __future__ import annotations
 
