@@ -122,7 +122,10 @@ def test_blurred_square_is_a_square(color):
 def test_shape_in_pieces_is_rejected(clips, pieces):
     for v, it in clips[:15]:
         r = judge(cut_into_pieces(v, pieces), it["text"])
-        assert r["color_ok"] and r["motion_ok"]  # rejected for the pieces alone
+        assert r["color_ok"] and r["pieces_direction"] == it["direction"]  # the pieces' motion
+        assert r["fragmented"] and r["detected_direction"] == "fragmented"  # reported as such
+        assert not r["motion_ok"] and f"motion: got fragmented, expected {it['direction']}" \
+            in r["reason"]
         assert not r["one_object"] and not r["ok"] and not r["all_ok"]
         assert r["fragmented_frames"] == 8 and r["min_object_share"] <= 0.5
         assert "not one object: 8 fragmented and 0 empty of 8 frames" in r["reason"]
@@ -182,3 +185,54 @@ def test_cli_manifest_and_from_names(tmp_path, clips):
     r = subprocess.run([sys.executable, tool, "--video-dir", str(tmp_path), "--from-names",
                         "--quiet"], check=True, capture_output=True, text=True)
     assert json.loads(r.stdout)["all_ok"] == 1.0
+
+
+def still_in_unequal_pieces(color, shape, x0, y0):
+    """A still shape cut by one vertical 2-pixel gap left of its middle in the first half of
+    the frames (the right piece is the larger) and right of it in the second half (the left
+    piece is). The shape's pixels never move."""
+    v = S.render_clip(color, shape, "still", x0, y0)
+    out = v.copy()
+    for t, frame in enumerate(v):
+        ys, xs = np.nonzero(frame.any(-1))
+        x_lo, w = xs.min(), np.ptp(xs) + 1
+        c = x_lo + (w // 3 if t < len(v) // 2 else 2 * w // 3)
+        out[t, :, c - 1:c + 1] = 0
+    return out
+
+
+def _largest_piece_track(video):
+    """Independent reference: per frame the centroid x of the largest 4-connected piece
+    (scipy-free: the pieces are split by a full-height vertical gap, so columns suffice)."""
+    xs_out = []
+    for frame in video:
+        cols = frame.any(-1).any(0)
+        runs, start = [], None
+        for x, on in enumerate(list(cols) + [False]):
+            if on and start is None:
+                start = x
+            if not on and start is not None:
+                runs.append((start, x))
+                start = None
+        sizes = [frame[:, a:b].any(-1).sum() for a, b in runs]
+        a, b = runs[int(np.argmax(sizes))]
+        ys, xs = np.nonzero(frame[:, a:b].any(-1))
+        xs_out.append(a + xs.mean())
+    return np.asarray(xs_out)
+
+
+@pytest.mark.parametrize("shape", ["square", "circle"])
+def test_still_shape_in_pieces_is_fragmented_not_moving(shape):
+    v = still_in_unequal_pieces("green", shape, 10, 10)
+    track = _largest_piece_track(v)
+    tc = np.arange(len(track)) - (len(track) - 1) / 2
+    moved = (tc * (track - track.mean())).sum() / (tc ** 2).sum() * (len(track) - 1)
+    assert moved < -4.0  # the largest piece alone would read "left" (threshold 4 px)
+    r = judge(v, f"a green {shape} staying still")
+    assert r["fragmented"] and r["fragmented_frames"] > 2  # over the 2-of-8 tolerance
+    assert r["detected_direction"] == "fragmented" and r["pieces_direction"] == "still"
+    dx, dy = r["displacement"]
+    assert abs(dx) <= 1.5 and abs(dy) <= 1.5  # the pieces together stay put (the gap: 1 px)
+    assert r["color_ok"] and not r["ok"] and "got fragmented" in r["reason"]
+    whole = judge(S.render_clip("green", shape, "still", 10, 10), f"a green {shape} staying still")
+    assert whole["all_ok"] and not whole["fragmented"]  # uncut: still, one object

@@ -18,9 +18,15 @@ For a clip (uint8 [T, H, W, 3]) and a caption such as ``"a red circle moving lef
    shifted by up to one pixel; the score of a shape is its best soft IoU (sum of minima over sum
    of maxima). Searching over the blur lets a blurred square match the blurred square stencil
    instead of a circle, which a fill-ratio rule cannot tell apart;
-6. motion = least-squares slope of the object's centroid over frames, times (T - 1): the total
-   displacement (dx, dy) in pixels; "still" if max(|dx|, |dy|) < ``move_threshold``, otherwise
-   the dominant axis and its sign (image y grows downwards: negative dy is "up");
+6. motion = least-squares slope over frames, times (T - 1), of the centroid of the object's
+   pieces: every component of at least ``MIN_OBJECT_PIXELS`` pixels, weighted by its pixels (a
+   whole shape: its largest component). The total displacement (dx, dy) in pixels; "still" if
+   max(|dx|, |dy|) < ``move_threshold``, otherwise the dominant axis and its sign (image y
+   grows downwards: negative dy is "up"). A shape drawn in pieces whose largest piece changes
+   from frame to frame has a largest-component centroid that jumps while the shape stays put;
+   the pieces' centroid does not, so such a clip reads as what it is: ``fragmented`` (more
+   than ``MAX_BAD_FRAME_SHARE`` of its frames fragmented), not a direction
+   (``largest_piece_displacement`` keeps what the largest piece alone would say);
 7. flicker = mean absolute difference (0..255) between consecutive frames over pixels that are
    background in both (``flicker``), and over all pixels (``flicker_all``).
 
@@ -191,7 +197,9 @@ def analyze(frames: Any, *, fg_threshold: float = FG_THRESHOLD,
             fragmented += 1
         obj = labels == k
         ys, xs = np.nonzero(obj)
-        centroids.append((t, xs.mean(), ys.mean()))
+        keep = [j + 1 for j, n in enumerate(sizes) if n >= MIN_OBJECT_PIXELS]
+        ay, ax = np.nonzero(np.isin(labels, keep))  # every piece of the object
+        centroids.append((t, ax.mean(), ay.mean(), xs.mean(), ys.mean()))
         pixels.append(x[t][obj])
         frame_scores.append(_frame_shape(dist[t], labels, k))
 
@@ -212,20 +220,26 @@ def analyze(frames: Any, *, fg_threshold: float = FG_THRESHOLD,
         # majority over frames; a tie goes to the higher mean score
         shape = SHAPES[int(np.lexsort((scores.mean(0), votes))[-1])]
         mean_scores = {s: float(v) for s, v in zip(SHAPES, scores.mean(0))}
+    largest = (float("nan"), float("nan"))
     if len(centroids) >= 2:
-        ts, cx, cy = (np.asarray(v, dtype=np.float64) for v in zip(*centroids))
+        ts, cx, cy, lx, ly = (np.asarray(v, dtype=np.float64) for v in zip(*centroids))
         ts_c = ts - ts.mean()
         denom = float((ts_c ** 2).sum())
-        dx = float((ts_c * (cx - cx.mean())).sum() / denom * (t_len - 1))
-        dy = float((ts_c * (cy - cy.mean())).sum() / denom * (t_len - 1))
+        slope = lambda v: float((ts_c * (v - v.mean())).sum() / denom * (t_len - 1))  # noqa: E731
+        dx, dy = slope(cx), slope(cy)
+        largest = (slope(lx), slope(ly))
         direction = classify_motion(dx, dy, move_threshold)
+    in_pieces = fragmented > MAX_BAD_FRAME_SHARE * t_len
 
     bg_both = ~fg[1:] & ~fg[:-1]
     diff = np.abs(x[1:] - x[:-1]).mean(-1)  # [T-1, H, W]
     flicker = float(diff[bg_both].mean()) if bg_both.any() else float("nan")
-    return dict(detected_color=color, detected_shape=shape, detected_direction=direction,
+    return dict(detected_color=color, detected_shape=shape,
+                detected_direction="fragmented" if in_pieces else direction,
+                pieces_direction=direction, fragmented=in_pieces,
                 one_object=(fragmented + empty) <= MAX_BAD_FRAME_SHARE * t_len,
                 fragmented_frames=fragmented, empty_frames=empty,
+                largest_piece_displacement=largest,
                 min_object_share=float(min(shares)) if shares else None,
                 shape_votes=shape_votes, shape_scores=mean_scores, displacement=(dx, dy),
                 color_votes=color_votes, frames_with_object=len(centroids),
