@@ -79,7 +79,7 @@ from ..config_check import (
 from ..parallel import release_process_group
 from ..parallel.agreement import check_ranks_agree
 from ..parallel.launch import init_distributed
-from ..pipeline import build_from_config, load_prompts, unique_filenames
+from ..pipeline import append_scores, build_from_config, load_prompts, unique_filenames
 from ..pipeline_v2 import apply_cli_overrides, build_v2_from_config, is_v2_config
 from ..utils.atomic import check_writable, save_torch, write_json
 from ..utils.config import load_config, plain
@@ -419,8 +419,10 @@ def run(cfg, args, rank, world, device, is_main, t_start) -> int:
     pipe = build(cfg, device=device, enable_sequence_parallelism=world > 1)
     t_build = time.perf_counter() - t_build
     tokenize = getattr(pipe.text_encoder, "tokenize", None)
-    if callable(tokenize) and todo:  # every prompt, before the first video (unknown words)
-        tokenize([prompts[i] for i in todo])
+    if callable(tokenize) and todo:  # every prompt, before the first video (unknown words),
+        # as generate gives them to the text encoder (with the aes / flow scores appended)
+        tokenize(append_scores([prompts[i] for i in todo], getattr(pipe, "aes", None),
+                               getattr(pipe, "flow", None)))
     batch_size = int(cfg.get("batch_size") or 1)
     save_fps = cfg.get("save_fps") or cfg.get("fps", 24)
     if is_main:
