@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import statistics
 import time
@@ -173,30 +174,110 @@ def frame_fidelity(v: torch.Tensor, v_ref: torch.Tensor) -> dict:
     return out
 
 
-def parse_policies(text: str) -> List[str]:
+POLICIES_ACCEPTED = ("a comma-separated list of registered policies {known}, each a name or "
+                     "NAME:key=value,... (values in JSON, e.g. FORA:interval=6,warmup_steps=2), "
+                     "or a JSON list of names and dicts with a 'type'")
+
+
+def _json_value(text: str):
+    """A ``key=value`` value: JSON (numbers, true/false/null, lists, objects), else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _config_items(text: str, known: list) -> list:
+    """``NAME`` and ``NAME:key=value,key=value`` items of a comma-separated list (a token with
+    ``=`` and no ``:`` continues the config before it) -> names and ``dict(type=...)``s.
+    A value with a comma needs the JSON-list form."""
+    items: list = []
+    for tok in (t.strip() for t in text.split(",")):
+        if not tok:
+            continue
+        if ":" in tok:
+            name, _, kv = tok.partition(":")
+            items.append({"type": name.strip()})
+            tok = kv
+        elif "=" not in tok:
+            items.append(tok)
+            continue
+        elif not items or not isinstance(items[-1], dict):
+            raise option_error("--policies", text, POLICIES_ACCEPTED.format(known=known))
+        key, eq, val = tok.partition("=")
+        if not eq or not key.strip() or key.strip() in items[-1]:
+            raise option_error("--policies", text, POLICIES_ACCEPTED.format(known=known) +
+                               " (each key once)")
+        items[-1][key.strip()] = _json_value(val.strip())
+    return items
+
+
+def policy_label(item) -> str:
+    """A policy's name in reports: the name itself, or ``NAME:key=value,...`` (JSON values)."""
+    if isinstance(item, str):
+        return item
+    rest = ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}"
+                    for k, v in item.items() if k != "type")
+    return f"{item['type']}:{rest}" if rest else item["type"]
+
+
+def policy_config(item) -> dict:
+    """The cache config of an item of :func:`parse_policies`."""
+    return dict(type=item) if isinstance(item, str) else dict(item)
+
+
+def parse_policies(text: str, configs: bool = False) -> list:
+    """``--policies`` -> the policies to run, ``none`` (the reference) first. Without
+    ``configs``: registered names only (strings). With ``configs``: also ``NAME:key=value,...``
+    items and a JSON list (``[..., {"type": "FORA", "interval": 6}]``); a config comes back as a
+    dict, built once here so that a bad key or value is one line (the policy's own message).
+    Plain names stay strings."""
     from .. import cache  # noqa: F401  (registers the policies)
+    from ..cache.policies import build_policy
     from ..registry import CACHES as REG
     from ..registry import registered
 
-    names = [p.strip() for p in text.split(",") if p.strip()]
     known = registered(REG)
-    bad = [p for p in names if p not in known]
-    if not names or bad:
-        raise option_error("--policies", text,
-                           f"a comma-separated list of registered policies {known}")
-    if len(set(names)) != len(names):
-        raise option_error("--policies", text, "each policy at most once")
-    if "none" not in names:
-        names = ["none"] + names  # the reference of speedup and fidelity
+    accepted = (POLICIES_ACCEPTED if configs else
+                "a comma-separated list of registered policies {known}").format(known=known)
+    if configs and text.strip().startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            raise option_error("--policies", text, accepted) from None
+        if not isinstance(items, list) or not all(
+                isinstance(i, str) or (isinstance(i, dict) and isinstance(i.get("type"), str))
+                for i in items):
+            raise option_error("--policies", text, accepted)
+    elif configs:
+        items = _config_items(text, known)
     else:
-        names = ["none"] + [n for n in names if n != "none"]
-    return names
+        items = [p.strip() for p in text.split(",") if p.strip()]
+    items = [i if isinstance(i, str) or len(i) > 1 else i["type"] for i in items]
+    bad = [policy_label(i) for i in items
+           if (i if isinstance(i, str) else i["type"]) not in known]
+    if not items or bad:
+        raise option_error("--policies", text, accepted)
+    for i in items:
+        if isinstance(i, dict):
+            try:
+                build_policy(i)
+            except (ValueError, KeyError, TypeError) as err:
+                msg = str(err.args[0] if isinstance(err, KeyError) and err.args else err)
+                raise ValueError(f"--policies item {policy_label(i)!r}: "
+                                 f"{msg.strip().splitlines()[0]}") from None
+    labels = [policy_label(i) for i in items]
+    if len(set(labels)) != len(labels):
+        raise option_error("--policies", text, "each policy at most once")
+    return ["none"] + [i for i, lab in zip(items, labels) if lab != "none"]
 
 
-def run_benchmark(bench: Bench, policies: List[str], repeat: int, warmup: int,
+def run_benchmark(bench: Bench, policies: list, repeat: int, warmup: int,
                   log=print, compile=None, count_syncs: bool = True) -> dict:
-    """Interleaved rounds over ``policies`` (compiled with ``compile`` options when given),
-    then one run per policy counting host-device syncs; returns the JSON-ready report."""
+    """Interleaved rounds over ``policies`` (names or configs, as :func:`parse_policies`
+    returns them; a row's ``policy`` is :func:`policy_label`), compiled with ``compile`` options
+    when given, then one run per policy counting host-device syncs; returns the JSON-ready
+    report."""
     from ..cache import apply_cache, remove_cache
     from ..utils.compile import compile_options, compiled_graphs
 
@@ -205,6 +286,11 @@ def run_benchmark(bench: Bench, policies: List[str], repeat: int, warmup: int,
     if warmup < 0:
         raise option_error("--warmup", warmup, "an int >= 0")
     n_steps = bench.num_steps
+    labels = [policy_label(p) for p in policies]
+    cfgs = {lab: policy_config(p) for lab, p in zip(labels, policies)}
+    policies = labels
+    if len(set(labels)) != len(labels) or "none" not in cfgs:
+        raise option_error("--policies", policies, "distinct policies, 'none' among them")
     copts = compile_options(compile)
     # known on the host (rounded as the sampler passes them): the cache never reads them
     host_ts = bench.timesteps().to(bench.dtype).cpu().tolist()
@@ -227,7 +313,7 @@ def run_benchmark(bench: Bench, policies: List[str], repeat: int, warmup: int,
         if timed and graphs_after_warmup is None:
             graphs_after_warmup = compiled_graphs()
         for p in policies:
-            mgr = apply_cache(bench.model, dict(type=p), compile=copts)
+            mgr = apply_cache(bench.model, cfgs[p], compile=copts)
             timer = StepTimer(bench.model, bench.device)
             try:
                 with mgr.session(n_steps, timesteps=host_ts):
@@ -250,7 +336,7 @@ def run_benchmark(bench: Bench, policies: List[str], repeat: int, warmup: int,
     graphs_timed = compiled_graphs() - graphs_after_warmup
     syncs, sync_method = {}, None
     for p in policies if count_syncs else ():
-        mgr = apply_cache(bench.model, dict(type=p), compile=copts)
+        mgr = apply_cache(bench.model, cfgs[p], compile=copts)
         try:
             with mgr.session(n_steps, timesteps=host_ts), SyncCounter(bench.device) as counter:
                 bench.sample()

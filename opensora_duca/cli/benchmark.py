@@ -7,6 +7,8 @@ Usage::
         [--dtype fp32|fp16|bf16] [--ckpt-path PATH] [--steps N] [--tiny]
         [--latent C T H W] [--hidden N] [--depth N] [--batch N] [--seed S] [--threads N]
         [--compile [--compile-backend inductor|aot_eager]]
+    python tools/benchmark.py --policies 'DuCa,FORA:interval=6,forecast={"order":1}'  # configs
+    python tools/benchmark.py --policies '["DuCa", {"type": "TeaCache", "threshold": 0.2}]'
     python tools/benchmark.py --preset demo            # the trained demo model (when shipped)
     python tools/benchmark.py --config CONFIG.py       # any inference config (text encoder+codec)
     python tools/benchmark.py --preset opensora-480p-51f --device cuda   # STDiT3-XL/2, bf16
@@ -98,7 +100,7 @@ import sys
 import torch
 
 from ..bench.benches import PRESETS, build_bench, option_error
-from ..bench.measure import device_name, parse_policies, run_benchmark
+from ..bench.measure import device_name, parse_policies, policy_config, run_benchmark
 from ..bench.mmdit import V2_PRESETS
 from ..bench.report import markdown_table, plot, step_kind_table
 from ..utils.atomic import check_writable, write_json
@@ -114,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one of {list(PRESETS) + list(V2_PRESETS)} (the last three: Open-Sora "
                         f"2.0's MMDiT)")
     p.add_argument("--config", default=None, help="benchmark an inference config instead")
-    p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated policy names")
+    p.add_argument("--policies", default=DEFAULT_POLICIES,
+                   help="comma-separated policies: names or NAME:key=value,... configs (JSON "
+                        "values), e.g. none,DuCa,FORA:interval=6,warmup_steps=2; or a JSON "
+                        "list of names and dicts with a 'type'")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per policy (median)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed rounds first (default: 1 on CUDA, 0 on a CPU)")
@@ -158,7 +163,7 @@ def _main_v2(args, policies) -> int:
                                "--allow-cpu to force it, or --preset mmdit-cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    report = run_v2_benchmark(args.preset, [dict(type=p) for p in policies], device, dtype,
+    report = run_v2_benchmark(args.preset, [policy_config(p) for p in policies], device, dtype,
                               repeat=args.repeat, steps=args.steps, seed=args.seed,
                               log=(lambda s: None) if args.quiet else print)
     print(v2_table(report), flush=True)
@@ -207,7 +212,7 @@ def _checked(args) -> list:
             check_writable(val, key)
     if args.config is not None and not os.path.isfile(args.config):
         raise option_error("--config", args.config, "an existing inference config file")
-    policies = parse_policies(args.policies)
+    policies = parse_policies(args.policies, configs=True)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return policies
