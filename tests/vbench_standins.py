@@ -210,13 +210,17 @@ def _tiny_tag2text_configs(cache_dir: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # builders
 # --------------------------------------------------------------------------------------------------
-def _finite(state_dict: dict) -> dict:
+def _finite(state_dict: dict, fill_empty: bool = False) -> dict:
     """Some constructors leave parameters as ``torch.empty`` for the checkpoint to fill (ViCLIP's
-    projections and positional embeddings): give those defined random values."""
+    projections and positional embeddings): give those defined random values. Such memory holds
+    anything: non-finite or huge values, and (``fill_empty``, for those constructors) all but
+    zero ones, whose features vanish below float range and normalise to NaN."""
     g = torch.Generator().manual_seed(0)
     out = {}
     for k, v in state_dict.items():
-        if torch.is_floating_point(v) and (not torch.isfinite(v).all() or v.abs().max() > 1e4):
+        if torch.is_floating_point(v) and v.numel() and (
+                not torch.isfinite(v).all() or v.abs().max() > 1e4
+                or (fill_empty and v.abs().max() < 1e-12)):
             v = torch.randn(v.shape, generator=g, dtype=v.dtype) * 0.02
         out[k] = v
     return out
@@ -334,7 +338,7 @@ def build_viclip(cache_dir: str, scale: str = "tiny") -> List[str]:
     with ctx:
         model = ViCLIP(tokenizer=SimpleTokenizer(bpe), pretrain=None)
     path = os.path.join(cache_dir, "ViCLIP", "ViClip-InternVid-10M-FLT.pth")
-    return [bpe, _save({"model": model.state_dict()}, path)]
+    return [bpe, _save({"model": _finite(model.state_dict(), fill_empty=True)}, path)]
 
 
 def build_umt(cache_dir: str, scale: str = "tiny") -> List[str]:

@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         if args.list_weights:
             print("\n".join(vb.weights_listing(dims, args.weights_dir)))
             print(f"(VBENCH_CACHE_DIR = {os.path.abspath(args.weights_dir)}, torch hub folder = "
-                  f"{vb.torch_hub_dir()})")
+                  f"{vb.torch_hub_dir()}, Hugging Face cache = {vb.hf_hub_cache()})")
             return 0
         runs, root = _runs(args)
         rank, world = _shard(args)

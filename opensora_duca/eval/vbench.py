@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -710,10 +711,27 @@ def result_path(output_dir: str, name: str, dimension: str) -> str:
     return os.path.join(output_dir, f"{name}_{dimension}_result.json")
 
 
+def weights_fingerprint(dimension: str, cache_dir: str) -> List[list]:
+    """``[path, size, modification time]`` of the weight files ``dimension`` loads (absent ones
+    with None): a stored score is reused only while these are unchanged."""
+    out = []
+    for p in weight_files(dimension, cache_dir):
+        head, tail = os.path.split(p)
+        for alt in tail.split("|"):
+            q = os.path.join(head, alt)
+            if os.path.isfile(q):
+                st = os.stat(q)
+                out.append([q, st.st_size, st.st_mtime_ns])
+                break
+        else:
+            out.append([p, None, None])
+    return out
+
+
 def load_result(output_dir: str, name: str, dimension: str, fingerprint: dict,
-                mode: str) -> Optional[dict]:
+                mode: str, weights: Optional[List[list]] = None) -> Optional[dict]:
     """The stored result of ``dimension`` when it was computed from the same videos in the same
-    mode (a score or an error), else None."""
+    mode (and, given ``weights``, with the same weight files): a score or an error; else None."""
     path = result_path(output_dir, name, dimension)
     if not os.path.isfile(path):
         return None
@@ -723,6 +741,8 @@ def load_result(output_dir: str, name: str, dimension: str, fingerprint: dict,
     except (OSError, ValueError):
         return None
     if rec.get("fingerprint") != fingerprint or rec.get("mode") != mode:
+        return None
+    if weights is not None and rec.get("weights") != weights:
         return None
     return rec
 
@@ -747,9 +767,10 @@ def evaluate(
     ``"custom_input"`` (prompt read from each file name; not all dimensions support it).
 
     Each dimension's outcome is stored in ``{output_dir}/{name}_{dim}_result.json`` with the
-    :func:`videos_fingerprint` it was computed from; with ``resume`` a stored score of the same
-    videos is reused (listed under ``resumed``), so an interrupted evaluation goes on where it
-    stopped and several processes can share the dimensions of one folder. With ``compute=False``
+    :func:`videos_fingerprint` and :func:`weights_fingerprint` it was computed from; with
+    ``resume`` a stored score of the same videos and weights is reused (listed under
+    ``resumed``), so an interrupted evaluation goes on where it stopped and several processes
+    can share the dimensions of one folder. With ``compute=False``
     nothing is scored: stored results are collected, dimensions without one are listed under
     ``pending`` and stored failures under ``failed``.
     ``min_size``: stage videos whose short side is smaller as upscaled copies (see
@@ -786,8 +807,9 @@ def evaluate(
         "notes": {d: EXTRA_NOTES[d] for d in runnable if d in EXTRA_NOTES},
     }
     todo = []
+    wfp = {dim: weights_fingerprint(dim, weights_dir) for dim in runnable}
     for dim in runnable:
-        rec = load_result(output_dir, name, dim, fingerprint, mode) if resume else None
+        rec = load_result(output_dir, name, dim, fingerprint, mode, wfp[dim]) if resume else None
         if rec is not None and "raw" in rec:
             result["dimensions"][dim] = {k: rec[k] for k in ("raw", "normalized", "num_videos")}
             result["resumed"].append(dim)
@@ -824,7 +846,9 @@ def evaluate(
             if dim not in todo:
                 continue
             run_name = f"{name}_{dim}"
-            rec = {"dimension": dim, "mode": mode, "fingerprint": fingerprint}
+            rec = {"dimension": dim, "mode": mode, "fingerprint": fingerprint,
+                   "weights": wfp[dim]}
+            t0 = time.perf_counter()
             try:
                 bench = vb.VBench(torch.device(device), full_info, output_dir)
                 bench.evaluate(
@@ -846,6 +870,7 @@ def evaluate(
             except Exception as e:  # report per dimension, keep going
                 rec["error"] = f"{type(e).__name__}: {e}"
                 result["failed"][dim] = rec["error"]
+            rec["seconds"] = time.perf_counter() - t0  # model loading included
             write_json(result_path(output_dir, name, dim), rec)
     finally:
         shutil.rmtree(stage_dir, ignore_errors=True)
@@ -895,6 +920,7 @@ __all__ = [
     "CUSTOM_UNSUPPORTED",
     "videos_fingerprint",
     "result_path",
+    "weights_fingerprint",
     "load_result",
     "expected_videos",
     "evaluate",
