@@ -379,3 +379,11 @@ def test_teacache_calibration_fitted_on_the_mmdit(tmp_path, pipe):
     finally:
         pipe.remove_cache()
     assert len(labels) == steps
+    from opensora_duca.cache import apply_cache
+    from opensora_duca.registry import MODELS, build_module
+
+    other = build_module(dict(_tiny().model), MODELS)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)  # other weights, same layout
+    with pytest.raises(ValueError, match="was fitted on another model"):
+        apply_cache(other, dict(type="TeaCache", calibration=str(out)))

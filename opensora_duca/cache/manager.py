@@ -26,6 +26,7 @@ from .. import parallel as sp
 from ..utils.compile import check_available, compile_options
 from . import selection as sel
 from .adaptive import AdaptiveRun, check_cfg_halves
+from .calibrate import check_calibration_model
 from .layouts import layout_for
 from .plan import Kind, StepKind, StepPlan
 from .policies import AdaptivePolicy, CachePolicy, Scorer, build_policy
@@ -399,7 +400,9 @@ def apply_cache(model: nn.Module, cfg: Any = None, compile: Any = None) -> Cache
     if getattr(model, _ATTR, None) is not None:
         raise RuntimeError("this model already has a cache attached; call remove_cache(model) "
                            "first")
-    mgr = CacheManager(model, build_policy(cfg))
+    policy = build_policy(cfg)
+    check_calibration_model(policy, model)  # a calibration file fitted on another model
+    mgr = CacheManager(model, policy)
     mgr.set_compile(compile)
     return mgr.attach()
 
