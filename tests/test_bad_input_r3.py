@@ -789,6 +789,95 @@ class Built(Exception):
     """Raised when a tool starts its expensive work (building the model)."""
 
 
+# ---------------------------------------------------------------------------------------------
+# 2/3 (the cache side), 5 and 10: run boundaries in bf16, one thread per run, the session
+# contract (behaviour tested in depth in tests/test_cache_runs.py)
+
+def _cached_small(policy):
+    import torch
+    from cache_utils import inputs, small_model
+
+    from opensora_duca.cache import apply_cache
+    m = small_model(depth=1)
+    x, y, mask = inputs()
+    return torch, m, apply_cache(m, policy), x, y, mask
+
+
+def _nested_session(tmp_path):
+    torch, m, mgr, x, y, mask = _cached_small(dict(type="FORA"))
+    with mgr.session(num_steps=2):
+        return api(lambda: mgr.session(num_steps=2).__enter__())
+
+
+def _session_overrun(tmp_path):
+    torch, m, mgr, x, y, mask = _cached_small(dict(type="FORA"))
+
+    def run():
+        with mgr.session(num_steps=2), torch.no_grad():
+            for t in (900.0, 800.0, 700.0):
+                m(x, torch.full((2,), t), y, mask=mask)
+    return api(run)
+
+
+def _frozen_grad_input(tmp_path):
+    torch, m, mgr, x, y, mask = _cached_small(dict(type="DuCa"))
+    m.requires_grad_(False)
+    return api(lambda: m(x.requires_grad_(), torch.full((2,), 900.0), y, mask=mask))
+
+
+def _session_names_passed_timestep(tmp_path):
+    torch, m, mgr, x, y, mask = _cached_small(dict(type="FORA"))
+
+    def run():
+        with mgr.session(num_steps=3), torch.no_grad():
+            m(x, torch.full((2,), 900.0), y, mask=mask)
+            m(x, torch.full((2,), 950.0), y, mask=mask)
+    return api(run)
+
+
+def _second_thread(tmp_path):
+    import threading
+    torch, m, mgr, x, y, mask = _cached_small(dict(type="FORA"))
+    opened, done, result = threading.Event(), threading.Event(), {}
+
+    def owner():
+        with mgr.session(num_steps=1):
+            opened.set()
+            done.wait(10)
+    t = threading.Thread(target=owner)
+    t.start()
+    opened.wait(10)
+    with torch.no_grad():
+        result["r"] = api(lambda: m(x, torch.full((2,), 900.0), y, mask=mask))
+    done.set()
+    t.join(10)
+    return result["r"]
+
+
+def _bf16_equal_timesteps(tmp_path):
+    torch, m, mgr, x, y, mask = _cached_small(dict(type="FORA", interval=3))
+    m.to(torch.bfloat16)
+    x, y = x.bfloat16(), y.bfloat16()
+    ts = torch.tensor([1000.0 - 0.9 * i for i in range(9)]).bfloat16()
+    with torch.no_grad():
+        for i in range(9):
+            out = m(x, ts[i].expand(2), y, mask=mask)
+            x = (x.float() + out[:, :4].float() * 0.02).bfloat16()
+    return "ok", f"runs={mgr.runs} labels={mgr.stats()['step_labels']}"
+
+
+ROWS += [
+    Row("cache-bf16-equal-timesteps-one-run", _bf16_equal_timesteps, "ok", r"runs=1 .*'reuse'"),
+    Row("cache-nested-session", _nested_session, "RuntimeError", r"already open .*nested"),
+    Row("cache-session-overrun", _session_overrun, "RuntimeError",
+        r"session\(num_steps=2\) is over, but the model was called again \(call 3\)"),
+    Row("cache-frozen-params-grad-input", _frozen_grad_input, "RuntimeError", r"torch\.no_grad"),
+    Row("cache-session-names-passed-timestep", _session_names_passed_timestep, "RuntimeError",
+        r"has timestep 950, not below the previous step's 900"),
+    Row("cache-second-thread", _second_thread, "RuntimeError", r"from a second thread"),
+]
+
+
 @pytest.fixture
 def no_build(monkeypatch):
     """Every tool refuses before it builds a model: building raises :class:`Built`."""
