@@ -19,8 +19,8 @@ import torch
 
 from .. import parallel as sp
 from .plan import MEASURES as MEASURE_NAMES
-from .plan import StepKind
 from .selection import TokenGrid
+from .state import Feature
 
 
 def row_sums(x: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
@@ -28,6 +28,27 @@ def row_sums(x: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
     b, _, c = x.shape
     rows = x.reshape(b, grid.frames, grid.local_rows, grid.width, c).permute(2, 0, 1, 3, 4)
     return rows.reshape(grid.local_rows, -1).double().abs().sum(1)
+
+
+def gathered_totals(parts: torch.Tensor, grid: TokenGrid, group) -> List[List[float]]:
+    """Per-row partial sums ``parts`` [local rows, B, k] (float64) -> each sample's k totals
+    over the global rows ([B][k], host floats): one all_gather, padding rows dropped, every
+    sample's rows added in global row order (the same on every rank and rank count)."""
+    parts = sp.all_gather(parts, group, dim=0)[: grid.rows]       # global row order, no padding
+    # each sample's sums over its rows (one contiguous vector each), read in one transfer
+    return parts.permute(1, 2, 0).contiguous().sum(-1).tolist()
+
+
+def group_totals(totals: Sequence[Sequence[float]],
+                 groups: Sequence[Sequence[int]]) -> List[List[float]]:
+    """Each group's sums: its samples' totals added in row order."""
+    out = []
+    for rows in groups:
+        acc = [0.0] * len(totals[rows[0]])
+        for i in rows:
+            acc = [a + v for a, v in zip(acc, totals[i])]
+        out.append(acc)
+    return out
 
 
 def relative_l1(now: torch.Tensor, before: torch.Tensor, grid: TokenGrid, group,
@@ -38,16 +59,8 @@ def relative_l1(now: torch.Tensor, before: torch.Tensor, grid: TokenGrid, group,
     parts = torch.stack([torch.stack([row_sums(now[i:i + 1] - before[i:i + 1], grid),
                                       row_sums(before[i:i + 1], grid)], 1)
                          for i in range(b)], 1)                   # [local rows, B, 2]
-    parts = sp.all_gather(parts, group, dim=0)[: grid.rows]       # global row order, no padding
-    # each sample's sums over its rows (one contiguous vector each), read in one transfer
-    totals = parts.permute(1, 2, 0).contiguous().sum(-1).tolist()  # [B][2]
-    out = []
-    for rows in groups:
-        num = den = 0.0
-        for i in rows:
-            num, den = num + totals[i][0], den + totals[i][1]
-        out.append(num / max(den, 1e-300))
-    return out
+    return [num / max(den, 1e-300)
+            for num, den in group_totals(gathered_totals(parts, grid, group), groups)]
 
 
 def decision_groups(x: torch.Tensor) -> List[List[int]]:
@@ -89,12 +102,24 @@ def _modulated_input(layout, block, x, bound, trunk_in):
 
 
 def _first_pair_residual(layout, block, x, bound, trunk_in):
-    """What the blocks before the deciding one added to the trunk input (First-Block Cache)."""
+    """What the blocks before the deciding one added to the trunk input (First-Block Cache;
+    SpeCa compares it with its forecast)."""
     return x - trunk_in
 
 
+def _trunk_input(layout, block, x, bound, trunk_in):
+    """The trunk's input (EasyCache: its change, against the output's)."""
+    return x
+
+
+def _nothing(layout, block, x, bound, trunk_in):
+    return None
+
+
 # the function of each measure name (plan.MEASURES, which policies are checked against)
-MEASURES = {"modulated_input": _modulated_input, "first_pair_residual": _first_pair_residual}
+MEASURES = {"modulated_input": _modulated_input, "first_pair_residual": _first_pair_residual,
+            "trunk_input": _trunk_input, "first_pair_forecast": _first_pair_residual,
+            "none": _nothing}
 assert tuple(MEASURES) == MEASURE_NAMES
 
 
@@ -107,20 +132,36 @@ class AdaptiveRun:
     def __init__(self, residual):
         self.residual = residual  # a Feature (the codec and byte counter of the manager)
         self.groups: List[List[int]] = [[0]]
+        self.per_group: Optional[list] = None
         self.clear()
 
     def clear(self) -> None:
         self.residual.clear()
+        for pair in self.per_group or ():
+            for feature in pair:
+                feature.clear()
+        self.per_group: Optional[list] = None  # SpeCa: per group, (first pair, rest) Features
         self.reference: Optional[torch.Tensor] = None
         self.states: Optional[list] = None
         self.trunk_in: Optional[torch.Tensor] = None    # this step's input to block 0
         self.residual_in: Optional[torch.Tensor] = None  # the input of the computed part
         self.rows: Optional[torch.Tensor] = None        # rows computing on a per-clip step
         self.sub: Optional[torch.Tensor] = None         # their hidden states between blocks
+        # EasyCache: per sample, the output (its last N tokens) and input at its last computed
+        # step, and the local per-row sums [rows, B, 3] |out|, |out - out before|, |in - in
+        # before| between its last two computed steps (``rated``: whether it has two)
+        self.out_last: Optional[torch.Tensor] = None
+        self.in_last: Optional[torch.Tensor] = None
+        self.rate_sums: Optional[torch.Tensor] = None
+        self.rated: List[bool] = []
+        self.seen: List[bool] = []
+        self.grid: Optional[TokenGrid] = None
+        self.tracks_rates = False
 
     def holds_state(self) -> bool:
         return (self.reference is not None or self.states is not None
-                or self.residual.shape is not None)
+                or self.residual.shape is not None or self.per_group is not None
+                or self.out_last is not None)
 
     def start(self, x: torch.Tensor) -> None:
         """A run's first step: who decides with whom."""
@@ -130,23 +171,38 @@ class AdaptiveRun:
         self.trunk_in = self.residual_in = self.rows = self.sub = None
 
     def decide(self, policy, layout, block, x, bound, step, num_steps, grid, group,
-               counts, state=None) -> Optional[Tuple[int, ...]]:
-        """Measure every group's change (one all_gather) and let the policy decide per group:
-        None when every clip computes the rest of the trunk, else the batch rows that do
-        (empty: every clip takes its stored residual)."""
-        now = MEASURES[policy.measure](layout, block, x, bound, self.trunk_in)
+               counts, state=None, at: float = 0.0) -> Optional[Tuple[int, ...]]:
+        """Measure every group's change (one all_gather at most) and let the policy decide per
+        group: None when every clip computes the rest of the trunk, else the batch rows that
+        do (empty: every clip takes its stored residual). ``at``: the step's forecast
+        position (SpeCa)."""
+        measure = policy.measure
+        now = MEASURES[measure](layout, block, x, bound, self.trunk_in)
         ref, groups = self.reference, self.groups
-        changes: List[Optional[float]] = [None] * len(groups)
-        if ref is not None and ref.shape == now.shape and self.residual.shape is not None:
-            changes = relative_l1(now, ref, grid, group, groups)
+        self.grid, self.tracks_rates = grid, measure == "trunk_input"
         if self.states is None or len(self.states) != len(groups):
             self.states = [policy.new_state() for _ in groups]
+        changes: List[Optional[float]] = [None] * len(groups)
+        if measure == "trunk_input":
+            if ref is not None and ref.shape == now.shape and self.residual.shape is not None:
+                changes = self._predicted_changes(now, ref, grid, group)
+        elif measure == "first_pair_forecast":
+            changes = self._forecast_errors(policy, now, grid, group, at)
+        elif now is not None and ref is not None and ref.shape == now.shape \
+                and self.residual.shape is not None:
+            changes = relative_l1(now, ref, grid, group, groups)
         flags = [bool(policy.decide(step, num_steps, c, s)) for c, s in zip(changes, self.states)]
         counts.changes.append(changes)
-        counts.group_labels.append([str(StepKind.FULL if f else StepKind.RESIDUAL)
-                                    for f in flags])
+        counts.group_labels.append([str(policy.label(f, c, s)) for f, c, s in
+                                    zip(flags, changes, self.states)])
         rows = group_rows(groups, flags)
-        if policy.reference_every_step or all(flags) or ref is None or ref.shape != now.shape:
+        if measure == "first_pair_forecast":  # the computed clips' first-pair residual
+            for (first, _), members, f in zip(self.per_group, groups, flags):
+                if f:
+                    first.update(now[members], at)
+        elif now is None:
+            pass
+        elif policy.reference_every_step or all(flags) or ref is None or ref.shape != now.shape:
             self.reference = now
         elif rows:
             idx = torch.tensor(rows, device=now.device)
@@ -158,10 +214,86 @@ class AdaptiveRun:
             self.rows, self.sub = torch.tensor(rows, device=x.device), None
         return tuple(rows)
 
+    # ------------------------------------------------------------ EasyCache
+    def _predicted_changes(self, now, ref, grid, group) -> List[Optional[float]]:
+        """EasyCache, per group: ``k * sum |x - x before| / sum |out|`` with the
+        transformation rate ``k = sum |out - out before| / sum |x - x before|`` between its
+        last two computed steps and ``out`` the output at the last one (None: no rate yet).
+        The step's input change and the stored sums travel in one all_gather."""
+        b = now.shape[0]
+        if self.rate_sums is None or len(self.rated) != b:
+            return [None] * len(self.groups)
+        change = torch.stack([row_sums(now[i:i + 1] - ref[i:i + 1], grid) for i in range(b)], 1)
+        parts = torch.cat([change[..., None], self.rate_sums], -1)   # [local rows, B, 4]
+        sums = group_totals(gathered_totals(parts, grid, group), self.groups)
+        out = []
+        for members, (dx, norm, dout, dx_rate) in zip(self.groups, sums):
+            ok = all(self.rated[i] for i in members) and norm > 0 and dx_rate > 0
+            out.append(dout / dx_rate * dx / norm if ok else None)
+        return out
+
+    def _note_rates(self, out: torch.Tensor, rows: Optional[List[int]]) -> None:
+        """EasyCache, at the end of a step: the computed samples' (``rows``; None: all) output
+        and input are kept, with their local sums against the previous computed ones."""
+        xin, grid = self.trunk_in, self.grid
+        n = xin.shape[1]
+        o = out[:, -n:]  # the output's last n tokens: the image tokens of an MMDiT's state
+        b = o.shape[0]
+        if self.out_last is None or self.out_last.shape != o.shape:
+            self.out_last = torch.zeros_like(o)
+            self.in_last = torch.zeros_like(xin)
+            self.rate_sums = torch.zeros(grid.local_rows, b, 3, dtype=torch.float64,
+                                         device=o.device)
+            self.rated, self.seen = [False] * b, [False] * b
+        for i in range(b) if rows is None else rows:
+            oi, xi = o[i:i + 1], xin[i:i + 1]
+            if self.seen[i]:
+                self.rate_sums[:, i, 1] = row_sums(oi - self.out_last[i:i + 1], grid)
+                self.rate_sums[:, i, 2] = row_sums(xi - self.in_last[i:i + 1], grid)
+                self.rated[i] = True
+            self.rate_sums[:, i, 0] = row_sums(oi, grid)
+            self.out_last[i].copy_(oi[0])
+            self.in_last[i].copy_(xi[0])
+            self.seen[i] = True
+
+    # ------------------------------------------------------------ SpeCa
+    def _forecast_errors(self, policy, now, grid, group, at) -> List[Optional[float]]:
+        """SpeCa, per group: sum |forecast - now| / sum |now| of the first blocks' residual
+        against its forecast from the group's computed steps (None: nothing stored yet)."""
+        if self.per_group is None or len(self.per_group) != len(self.groups):
+            fc, like = policy.forecast, self.residual
+            self.per_group = [tuple(Feature(like.codec, like.counter, fc["order"],
+                                            fc.get("method", "taylor"), fc.get("corrector"))
+                                    for _ in range(2)) for _ in self.groups]
+        if any(first.shape is None or tuple(first.shape)[1:] != tuple(now.shape)[1:]
+               or rest.shape is None for first, rest in self.per_group):
+            return [None] * len(self.groups)
+        fc = torch.empty_like(now)
+        for (first, _), members in zip(self.per_group, self.groups):
+            fc[members] = first.value(at, now.dtype)
+        return relative_l1(fc, now, grid, group, self.groups)
+
+    def _stored_residual(self, x: torch.Tensor, at: float) -> torch.Tensor:
+        if self.per_group is None:
+            return self.residual.value(at, x.dtype)
+        r = torch.empty_like(x)  # each group's forecast of its residual
+        for (_, rest), members in zip(self.per_group, self.groups):
+            r[members] = rest.value(at, x.dtype)
+        return r
+
+    def _store_rows(self, rows: List[int], residual: torch.Tensor, at: float) -> None:
+        """SpeCa: the groups whose rows (all of them, in order ``rows``) computed store their
+        residual (a new anchor of its forecast)."""
+        pos = {r: k for k, r in enumerate(rows)}
+        for (_, rest), members in zip(self.per_group, self.groups):
+            if members[0] in pos:
+                rest.update(residual[[pos[r] for r in members]], at)
+
+    # ------------------------------------------------------------ outputs
     def residual_output(self, x: torch.Tensor, at: float) -> torch.Tensor:
         """Last block of a skipped step: its input (the input at the decision point, passed
-        through) plus the stored residual."""
-        return x + self.residual.value(at, x.dtype)
+        through) plus the stored (SpeCa: forecast) residual."""
+        return x + self._stored_residual(x, at)
 
     def mixed_output(self, x: torch.Tensor, sub: torch.Tensor, at: float) -> torch.Tensor:
         """Last block of a step decided per clip: the rows that computed the trunk take ``sub``
@@ -169,10 +301,20 @@ class AdaptiveRun:
         (passed through from the decision point) plus their stored residual."""
         rows, self.sub = self.rows, None
         out = self.residual_output(x, at).index_copy_(0, rows, sub)
-        self.residual.write_rows_(rows, sub - x.index_select(0, rows))
+        if self.per_group is not None:
+            self._store_rows(rows.tolist(), sub - x.index_select(0, rows), at)
+        else:
+            self.residual.write_rows_(rows, sub - x.index_select(0, rows))
+        if self.tracks_rates:
+            self._note_rates(out, rows.tolist())
         return out
 
     def after_last_block(self, out: torch.Tensor, at: float) -> None:
         if self.residual_in is not None:
-            self.residual.update(out - self.residual_in, at)
+            if self.per_group is not None:
+                self._store_rows(list(range(out.shape[0])), out - self.residual_in, at)
+            else:
+                self.residual.update(out - self.residual_in, at)
+            if self.tracks_rates:
+                self._note_rates(out, None)
         self.end_step()

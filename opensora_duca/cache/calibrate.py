@@ -64,6 +64,30 @@ def load_calibration(path: str) -> Tuple[Tuple[float, ...], Optional[Tuple[float
                                                                        float(rng[1]))
 
 
+def load_mag_ratios(path: str) -> Tuple[float, ...]:
+    """MagCache's per-step magnitude ratios (``mag_ratios``, step 0 first, all finite and
+    positive) of a JSON file written by ``tools/calibrate.py --policy MagCache``; raises
+    :class:`CalibrationFileError`."""
+    ratios = _read(path).get("mag_ratios")
+    if not isinstance(ratios, list) or len(ratios) < 2 or not all(
+            _finite(r) and r > 0 for r in ratios):
+        raise CalibrationFileError(path, f"a 'mag_ratios' list of at least 2 finite positive "
+                                         f"numbers, written by tools/calibrate.py --policy "
+                                         f"MagCache (got {_short(ratios)})")
+    return tuple(float(r) for r in ratios)
+
+
+def magnitude_ratios(ratios: Sequence[Sequence[float]]) -> list:
+    """MagCache's curve from uncached runs: ``ratios[r][i]`` is, for clip r, the mean over
+    tokens of ``||residual_i|| / ||residual_(i-1)||`` (per-token L2 norms of the trunk's
+    residual, output minus input) at step i >= 1 (``ratios[r][0]`` is ignored). The curve is
+    1.0 at step 0, then the mean over clips."""
+    steps = len(ratios[0])
+    if steps < 2 or any(len(r) != steps for r in ratios):
+        raise ValueError("magnitude ratios: every clip needs the same number (>= 2) of steps")
+    return [1.0] + [float(np.mean([r[i] for r in ratios])) for i in range(1, steps)]
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -125,5 +149,5 @@ def check_calibration_model(policy, model) -> None:
                          f"this model")
 
 
-__all__ = ["fit_polynomial", "load_calibration", "CalibrationFileError", "model_identity",
-           "check_calibration_model"]
+__all__ = ["fit_polynomial", "load_calibration", "load_mag_ratios", "magnitude_ratios",
+           "CalibrationFileError", "model_identity", "check_calibration_model"]

@@ -80,7 +80,8 @@ class CacheManager:
         self.batch_part = (0, 1)
         self.log_runs = False  # the wrapper sets it: each finished run logs its report
         self._at_exit = None
-        self._trunk = Feature(self.codec, self.bytes, self.order)
+        self.method = (policy.forecast_method, policy.forecast_corrector)
+        self._trunk = Feature(self.codec, self.bytes, self.order, *self.method)
         self._store_trunk = False
         self.adaptive = AdaptiveRun(Feature(self.codec, self.bytes))
         self._adaptive = isinstance(policy, AdaptivePolicy)
@@ -119,7 +120,8 @@ class CacheManager:
                                    f"(another cache or patch is attached); remove it first")
             slot = BlockSlot(block_ref=weakref.ref(blk), name=name, index=k, layer=layer,
                              is_last=k == len(order) - 1,
-                             state=BlockState(self.bytes, self.codec, self.order))
+                             state=BlockState(self.bytes, self.codec, self.order,
+                                              *self.method))
             runner = BlockRunner(self, slot)
             blk.forward = runner
             if tap:
@@ -354,7 +356,7 @@ class CacheManager:
         (default ``x``)."""
         rows = self.adaptive.decide(
             self.policy, self.layout, slot.block, x, bound, self.step, self.num_steps,
-            self.grid_for(x.shape[1]), self.group, self.counts, state)
+            self.grid_for(x.shape[1]), self.group, self.counts, state, at=self.at)
         if rows is None:
             self.plan = StepPlan(label=self.plan.label)
         else:
@@ -380,7 +382,14 @@ class CacheManager:
     def stats(self) -> dict:
         """Counts since the cache was attached (or :meth:`reset_stats`), summed over every run
         and session (:meth:`.stats.CacheStats.as_dict` says what each entry holds)."""
-        return self.counts.as_dict(self.policy.describe(), self.adaptive.groups)
+        out = self.counts.as_dict(self.policy.describe(), self.adaptive.groups)
+        if getattr(self.policy, "verifies", False):  # how often a checked forecast failed
+            labels = [lab for step in out["group_labels"] for lab in step]
+            checked = sum(lab in (StepKind.VERIFIED, StepKind.REJECTED) for lab in labels)
+            failed = sum(lab == StepKind.REJECTED for lab in labels)
+            out["verify"] = dict(checked=checked, failed=failed,
+                                 fail_rate=failed / checked if checked else None)
+        return out
 
     def run_summary(self) -> Optional[dict]:
         """The open run's counts (policy, steps by kind, FLOPs ratio, peak stored bytes, and

@@ -52,14 +52,19 @@ class StepKind(_Name):
     BROADCAST = "broadcast"
     RESIDUAL = "residual reused"  # adaptive: the rest of the trunk replaced by its residual
     MIXED = "residual reused for some samples"  # adaptive, per sample: the others computed
+    VERIFIED = "forecast (verified)"  # SpeCa, per clip: the check passed, the residual forecast
+    REJECTED = "full (forecast rejected)"  # SpeCa, per clip: the check failed, computed
 
 
 KINDS = tuple(Kind)
 
 # what an adaptive policy may compare between steps (its ``measure``): the deciding block's
 # timestep-modulated, normalised input; what the blocks before the deciding one added to the
-# trunk input. cache/adaptive.py holds the function of each name.
-MEASURES = ("modulated_input", "first_pair_residual")
+# trunk input; the trunk input itself (EasyCache's transformation rate); what the blocks before
+# the deciding one added, against its forecast (SpeCa's check); nothing (MagCache: a calibrated
+# curve decides). cache/adaptive.py holds the function of each name.
+MEASURES = ("modulated_input", "first_pair_residual", "trunk_input", "first_pair_forecast",
+            "none")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,17 @@ step index or the timestep): at an anchor ``a`` with gap ``h`` to the previous a
 ``D0 = f(a)``, ``D(i+1) = (Di(a) - Di(previous)) / h``; a read at ``a + d`` returns the Taylor
 polynomial ``sum_i Di d^i / i!`` (TaylorSeer's expansion). Fewer anchors than k + 1 give a lower
 order.
+
+With ``method="bdf2"`` (features as the solution of an ODE in the distance variable, after
+FoCa) a Feature keeps the values at its last three anchors ``F0, F1, F2`` (at ``a0 > a1 > a2``,
+gaps ``h1 = a0 - a1``, ``h2 = a1 - a2``, any spacing). The derivative at ``a0`` is the
+three-point backward (BDF2) formula, ``D = F0 (2h1 + h2) / (h1 (h1 + h2)) - F1 (h1 + h2) /
+(h1 h2) + F2 h1 / (h2 (h1 + h2))`` (exact for quadratics), and a read at ``a0 + d`` is the
+predictor ``P = F0 + d D``. The ``"heun"`` corrector then takes the BDF2 derivative at the
+predicted point, ``DP`` from ``(F1, F0, P)`` at ``(a1, a0, a0 + d)``, and returns ``F0 + d (D +
+DP) / 2`` (the trapezoidal, Heun-style, average of the two slopes). Two anchors give the linear
+extrapolation, one the stored value. Every read-out is a linear combination of the stored
+values whose coefficients are computed once per read, on the host, in float64.
 """
 from __future__ import annotations
 
@@ -117,10 +128,13 @@ class Feature:
     """One stored module output (or the trunk output): its value at the last anchor and, with
     forecasting, its finite differences."""
 
-    def __init__(self, codec: Codec, counter: StoredBytes, order: int = 0):
+    def __init__(self, codec: Codec, counter: StoredBytes, order: int = 0,
+                 method: str = "taylor", corrector: Optional[str] = None):
         self.codec, self.counter, self.order = codec, counter, order
+        self.method, self.corrector = method, corrector
         self.terms: List[Encoded] = []
         self.anchor: Optional[float] = None
+        self.anchors: List[float] = []  # bdf2: the anchors of terms, newest first
 
     @property
     def shape(self):
@@ -132,10 +146,13 @@ class Feature:
 
     def clear(self) -> None:
         self.counter.add(-self.nbytes)
-        self.terms, self.anchor = [], None
+        self.terms, self.anchor, self.anchors = [], None, []
 
     def update(self, value: torch.Tensor, at: float) -> None:
-        """The module was computed at ``at``: ``value`` becomes D0 and the differences move."""
+        """The module was computed at ``at``: ``value`` becomes D0 and the differences move
+        (bdf2: the newest of the three kept values)."""
+        if self.method == "bdf2":
+            return self._update_values(value, at)
         new = [value]
         if self.order and self.terms and at != self.anchor:
             h, work = at - self.anchor, _work_dtype(value.dtype)
@@ -148,10 +165,46 @@ class Feature:
         self.anchor = at
         self.counter.add(self.nbytes)
 
+    def _update_values(self, value: torch.Tensor, at: float) -> None:
+        keep = [] if not self.terms or tuple(self.shape) != tuple(value.shape) else \
+            [(e, a) for e, a in zip(self.terms, self.anchors) if a != at][:2]
+        self.clear()
+        self.terms = [self.codec.encode(value)] + [e for e, _ in keep]
+        self.anchors = [at] + [a for _, a in keep]
+        self.anchor = at
+        self.counter.add(self.nbytes)
+
+    def bdf2_weights(self, at: float) -> List[float]:
+        """The read-out at ``at`` as weights of the kept values (newest first), float64."""
+        a, d = self.anchors, at - self.anchors[0]
+        if len(a) == 1 or d == 0:
+            return [1.0] + [0.0] * (len(a) - 1)
+        h1 = a[0] - a[1]
+        if len(a) == 2:  # linear extrapolation
+            return [1.0 + d / h1, -d / h1]
+        h2 = a[1] - a[2]
+        slope = [(2 * h1 + h2) / (h1 * (h1 + h2)), -(h1 + h2) / (h1 * h2), h1 / (h2 * (h1 + h2))]
+        pred = [1.0 + d * slope[0], d * slope[1], d * slope[2]]
+        if self.corrector != "heun":
+            return pred
+        # the BDF2 slope at the predicted point, from (F1, F0, P) at (a1, a0, a0 + d)
+        g1, g2 = d, h1
+        c_p, c_0, c_1 = (2 * g1 + g2) / (g1 * (g1 + g2)), -(g1 + g2) / (g1 * g2), \
+            g1 / (g2 * (g1 + g2))
+        slope_p = [c_p * pred[0] + c_0, c_p * pred[1] + c_1, c_p * pred[2]]
+        return [(1.0 if i == 0 else 0.0) + d / 2 * (slope[i] + slope_p[i]) for i in range(3)]
+
     def value(self, at: float, dtype: torch.dtype) -> torch.Tensor:
-        """The stored value (order 0, or one anchor so far) or the Taylor forecast at ``at``."""
+        """The stored value (order 0, or one anchor so far) or the forecast at ``at``."""
         if len(self.terms) == 1:
             return self.codec.decode(self.terms[0], dtype)
+        if self.method == "bdf2":
+            work = _work_dtype(dtype)
+            w = self.bdf2_weights(at)
+            out = self.codec.decode(self.terms[0], work) * w[0]
+            for e, wi in zip(self.terms[1:], w[1:]):
+                out.add_(self.codec.decode(e, work), alpha=wi)
+            return out.to(dtype)
         d, work = at - self.anchor, _work_dtype(dtype)
         out = self.codec.decode(self.terms[0], work)
         for i in range(1, len(self.terms)):
@@ -176,11 +229,13 @@ class BlockState:
     FEATURES = ("attn", "cross", "mlp")
     TENSORS = ("score", "x_ref")
 
-    def __init__(self, counter: StoredBytes, codec: Codec, order: int = 0):
+    def __init__(self, counter: StoredBytes, codec: Codec, order: int = 0,
+                 method: str = "taylor", corrector: Optional[str] = None):
         self._counter, self._codec, self._order = counter, codec, order
-        self.attn = Feature(codec, counter, order)
-        self.cross = Feature(codec, counter, order)
-        self.mlp = Feature(codec, counter, order)
+        self._method = (method, corrector)
+        self.attn = Feature(codec, counter, order, method, corrector)
+        self.cross = Feature(codec, counter, order, method, corrector)
+        self.mlp = Feature(codec, counter, order, method, corrector)
         self.more: Dict[tuple, Feature] = {}  # later calls within one forward; other names
         self.score: Optional[torch.Tensor] = None
         self.x_ref: Optional[torch.Tensor] = None
@@ -195,7 +250,7 @@ class BlockState:
             return getattr(self, name)
         key = (name, call)
         if key not in self.more:
-            self.more[key] = Feature(self._codec, self._counter, self._order)
+            self.more[key] = Feature(self._codec, self._counter, self._order, *self._method)
         return self.more[key]
 
     def put(self, name: str, value: Optional[torch.Tensor]) -> None:

@@ -1,9 +1,22 @@
-"""Fit TeaCache's rescaling polynomial on the model of an inference config.
+"""Fit TeaCache's rescaling polynomial (or MagCache's magnitude-ratio curve) on the model of an
+inference config.
 
 Usage::
 
     python tools/calibrate.py CONFIG [--prompt P ...] [--seeds 100 101] [--degree 4]
         [--steps N] [--out calibration.json] [--cfg-options key=value ...]
+    python tools/calibrate.py CONFIG --policy MagCache [--prompt P ...] [--seeds 100]
+        [--steps N] [--out magcache.json]
+
+``--policy MagCache``: one uncached run per seed; at every step the trunk's residual (its
+output minus its input, the whole hidden state) is taken from the cache's own residual store,
+and per clip (its rows of the CFG batch) the mean over tokens of ``||r_i|| / ||r_(i-1)||``
+(per-token L2 norms) is recorded; the curve is 1.0 at step 0, then the mean over clips and
+seeds. It writes ``{"policy": "MagCache", "mag_ratios": [...], "per_clip": [[...], ...],
+"steps", "config", "prompts", "seeds", "model"}``; point the policy at it:
+``cache = dict(type="MagCache", calibration="magcache.json")``.
+
+TeaCache (the default):
 
 Runs the config's model uncached (an Open-Sora 1.x config or a 2.0 one: STDiT3 or the MMDiT,
 whose first double block's modulated image input is measured; prompts: ``--prompt`` or the
@@ -30,7 +43,7 @@ import torch
 from mmengine.config import DictAction
 
 from ..cache import apply_cache, remove_cache
-from ..cache.calibrate import fit_polynomial, model_identity
+from ..cache.calibrate import fit_polynomial, magnitude_ratios, model_identity
 from ..config_check import check_v2_inference_config
 from ..pipeline import build_from_config
 from ..pipeline_v2 import build_v2_from_config, is_v2_config
@@ -77,6 +90,58 @@ def collect_changes(pipe, prompts: Sequence[str], seeds: Sequence[int]) -> Dict[
     return {"x": xs, "y": ys}
 
 
+@torch.no_grad()
+def collect_mag_ratios(pipe, prompts: Sequence[str], seeds: Sequence[int]) -> List[List[float]]:
+    """Uncached runs of ``pipe`` (one per seed, all prompts in one batch): per clip (its rows
+    of the CFG batch) and step, the mean over its tokens of ``||r_i|| / ||r_(i-1)||`` with r the
+    trunk's residual (step 0: 1.0)."""
+    if pipe.cache_manager is not None:
+        remove_cache(pipe.model)
+        pipe.cache_manager = None
+    out: List[List[float]] = []
+    for seed in seeds:
+        # every step computed (all retained); the cache keeps the trunk's residual of each step
+        mgr = apply_cache(pipe.model, dict(type="MagCache", mag_ratios=[1.0, 1.0],
+                                           retention_ratio=1.0))
+        pipe.cache_manager = mgr
+        norms: List[torch.Tensor] = []
+        last = mgr.layout.blocks(pipe.model)[-1][1]
+        hook = last.register_forward_hook(lambda mod, a, o: norms.append(
+            mgr.adaptive.residual.value(0.0, torch.float64).norm(dim=-1)))  # [B, N]
+        try:
+            pipe.generate(list(prompts), seeds=[seed] * len(prompts))
+            groups = mgr.adaptive.groups
+        finally:
+            hook.remove()
+            remove_cache(pipe.model)
+            pipe.cache_manager = None
+        for rows in groups:
+            curve = [1.0]
+            for i in range(1, len(norms)):
+                now, before = norms[i][rows], norms[i - 1][rows]
+                curve.append(float((now / before.clamp_min(1e-30)).mean()))
+            out.append(curve)
+    return out
+
+
+def _main_magcache(args, cfg, prompts, steps, v2) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = build_v2_from_config(cfg, device=device) if v2 else build_from_config(cfg,
+                                                                                  device=device)
+    per_clip = collect_mag_ratios(pipe, prompts, args.seeds)
+    try:
+        curve = magnitude_ratios(per_clip)
+    except ValueError as err:
+        print(f"calibrate: error: {err}", file=sys.stderr)
+        return 2
+    write_json(args.out, {"policy": "MagCache", "mag_ratios": curve, "per_clip": per_clip,
+                          "steps": steps, "config": args.config, "prompts": prompts,
+                          "seeds": list(args.seeds), "model": model_identity(pipe.model)})
+    print(f"calibration: MagCache magnitude ratios over {len(per_clip)} clip runs, {steps} "
+          f"steps, from {min(curve):.4g} to {max(curve):.4g} -> {args.out}")
+    return 0
+
+
 def _short(v, n: int = 80) -> str:
     text = repr(v)
     return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
@@ -89,6 +154,8 @@ def parse_args(argv=None):
     ap.add_argument("--prompt", action="append", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 101])
     ap.add_argument("--degree", type=int, default=4)
+    ap.add_argument("--policy", default="TeaCache", choices=["TeaCache", "MagCache"],
+                    help="what to fit: TeaCache's polynomial or MagCache's ratio curve")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (config's default)")
     ap.add_argument("--out", default="calibration.json")
     ap.add_argument("--threads", type=int, default=None)
@@ -130,7 +197,7 @@ def main(argv=None) -> int:
                 cfg.scheduler.num_sampling_steps = args.steps
             steps = build_module(dict(cfg.scheduler), SCHEDULERS).num_sampling_steps
         samples = (steps - 1) * len(prompts) * len(args.seeds)  # one per clip and step >= 1
-        if samples <= args.degree:
+        if args.policy == "TeaCache" and samples <= args.degree:
             raise ValueError(f"--degree {args.degree} needs more than {args.degree} samples; "
                              f"{steps} steps x {len(prompts)} prompts x {len(args.seeds)} seeds "
                              f"give {samples}: add prompts, seeds or steps, or lower --degree")
@@ -142,6 +209,8 @@ def main(argv=None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.policy == "MagCache":
+        return _main_magcache(args, cfg, prompts, steps, v2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = build_v2_from_config(cfg, device=device) if v2 else build_from_config(cfg,
                                                                                   device=device)

@@ -1,6 +1,8 @@
 """Cache policies, registered in CACHES: ``none``, ``DuCa``, ``ToCa``, ``FORA``, ``PAB`` and
 ``TrunkReuse`` (aggressive-only), ``TaylorSeer`` (forecasting), and the adaptive ``TeaCache``
-and ``FirstBlockCache``; ``forecast=`` adds forecasting to DuCa, ToCa, FORA and TrunkReuse.
+and ``FirstBlockCache``, ``MagCache`` (calibrated magnitude ratios), ``EasyCache`` (online
+transformation rate) and ``SpeCa`` (a verified forecast); ``forecast=`` adds forecasting (Taylor
+or bdf2) to DuCa, ToCa, FORA and TrunkReuse.
 
 One module per family: :mod:`.base` (what a policy answers), :mod:`.fields` (validation
 declared per field), :mod:`.none`, :mod:`.duca` (DuCa, ToCa), :mod:`.interval` (FORA,
@@ -21,7 +23,16 @@ from typing import Any
 
 from ...registry import CACHES, build_module, registered
 from ...utils.config import plain
-from .adaptive import AdaptivePolicy, AdaptiveState, FirstBlockCache, TeaCache, TeaCacheState
+from .adaptive import (
+    AdaptivePolicy,
+    AdaptiveState,
+    EasyCache,
+    FirstBlockCache,
+    MagCache,
+    SpeCa,
+    TeaCache,
+    TeaCacheState,
+)
 from .base import CachePolicy, Forecasting, accepted_keys
 from .duca import RATIO_SCHEDULES, DuCa, Entry, ToCa
 from .fields import DISTANCES, MAX_ORDER, STORED_DTYPES
@@ -56,4 +67,5 @@ def build_policy(cfg: Any) -> CachePolicy:
 __all__ = ["build_policy", "accepted_keys", "CachePolicy", "Forecasting", "AdaptivePolicy",
            "AdaptiveState", "TeaCacheState", "NoCache", "DuCa", "ToCa", "Entry", "FORA",
            "TrunkReuse", "TaylorSeer", "IntervalPolicy", "PAB", "TeaCache", "FirstBlockCache",
+           "MagCache", "EasyCache", "SpeCa",
            "Scorer", "STORED_DTYPES", "DISTANCES", "MAX_ORDER", "RATIO_SCHEDULES"]

@@ -1,21 +1,22 @@
-"""Adaptive policies: TeaCache and First-Block Cache decide at run time, from a measured relative
-change, whether to compute the trunk from block ``decide_at`` on or to reuse that part's stored
-residual. Each decision group (a clip: its rows of the CFG batch) keeps a small run state
-(:meth:`AdaptivePolicy.new_state`) that ``decide`` reads and updates."""
+"""Adaptive policies: TeaCache, First-Block Cache, MagCache, EasyCache and SpeCa decide at run
+time whether to compute the trunk from block ``decide_at`` on or to reuse (SpeCa: forecast) that
+part's stored residual. Each decision group (a clip: its rows of the CFG batch) keeps a small
+run state (:meth:`AdaptivePolicy.new_state`) that ``decide`` reads and updates."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple
+from typing import Any, ClassVar, Mapping, Optional, Tuple
 
 from ...registry import CACHES
-from ..calibrate import CalibrationFileError, load_calibration
+from ..calibrate import CalibrationFileError, load_calibration, load_mag_ratios
 from ..plan import MEASURES, StepKind, StepPlan
 from .base import CachePolicy
 from .fields import (
     check_range,
     error,
     final_step_field,
+    forecast_field,
     int_field,
     number_field,
     stored_dtype_field,
@@ -77,6 +78,10 @@ class AdaptivePolicy(CachePolicy):
         """True: compute the trunk from ``decide_at`` on. ``change`` is None when there is no
         reference yet (the run's first step); ``state`` is the group's :meth:`new_state`."""
         raise NotImplementedError
+
+    def label(self, computes: bool, change: Optional[float], state: AdaptiveState) -> str:
+        """A group's decision in the statistics (``group_labels``)."""
+        return StepKind.FULL if computes else StepKind.RESIDUAL
 
     def _forced(self, step: int, num_steps: Optional[int], change: Optional[float]) -> bool:
         last = num_steps is not None and step == num_steps - 1 and self.final_step == "full"
@@ -187,4 +192,212 @@ class FirstBlockCache(AdaptivePolicy):
         return self._forced(step, num_steps, change) or change >= self.threshold
 
 
-__all__ = ["AdaptivePolicy", "AdaptiveState", "TeaCacheState", "TeaCache", "FirstBlockCache"]
+
+
+
+# ------------------------------------------------------------------------------ MagCache
+@dataclass
+class MagCacheState(AdaptiveState):
+    """MagCache: since the group's last computed step, the product of the curve's ratios, the
+    accumulated error and the steps skipped."""
+
+    ratio: float = 1.0
+    error: float = 0.0
+    skipped: int = 0
+
+
+@CACHES.register_module("MagCache")
+@dataclass(frozen=True)
+class MagCache(AdaptivePolicy):
+    """MagCache (Ma et al. 2025): the ratio of the magnitudes of successive residuals of the
+    trunk (mean over tokens of ``||r_t|| / ||r_(t-1)||``, r = trunk output minus input) follows
+    one smooth curve across prompts, so it is calibrated once (``tools/calibrate.py --policy
+    MagCache`` on one uncached run) and the decisions need no measurement. After the first
+    ``retention_ratio`` of the steps (always computed), each step multiplies the running ratio
+    by the curve's value, adds ``|1 - running ratio|`` to the accumulated error and counts a
+    skip; while the error stays under ``threshold`` and at most ``max_skips`` steps in a row
+    are skipped, the trunk is skipped and its stored residual added; otherwise the step is
+    computed and the three restart.
+
+    Args:
+        threshold: accumulated error bound (0.12); max_skips: consecutive skips K (2);
+        retention_ratio: share of the first steps always computed (0.2, at least one step);
+        calibration: the JSON of ``tools/calibrate.py --policy MagCache`` (``mag_ratios``), or
+        ``mag_ratios`` given directly (step 0 first); one of them is required (there is no
+        default curve: the curve is the model's). A run with another number of steps reads the
+        curve linearly interpolated at ``step / (num_steps - 1)`` of its length.
+        final_step: "full" computes the last step (default) or "plan"; stored_dtype.
+
+    The decisions depend on the step index only: the same for every clip and rank, no
+    collective, and the two CFG halves never need each other (CFG parallelism works)."""
+
+    name: ClassVar[str] = "MagCache"
+    measure: ClassVar[str] = "none"
+    threshold: float = number_field(0.12)
+    max_skips: int = int_field(2, lo=1)
+    retention_ratio: float = number_field(0.2, lo=0.0, hi=1.0)
+    calibration: Optional[str] = None
+    mag_ratios: Optional[Tuple[float, ...]] = None
+    final_step: str = final_step_field("full")
+    stored_dtype: Optional[str] = stored_dtype_field()
+
+    @property
+    def couples_cfg_halves(self) -> bool:
+        return False  # the decisions read the step index only
+
+    def _check_together(self):
+        n, ratios = self.name, self.mag_ratios
+        if self.calibration is not None:
+            try:
+                loaded = load_mag_ratios(self.calibration)
+            except CalibrationFileError as err:
+                raise error(n, "calibration", err.path, err.accepted) from err
+            if ratios is not None and tuple(ratios) != loaded:
+                raise error(n, "mag_ratios", ratios, "None when 'calibration' is set")
+            ratios = loaded
+        elif ratios is None:
+            raise error(n, "calibration", None, "the JSON of tools/calibrate.py --policy "
+                                                "MagCache, or mag_ratios=[...]")
+        elif not isinstance(ratios, (list, tuple)) or len(ratios) < 2 or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r)
+                and r > 0 for r in ratios):
+            raise error(n, "mag_ratios", ratios, "a list of at least 2 finite positive numbers")
+        object.__setattr__(self, "mag_ratios", tuple(float(r) for r in ratios))
+
+    def retained(self, num_steps: Optional[int]) -> int:
+        """Steps computed at the start of a run of ``num_steps``."""
+        total = len(self.mag_ratios) if num_steps is None else num_steps
+        return max(1, int(self.retention_ratio * total))
+
+    def curve(self, step: int, num_steps: Optional[int]) -> float:
+        """The calibrated ratio at ``step`` (interpolated for another number of steps)."""
+        r = self.mag_ratios
+        if num_steps is None or num_steps == len(r):
+            return r[min(step, len(r) - 1)]
+        pos = step / max(num_steps - 1, 1) * (len(r) - 1)
+        lo = min(int(math.floor(pos)), len(r) - 2)
+        return r[lo] + (pos - lo) * (r[lo + 1] - r[lo])
+
+    def new_state(self) -> MagCacheState:
+        return MagCacheState()
+
+    def decide(self, step, num_steps, change, state: MagCacheState) -> bool:
+        last = num_steps is not None and step == num_steps - 1 and self.final_step == "full"
+        if step < self.retained(num_steps) or last:
+            state.ratio, state.error, state.skipped = 1.0, 0.0, 0
+            return True
+        state.ratio *= self.curve(step, num_steps)
+        state.error += abs(1.0 - state.ratio)
+        state.skipped += 1
+        if state.error < self.threshold and state.skipped <= self.max_skips:
+            return False
+        state.ratio, state.error, state.skipped = 1.0, 0.0, 0
+        return True
+
+
+# ------------------------------------------------------------------------------ EasyCache
+@CACHES.register_module("EasyCache")
+@dataclass(frozen=True)
+class EasyCache(AdaptivePolicy):
+    """EasyCache (Zhou et al. 2025), online, no calibration: at every computed step the
+    transformation rate ``k = sum |out_c - out_c'| / sum |x_c - x_c'|`` between the clip's last
+    two computed steps c' < c is kept (x: the trunk input, out: the trunk output's last N
+    tokens, N the input's, i.e. the image tokens of an MMDiT's joint state; sums over the
+    clip's rows of the global token grid). At a later step t the output's relative change is
+    predicted as ``k * sum |x_t - x_(t-1)| / sum |out_c|`` and accumulated; while the sum stays
+    under ``threshold`` the trunk is skipped and the stored residual (output minus input at c)
+    added; when it reaches the threshold the step is computed and the sum restarts. A clip
+    without a rate yet (fewer than two computed steps) computes.
+
+    Args: threshold (0.05), warmup_steps (3, always computed), final_step ("full" | "plan"),
+    stored_dtype. The step's input change and the stored sums travel in one all_gather."""
+
+    name: ClassVar[str] = "EasyCache"
+    measure: ClassVar[str] = "trunk_input"
+    threshold: float = number_field(0.05)
+    warmup_steps: int = int_field(3)
+    final_step: str = final_step_field("full")
+    stored_dtype: Optional[str] = stored_dtype_field()
+
+    def new_state(self) -> TeaCacheState:
+        return TeaCacheState()
+
+    def decide(self, step, num_steps, change, state: TeaCacheState) -> bool:
+        if self._forced(step, num_steps, change):
+            state.accumulated = 0.0
+            return True
+        state.accumulated += change
+        if state.accumulated < self.threshold:
+            return False
+        state.accumulated = 0.0
+        return True
+
+
+# ------------------------------------------------------------------------------ SpeCa
+@dataclass
+class SpeCaState(AdaptiveState):
+    """SpeCa: forecast steps in a row since the clip's last computed step."""
+
+    drafts: int = 0
+    rejected: bool = False
+
+
+@CACHES.register_module("SpeCa")
+@dataclass(frozen=True)
+class SpeCa(AdaptivePolicy):
+    """A verified forecast (after SpeCa, Liu et al. 2025): each clip's residual of the trunk
+    after its first blocks (the first spatial + temporal pair; an MMDiT's first double block)
+    is forecast from the clip's computed steps (``forecast``: Taylor of order 0-2 or bdf2, as
+    the forecasting policies', in the step index), and every forecast step is checked first:
+    the first blocks always run, and their residual (what they added to the trunk input) is
+    compared with its own forecast from the same steps, relative L1 ``sum |forecast - exact| /
+    sum |exact|`` over the clip's rows (one all_gather). Under ``threshold`` the draft is
+    accepted (the rest of the trunk is skipped, its forecast residual added); otherwise, or
+    after ``max_drafts`` accepted drafts in a row, the clip computes the step. Statistics:
+    ``group_labels`` says "forecast (verified)" / "full (forecast rejected)" per clip and step,
+    and ``stats()["verify"]`` counts the checks and how many failed.
+
+    Args: threshold (0.15), max_drafts (5), forecast (dict(order=1); bdf2 accepted),
+    warmup_steps (3), final_step ("full" | "plan"), stored_dtype."""
+
+    name: ClassVar[str] = "SpeCa"
+    measure: ClassVar[str] = "first_pair_forecast"
+    decide_at: ClassVar[int] = 2
+    verifies: ClassVar[bool] = True
+    threshold: float = number_field(0.15)
+    max_drafts: int = int_field(5, lo=1)
+    forecast: Mapping[str, Any] = forecast_field()
+    warmup_steps: int = int_field(3)
+    final_step: str = final_step_field("full")
+    stored_dtype: Optional[str] = stored_dtype_field()
+
+    def _check_together(self):
+        if self.forecast["distance"] != "step":
+            raise error(self.name, "forecast.distance", self.forecast["distance"],
+                        "'step' (the drafts are forecast in the step index)")
+
+    def new_state(self) -> SpeCaState:
+        return SpeCaState()
+
+    def decide(self, step, num_steps, change, state: SpeCaState) -> bool:
+        state.rejected = False
+        if self._forced(step, num_steps, change):
+            state.drafts = 0
+            return True
+        if change >= self.threshold:
+            state.drafts, state.rejected = 0, True
+            return True
+        if state.drafts >= self.max_drafts:
+            state.drafts = 0
+            return True
+        state.drafts += 1
+        return False
+
+    def label(self, computes, change, state: SpeCaState) -> str:
+        if state.rejected:
+            return StepKind.REJECTED
+        return StepKind.FULL if computes else StepKind.VERIFIED
+
+
+__all__ = ["AdaptivePolicy", "AdaptiveState", "TeaCacheState", "TeaCache", "FirstBlockCache",
+           "MagCache", "MagCacheState", "EasyCache", "SpeCa", "SpeCaState"]

@@ -56,6 +56,16 @@ class CachePolicy:
         return "step"
 
     @property
+    def forecast_method(self) -> str:
+        """"taylor" (finite differences) or "bdf2" (three anchors, :mod:`..state`)."""
+        return "taylor"
+
+    @property
+    def forecast_corrector(self) -> Optional[str]:
+        """None, or "heun" (bdf2's corrected read-out)."""
+        return None
+
+    @property
     def couples_cfg_halves(self) -> bool:
         """Whether the conditional and unconditional halves of the CFG batch depend on each
         other (a token selection shared by both; adaptive policies decide per CFG pair), so
@@ -111,6 +121,14 @@ class Forecasting:
     @property
     def forecast_distance(self) -> str:
         return self.forecast["distance"]
+
+    @property
+    def forecast_method(self) -> str:
+        return self.forecast.get("method", "taylor")
+
+    @property
+    def forecast_corrector(self) -> Optional[str]:
+        return self.forecast.get("corrector")
 
 
 def accepted_keys(cls) -> list:

@@ -21,6 +21,8 @@ STORED_DTYPES = (None, "fp32", "fp16", "bf16", "fp8", "int8")
 DISTANCES = ("step", "timestep")
 FINAL_STEPS = ("plan", "full")
 MAX_ORDER = 2
+FORECAST_METHODS = ("taylor", "bdf2")
+CORRECTORS = (None, "heun")
 
 Check = Callable[[Any, str, Any], Any]
 
@@ -76,19 +78,31 @@ def check_kind_map(policy: str, key: str, value, check: Callable[[str, Any], Any
 
 
 def check_forecast(policy: str, key: str, v) -> dict:
-    """``forecast=dict(order=0|1|2, distance="step"|"timestep")`` -> the full dict."""
+    """``forecast=dict(order=0|1|2, distance="step"|"timestep")`` (Taylor, the default method)
+    or ``dict(method="bdf2", corrector=None|"heun", distance=...)`` -> the full dict (the
+    method and corrector keys only for bdf2, whose order is 2: it keeps three anchors)."""
     if not isinstance(v, Mapping):
-        raise error(policy, key, v, "dict(order=0|1|2, distance='step'|'timestep')")
-    out = {"order": 0, "distance": "step"}
+        raise error(policy, key, v, "dict(order=0|1|2, distance='step'|'timestep') or "
+                                    "dict(method='bdf2', corrector=None|'heun')")
+    out = {"order": None, "distance": "step", "method": "taylor", "corrector": None}
     for k, x in v.items():
         if k not in out:
-            raise error(policy, f"{key}.{k}", x, "keys ['distance', 'order']")
+            raise error(policy, f"{key}.{k}", x, f"keys {sorted(out)}")
         out[k] = x
-    order = check_int(policy, f"{key}.order", out["order"], 0)
+    method = check_choice(policy, f"{key}.method", out["method"], FORECAST_METHODS)
+    check_choice(policy, f"{key}.distance", out["distance"], DISTANCES)
+    if method == "bdf2":
+        if out["order"] not in (None, 2):
+            raise error(policy, f"{key}.order", out["order"], "2 or absent with method 'bdf2'")
+        check_choice(policy, f"{key}.corrector", out["corrector"], CORRECTORS)
+        return {"order": 2, "distance": out["distance"], "method": "bdf2",
+                "corrector": out["corrector"]}
+    if out["corrector"] is not None:
+        raise error(policy, f"{key}.corrector", out["corrector"], "None with method 'taylor'")
+    order = check_int(policy, f"{key}.order", 0 if out["order"] is None else out["order"], 0)
     if order > MAX_ORDER:
         raise error(policy, f"{key}.order", order, f"an integer in [0, {MAX_ORDER}]")
-    check_choice(policy, f"{key}.distance", out["distance"], DISTANCES)
-    return out
+    return {"order": order, "distance": out["distance"]}
 
 
 # ------------------------------------------------------------------ checked fields
@@ -148,7 +162,8 @@ def validate_fields(policy: Any) -> None:
             object.__setattr__(policy, f.name, check(policy, f.name, getattr(policy, f.name)))
 
 
-__all__ = ["STORED_DTYPES", "DISTANCES", "FINAL_STEPS", "MAX_ORDER", "error", "check_int",
+__all__ = ["STORED_DTYPES", "DISTANCES", "FINAL_STEPS", "MAX_ORDER", "FORECAST_METHODS",
+           "CORRECTORS", "error", "check_int",
            "check_number", "check_choice", "check_range", "check_kind_map", "check_forecast",
            "checked", "int_field", "number_field", "choice_field", "bool_field", "range_field",
            "stored_dtype_field", "final_step_field", "forecast_field", "validate_fields"]
