@@ -188,8 +188,9 @@ def tiny_fixed_architectures(cache_dir: str) -> Iterator[None]:
 
 def _tiny_tag2text_configs(cache_dir: str) -> str:
     """Tag2Text's three JSON configs, small: Swin 16 wide with 1 block per stage (384 px, window
-    12 as VBench's), BERT 1 layer. The widths Tag2Text's code hard-wires stay: the BERT hidden
-    size 768 and the vocabulary sizes."""
+    12 as VBench's), BERT 1 layer with the tiny stand-in vocabulary (:data:`TINY_BERT_VOCAB`
+    words, + 2 added tokens for the caption decoder). The BERT hidden size 768, which
+    Tag2Text's code hard-wires, stays."""
     src = os.path.join(vb.vbench_package_dir(), "third_party", "tag2Text")
     dst = os.path.join(cache_dir, "_standin_tag2text_tiny_configs")
     os.makedirs(dst, exist_ok=True)
@@ -198,10 +199,12 @@ def _tiny_tag2text_configs(cache_dir: str) -> str:
     swin.update(embed_dim=16, vision_width=128, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1])
     with open(os.path.join(dst, "config_swinB_384.json"), "w", encoding="utf-8") as f:
         json.dump(swin, f)
-    for name in ("med_config.json", "q2l_config.json"):
+    for name, vocab in (("med_config.json", TINY_BERT_VOCAB + 2),
+                        ("q2l_config.json", TINY_BERT_VOCAB)):
         with open(os.path.join(src, name), encoding="utf-8") as f:
             cfg = json.load(f)
-        cfg.update(num_hidden_layers=1, num_attention_heads=1, intermediate_size=64)
+        cfg.update(num_hidden_layers=1, num_attention_heads=1, intermediate_size=64,
+                   vocab_size=vocab)
         with open(os.path.join(dst, name), "w", encoding="utf-8") as f:
             json.dump(cfg, f)
     return dst
@@ -385,10 +388,14 @@ def use_hf_cache(hf_cache: str) -> None:
 HF_REVISION = "5ba1c0de5ba1c0de5ba1c0de5ba1c0de5ba1c0de"  # refs/main of the stand-in repo
 
 
-def _bert_vocab() -> List[str]:
+TINY_BERT_VOCAB = 998  # + Tag2Text's 2 added tokens = the tiny decoder's 1000 rows
+
+
+def _bert_vocab(size: int = 30522) -> List[str]:
     """A WordPiece vocabulary with BERT's special tokens at BERT's ids ([PAD] 0, [UNK] 100,
-    [CLS] 101, [SEP] 102, [MASK] 103), single characters, some words and numbered fillers: 30522
-    entries, the size Tag2Text's configs declare."""
+    [CLS] 101, [SEP] 102, [MASK] 103), single characters, some words and numbered fillers:
+    ``size`` entries (30522, as bert-base-uncased and Tag2Text's configs; fewer for the tiny
+    configs, whose caption decoder then scores 1000 tokens instead of 30524 at every step)."""
     vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]",
                                                               "[MASK]"]
     vocab += list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-|")
@@ -396,8 +403,8 @@ def _bert_vocab() -> List[str]:
     vocab += ["a", "picture", "of", "the", "in", "on", "with", "and", "is", "kitchen", "street",
               "beach", "room", "forest", "sky", "water", "person", "car", "dog", "cat"]
     vocab = list(dict.fromkeys(vocab))
-    vocab += [f"standin{i}" for i in range(30522 - len(vocab))]
-    return vocab
+    vocab += [f"standin{i}" for i in range(size - len(vocab))]
+    return vocab[:size]
 
 
 def build_hf_bert(hf_cache: str, cache_dir: str, scale: str = "tiny") -> List[str]:
@@ -417,7 +424,7 @@ def build_hf_bert(hf_cache: str, cache_dir: str, scale: str = "tiny") -> List[st
     with open(os.path.join(base, "refs", "main"), "w", encoding="utf-8") as f:
         f.write(HF_REVISION)
     with open(os.path.join(snap, "vocab.txt"), "w", encoding="utf-8") as f:
-        f.write("\n".join(_bert_vocab()) + "\n")
+        f.write("\n".join(_bert_vocab(TINY_BERT_VOCAB if scale == "tiny" else 30522)) + "\n")
     with open(os.path.join(snap, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump({"do_lower_case": True, "model_max_length": 512}, f)
     conf_dir = (_tiny_tag2text_configs(cache_dir) if scale == "tiny" else
