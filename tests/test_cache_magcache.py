@@ -39,6 +39,12 @@ def test_decisions_on_a_scripted_curve():
     late = build_policy(dict(type="MagCache", mag_ratios=RATIOS, threshold=0.5,
                              retention_ratio=0.5, final_step="plan"))
     assert decisions(late, 10) == [True] * 5 + [False, False, True, False, False]
+    # the error adds |1 - running product|, not |1 - this step's ratio|: steps 1-3 skip (errors
+    # 0, .02, .0596); step 4's product .941192 brings it to .118408 >= .07 -> computed (per
+    # step ratios would sum .06 and skip)
+    prod = build_policy(dict(type="MagCache", mag_ratios=[1.0, 1.0, 0.98, 0.98, 0.98],
+                             threshold=0.07, max_skips=5, final_step="plan"))
+    assert decisions(prod, 5) == [True, False, False, False, True]
 
 
 def test_curve_interpolates_for_another_step_count():
