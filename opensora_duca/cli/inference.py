@@ -418,7 +418,8 @@ def run(cfg, args, rank, world, device, is_main, t_start) -> int:
     build = build_v2_from_config if is_v2_config(cfg) else build_from_config
     pipe = build(cfg, device=device, enable_sequence_parallelism=world > 1)
     t_build = time.perf_counter() - t_build
-    tokenize = getattr(pipe.text_encoder, "tokenize", None)
+    # (the 2.0 pipeline's T5 / CLIP pair takes any text: nothing to check up front)
+    tokenize = getattr(getattr(pipe, "text_encoder", None), "tokenize", None)
     if callable(tokenize) and todo:  # every prompt, before the first video (unknown words),
         # as generate gives them to the text encoder (with the aes / flow scores appended)
         tokenize(append_scores([prompts[i] for i in todo], getattr(pipe, "aes", None),
