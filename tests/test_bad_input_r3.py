@@ -875,6 +875,10 @@ ROWS += [
     Row("cache-session-names-passed-timestep", _session_names_passed_timestep, "RuntimeError",
         r"has timestep 950, not below the previous step's 900"),
     Row("cache-second-thread", _second_thread, "RuntimeError", r"from a second thread"),
+    Row("demo-too-few-steps-for-the-policy",
+        lambda p: tool(__import__("opensora_duca.cli.demo", fromlist=["main"]).main, DEMO_CFG,
+                       "--num-sampling-steps", "2", "--save-dir", p / "out"), 2,
+        r"needs at least \d+ sampling steps; the run has num_steps=2"),
 ]
 
 

@@ -94,6 +94,9 @@ def _demo(args) -> int:
         if args.num_sampling_steps is not None and args.num_sampling_steps < 1:
             raise ValueError(f"--num-sampling-steps {args.num_sampling_steps}: accepted: an "
                              f"integer >= 1")
+        if args.num_sampling_steps is not None:  # e.g. DuCa's warmup needs its steps
+            for c in policies.values():
+                build_policy(c).validate_run(args.num_sampling_steps)
         if args.seed is not None and not 0 <= args.seed < 2 ** 63:
             raise ValueError(f"--seed {args.seed}: accepted: an integer in [0, 2**63)")
         check_writable(args.save_dir or cfg.get("save_dir", "./samples/demo"), "save_dir",
