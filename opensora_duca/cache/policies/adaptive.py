@@ -355,7 +355,9 @@ class SpeCa(AdaptivePolicy):
     accepted (the rest of the trunk is skipped, its forecast residual added); otherwise, or
     after ``max_drafts`` accepted drafts in a row, the clip computes the step. Statistics:
     ``group_labels`` says "forecast (verified)" / "full (forecast rejected)" per clip and step,
-    and ``stats()["verify"]`` counts the checks and how many failed.
+    and ``stats()["verify"]`` counts the checks and how many failed (``checked``: the accepted
+    and the rejected drafts; a step computed because ``max_drafts`` was reached passed its
+    check and is labelled "full", not counted).
 
     Args: threshold (0.15), max_drafts (5), forecast (dict(order=1); bdf2 accepted),
     warmup_steps (3), final_step ("full" | "plan"), stored_dtype."""
