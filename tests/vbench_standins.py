@@ -67,11 +67,7 @@ from typing import Dict, Iterator, List
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from opensora_duca.eval import vbench as vb  # noqa: E402
+from opensora_duca.eval import vbench as vb  # the package installed (make setup: pip -e .)
 
 DINO_URL_NAME = "dino_vitbase16_pretrain.pth"  # the file name of the URL the DINO hubconf loads
 TINY = dict(width=64, layers=1, heads=1)
@@ -277,10 +273,9 @@ def build_dino(cache_dir: str, torch_home: str) -> List[str]:
     hubconf = os.path.join(repo, "hubconf.py")
     with open(hubconf, "w", encoding="utf-8") as f:
         f.write(_DINO_HUBCONF)
-    spec = importlib.util.spec_from_file_location("_standin_dino_hubconf", hubconf)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    sd = mod.dino_vitb16(pretrained=False).state_dict()
+    namespace = {"__name__": "_standin_dino_hubconf"}  # the text written above, run here
+    exec(compile(_DINO_HUBCONF, hubconf, "exec"), namespace)
+    sd = namespace["dino_vitb16"](pretrained=False).state_dict()
     return [
         hubconf,
         _save(sd, os.path.join(torch_home, "hub", "checkpoints", DINO_URL_NAME)),
