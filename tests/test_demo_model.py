@@ -4,7 +4,7 @@ caption judge accepts, uncached and with DuCa.
 The prompts follow a rule fixed before any output was looked at: every direction x every shape
 (15 prompts), the k-th of them (shape-major, in ``SHAPES`` x ``DIRECTIONS`` order) in colour
 ``COLORS[k mod 7]``, all with noise seed 0. The bounds come from the caption-set measurement
-(README "Measured": 105 captions x 2 seeds, the same weights, which include these captions):
+(docs/demo-model.md: 105 captions x 2 seeds, the same weights, which include these captions):
 there every clip of a moving caption was judged right in everything (``all_ok``: colour, shape,
 motion, one object; 168/168 uncached and with DuCa), and clips of "staying still" captions
 mostly were not (``all_ok`` 3/42 uncached, 5/42 DuCa: the model draws a still shape in pieces).

@@ -24,5 +24,5 @@ flow = None
 
 cache = dict(type="DuCa")  # the released Open-Sora preset; set to None for uncached sampling
 # tools/demo.py (make demo) also runs these, next to DuCa: the best forecasting policy of the
-# frontier on this model (docs/results/frontier.json, README "Frontier")
+# frontier on this model (docs/results/frontier.json, docs/frontier.md)
 compare_caches = {"FORA+forecast": dict(type="FORA", interval=5, forecast=dict(order=1))}

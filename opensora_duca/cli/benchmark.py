@@ -47,7 +47,7 @@ matmul, attention, norm, activation, element-wise, copy) and the operator calls;
 ``profile``.
 
 ``--compile`` runs every policy with the per-block work compiled (torch.compile, static
-shapes; see README "Speed"); ``graphs_compiled_in_timed_runs`` (JSON top level) must be 0.
+shapes; see docs/speed.md); ``graphs_compiled_in_timed_runs`` (JSON top level) must be 0.
 
 Measured per policy (JSON ``results[]`` fields):
 

@@ -14,7 +14,7 @@ Flags override the config's keys of the same name; ``--cfg-options`` overrides a
 key, e.g. ``--cfg-options model.depth=2 cache.type=DuCa`` (values are parsed like mmengine's
 ``DictAction``: numbers, True/False/None, lists ``[1,2]`` and tuples ``(1,2)``).
 ``--compile`` sets the config key ``compile = dict(mode="default")`` (unless the config has
-one): the per-block work runs compiled with torch.compile, cached or not (README "Speed").
+one): the per-block work runs compiled with torch.compile, cached or not (docs/speed.md).
 
 Prompts: ``--prompt`` wins over ``--prompt-path`` (one prompt per line; blank lines are
 dropped), then the config's ``prompt`` list, then its ``prompt_path``.

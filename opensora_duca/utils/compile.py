@@ -1,4 +1,4 @@
-"""The ``compile`` option: torch.compile applied to the per-block work (see README "Speed").
+"""The ``compile`` option: torch.compile applied to the per-block work (see docs/speed.md).
 
 A config's top-level ``compile = dict(mode="default")`` (or ``--compile`` on the command line)
 turns it on. Only the *regions* are compiled — a block's own forward, the token-sparse
