@@ -1,7 +1,8 @@
 """MagCache, EasyCache and SpeCa as the other adaptive policies are held: a clip alone and in a
 batch of 4 decides alike at every step (EasyCache and SpeCa: the clips decide differently at
 some step, so a batch-wide decision would show); 2 gloo ranks (sequence parallelism) give the
-single process's decisions and latents bitwise; each runs on Open-Sora 2.0's MMDiT (its
+single process's decisions and latents bitwise (this project's MMDiT sharded by rows: the same
+decisions, latents to float rounding); each runs on Open-Sora 2.0's MMDiT (its
 three-branch guidance batch: a clip's decisions alone and beside another are the same), bdf2
 forecasting too; CFG parallelism: refused where a decision sums over a clip's CFG rows
 (EasyCache, SpeCa), accepted for MagCache (its decisions read the step index only)."""
@@ -110,3 +111,37 @@ def test_cfg_parallelism_where_the_method_allows():
     for name in ("easycache", "speca"):
         with pytest.raises(ValueError, match="not accepted with cfg_parallel=2"):
             check_cache_policy(build_policy(POLICIES[name]))
+
+
+MMDIT_SP = {"magcache": MMDIT[0], "easycache": dict(MMDIT[1], threshold=2.0),
+            "speca": MMDIT[2]}
+
+
+def _mmdit_sp_runs(rank, world_size, sp: bool = True):
+    """Each policy on this project's MMDiT (sharded by latent rows when ``sp``): latents and
+    per-clip decisions."""
+    from test_cache_mmdit import MMDiTConfig, MMDiTModel, build_double
+
+    double = build_double(9)
+    model = MMDiTModel(MMDiTConfig(**vars(double.config)), enable_sequence_parallelism=sp)
+    model.load_state_dict(double.state_dict())
+    model.eval()
+    inp = make_inputs(small_config(), grid=(2, 3, 4), txt_len=5, batch=2, seed=13)
+    out = {}
+    for name, cfg in MMDIT_SP.items():
+        mgr = apply_cache(model, cfg)
+        got = mmdit_sample(model, inp)
+        out[name] = [torch.stack(got), mgr.stats()["group_labels"]]
+        remove_cache(model)
+    return out
+
+
+def test_mmdit_two_ranks_give_the_single_process_run():
+    single = _mmdit_sp_runs(0, 1, sp=False)
+    for r in run_distributed(_mmdit_sp_runs, 2):
+        for name in MMDIT_SP:
+            labels = {lab for step in single[name][1] for lab in step}
+            assert labels & SKIPPED, (name, labels)
+            assert r[name][1] == single[name][1], name
+            err = float((r[name][0] - single[name][0]).norm() / single[name][0].norm())
+            assert err < 1e-5, (name, err)
