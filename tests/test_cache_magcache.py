@@ -12,6 +12,7 @@ from test_cache_batch import sample
 
 from opensora_duca.cache import build_policy
 from opensora_duca.cache.calibrate import magnitude_ratios
+from opensora_duca.cache.policies.adaptive import DEMO_MAG_RATIOS
 from opensora_duca.cli.calibrate import main as calibrate_main
 
 RATIOS = [1.0, 1.0, 0.99, 0.98, 0.97, 0.9, 0.99, 1.0, 1.0, 0.95]
@@ -46,6 +47,17 @@ def test_decisions_on_a_scripted_curve():
     assert decisions(prod, 5) == [True, False, False, False, True]
 
 
+def test_without_a_calibration_the_demo_models_curve():
+    pol = build_policy(dict(type="MagCache"))
+    assert pol.mag_ratios == DEMO_MAG_RATIOS and len(DEMO_MAG_RATIOS) == 30
+    assert build_policy(pol.describe()) == pol
+    # on it, the defaults (threshold .12, K 2, 6 retained steps): steps 0-5 and 29 computed,
+    # never three skips in a row, about half the steps skipped
+    got = decisions(pol, 30)
+    assert got[:6] == [True] * 6 and got[-1] is True and 8 <= got.count(False) <= 16
+    assert all(any(got[i:i + 3]) for i in range(28))
+
+
 def test_curve_interpolates_for_another_step_count():
     pol = build_policy(dict(type="MagCache", mag_ratios=[1.0, 0.8, 0.6, 0.4, 0.2]))
     assert pol.curve(3, 5) == 0.4 and pol.curve(3, None) == 0.4
@@ -55,7 +67,6 @@ def test_curve_interpolates_for_another_step_count():
 
 
 @pytest.mark.parametrize("cfg, match", [
-    (dict(), r"calibration=None is invalid; accepted: the JSON of tools/calibrate.py"),
     (dict(mag_ratios=[1.0]), r"mag_ratios=\[1.0\] is invalid"),
     (dict(mag_ratios=[1.0, -0.5]), r"finite positive"),
     (dict(mag_ratios=[1.0, 1.0], max_skips=0), r"max_skips=0 is invalid"),

@@ -196,6 +196,13 @@ class FirstBlockCache(AdaptivePolicy):
 
 
 # ------------------------------------------------------------------------------ MagCache
+#: MagCache's curve without a calibration: measured on the demo model (configs/demo, 30 steps)
+#: by ``tools/calibrate.py --policy MagCache --seeds 100`` with three captions, rounded
+DEMO_MAG_RATIOS = (1.0, 0.9844, 0.967, 0.9676, 0.966, 0.9597, 0.9559, 0.9651, 0.9643, 0.9635,
+                   0.9653, 0.97, 0.9638, 0.9635, 0.9741, 0.9678, 0.9795, 0.9735, 0.9842, 0.979,
+                   0.992, 1.0039, 1.0, 1.0061, 1.0168, 1.0321, 1.0323, 1.0142, 1.026, 1.0275)
+
+
 @dataclass
 class MagCacheState(AdaptiveState):
     """MagCache: since the group's last computed step, the product of the curve's ratios, the
@@ -223,9 +230,11 @@ class MagCache(AdaptivePolicy):
         threshold: accumulated error bound (0.12); max_skips: consecutive skips K (2);
         retention_ratio: share of the first steps always computed (0.2, at least one step);
         calibration: the JSON of ``tools/calibrate.py --policy MagCache`` (``mag_ratios``), or
-        ``mag_ratios`` given directly (step 0 first); one of them is required (there is no
-        default curve: the curve is the model's). A run with another number of steps reads the
-        curve linearly interpolated at ``step / (num_steps - 1)`` of its length.
+        ``mag_ratios`` given directly (step 0 first). Neither: :data:`DEMO_MAG_RATIOS`, the
+        curve measured on this project's demo model (30 rflow steps, cfg 4.0; seed 100, three
+        captions of the caption set), a stand-in for any other model, where the curve is the
+        model's own: calibrate it. A run with another number of steps reads the curve
+        linearly interpolated at ``step / (num_steps - 1)`` of its length.
         final_step: "full" computes the last step (default) or "plan"; stored_dtype.
 
     The decisions depend on the step index only: the same for every clip and rank, no
@@ -256,8 +265,7 @@ class MagCache(AdaptivePolicy):
                 raise error(n, "mag_ratios", ratios, "None when 'calibration' is set")
             ratios = loaded
         elif ratios is None:
-            raise error(n, "calibration", None, "the JSON of tools/calibrate.py --policy "
-                                                "MagCache, or mag_ratios=[...]")
+            ratios = DEMO_MAG_RATIOS
         elif not isinstance(ratios, (list, tuple)) or len(ratios) < 2 or not all(
                 isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r)
                 and r > 0 for r in ratios):
@@ -402,4 +410,4 @@ class SpeCa(AdaptivePolicy):
 
 
 __all__ = ["AdaptivePolicy", "AdaptiveState", "TeaCacheState", "TeaCache", "FirstBlockCache",
-           "MagCache", "MagCacheState", "EasyCache", "SpeCa", "SpeCaState"]
+           "MagCache", "MagCacheState", "DEMO_MAG_RATIOS", "EasyCache", "SpeCa", "SpeCaState"]
