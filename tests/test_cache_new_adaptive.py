@@ -145,3 +145,21 @@ def test_mmdit_two_ranks_give_the_single_process_run():
             assert r[name][1] == single[name][1], name
             err = float((r[name][0] - single[name][0]).norm() / single[name][0].norm())
             assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_at_most_one_gather_per_step(name, monkeypatch):
+    """The decision's sums travel in one all_gather per step (none for MagCache, whose decisions
+    read the step index only); counted where the cache calls it."""
+    import opensora_duca.cache.adaptive as adaptive
+
+    calls = []
+    real = adaptive.sp.all_gather
+    monkeypatch.setattr(adaptive.sp, "all_gather",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = small_model(depth=3)
+    sample(model, [0, 1], POLICIES[name])
+    if name == "magcache":
+        assert calls == []
+    else:
+        assert 0 < len(calls) <= STEPS - 1  # step 0 has nothing to compare with
