@@ -196,7 +196,9 @@ def test_calibrate_tool_writes_a_file_teacache_reads(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert data["degree"] == 2 and data["samples"] == 5 and len(data["x"]) == 5
+    # one point per clip and step >= 1: the config's 2 prompts share the seed's noise, and
+    # each is its own clip from the second step on (5 steps x 2 clips)
+    assert data["degree"] == 2 and data["samples"] == 10 and len(data["x"]) == 10
     from opensora_duca.cache import build_policy
 
     pol = build_policy(dict(type="TeaCache", calibration=str(out)))

@@ -33,10 +33,13 @@ def clips():
 
 
 @torch.no_grad()
-def sample(model, rows, cfg=None, sp=False):
-    """A CFG sampler on the clips ``rows``: batch [z, z], captions [y, y_null], Euler steps;
-    -> (latents, per step the decisions of each clip)."""
+def sample(model, rows, cfg=None, sp=False, same_noise=False):
+    """A CFG sampler on the clips ``rows``: batch [z, z], captions [y, y_null], Euler steps
+    (``same_noise``: every clip starts from clip 0's noise, as a batch of captions with one
+    seed); -> (latents, per step the decisions of each clip)."""
     z, y, y_null, mask = clips()
+    if same_noise:
+        z = z[:1].expand_as(z).clone()
     z, y, mask = z[rows], y[rows], mask[rows]
     n = len(rows)
     y_in = torch.cat([y, y_null.expand(n, -1, -1, -1)])
@@ -53,7 +56,9 @@ def sample(model, rows, cfg=None, sp=False):
             if mgr is not None:
                 st = mgr.stats()
                 assert st["groups"] == [[j, j + n] for j in range(n)]  # a clip's CFG pair
-                decisions = [[step[j] for step in st["group_labels"]] for j in range(n)]
+                # (a first step from one noise: one group, parted at the second step)
+                decisions = [[step[j] if len(step) == n else step[0]
+                              for step in st["group_labels"]] for j in range(n)]
     finally:
         if mgr is not None:
             remove_cache(model)
@@ -131,3 +136,17 @@ def test_shared_cfg_selection_refuses_a_three_way_batch():
                         model(x, torch.full((x.shape[0],), 900.0), caption)
         finally:
             remove_cache(model)
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_clips_from_the_same_noise_decide_apart(name):
+    """Captions sampled with one seed start from identical latents; their first step moves them
+    apart, and from then on each clip decides on its own rows: alone or beside the others, the
+    same decisions and latents (the batch's own rounding)."""
+    model = small_model(depth=3)
+    z_batch, dec_batch = sample(model, list(range(CLIPS)), POLICIES[name], same_noise=True)
+    assert len({tuple(d) for d in dec_batch}) > 1  # the captions do decide differently
+    for j in range(CLIPS):
+        z_one, dec_one = sample(model, [j], POLICIES[name], same_noise=True)
+        assert dec_one[0] == dec_batch[j], (j, dec_one[0], dec_batch[j])
+        assert rel(z_batch[j:j + 1], z_one) < 1e-5

@@ -137,7 +137,8 @@ def test_couples_cfg_halves_is_a_policy_property():
 
     coupling = {name: build_policy(dict(type=name)).couples_cfg_halves
                 for name in registered(CACHES)}
-    assert coupling == {name: name in ("TeaCache", "FirstBlockCache") for name in coupling}
+    assert coupling == {name: name in ("TeaCache", "FirstBlockCache", "EasyCache", "SpeCa")
+                        for name in coupling}
     assert DuCa(cfg_shared_selection=True).couples_cfg_halves
     assert ToCa(cfg_shared_selection=True).couples_cfg_halves
 

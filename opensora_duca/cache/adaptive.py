@@ -13,6 +13,7 @@ batch.
 """
 from __future__ import annotations
 
+import copy
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -66,7 +67,8 @@ def relative_l1(now: torch.Tensor, before: torch.Tensor, grid: TokenGrid, group,
 def decision_groups(x: torch.Tensor) -> List[List[int]]:
     """The batch rows that decide together: rows with bit-identical inputs (a clip's
     classifier-free-guidance copies, which every sampler feeds the same latents), in order of
-    their first row."""
+    their first row. Clips of one seed (other captions, the same noise) look alike at the first
+    step only: :meth:`AdaptiveRun.refine` parts them at the second."""
     b = x.shape[0]
     if b == 1:
         return [[0]]
@@ -166,6 +168,29 @@ class AdaptiveRun:
     def start(self, x: torch.Tensor) -> None:
         """A run's first step: who decides with whom."""
         self.groups = decision_groups(x)
+
+    def refine(self, x: torch.Tensor) -> None:
+        """The run's second step: rows that started alike but no longer are (clips sampled from
+        the same noise with other captions: the first step moved them apart) decide apart; a
+        clip's guidance copies stay identical at every step. Called before the first decision
+        that compares anything; a split group's policy state is copied to its parts (its rows
+        were alike until now), SpeCa's per-group forecasts start again."""
+        new, parent = [], []
+        for g, rows in enumerate(self.groups):
+            parts = [rows] if len(rows) == 1 else \
+                [[rows[j] for j in sub] for sub in decision_groups(x[rows])]
+            new += parts
+            parent += [g] * len(parts)
+        if len(new) == len(self.groups):
+            return
+        order = sorted(range(len(new)), key=lambda k: new[k][0])
+        if self.states is not None:
+            self.states = [copy.deepcopy(self.states[parent[k]]) for k in order]
+        for pair in self.per_group or ():
+            for feature in pair:
+                feature.clear()
+        self.per_group = None
+        self.groups = [new[k] for k in order]
 
     def end_step(self) -> None:
         self.trunk_in = self.residual_in = self.rows = self.sub = None

@@ -257,6 +257,8 @@ class CacheManager:
             self.reset()
         if self.run.record(x, y, t, args, kwargs):  # a run's first step
             self._open_run(x)
+        elif self._adaptive and self.run.step == 1:  # clips from one noise part here
+            self.adaptive.refine(x)
         tick = time.perf_counter()
         step, num_steps, timesteps = self.run.step, self.run.num_steps, self.run.timesteps
         if num_steps is not None and step == 0:
