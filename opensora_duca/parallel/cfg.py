@@ -105,8 +105,8 @@ def check_cache_policy(policy) -> None:
                          "cfg_parallel=1")
     raise ValueError(f"cache type={policy.name!r} is not accepted with cfg_parallel=2 (its "
                      f"change measure sums over the whole CFG batch); accepted: a fixed-plan "
-                     f"policy (none, DuCa, ToCa, FORA, PAB, TrunkReuse, TaylorSeer) or "
-                     f"cfg_parallel=1")
+                     f"policy (none, DuCa, ToCa, FORA, PAB, TrunkReuse, TaylorSeer, MagCache) "
+                     f"or cfg_parallel=1")
 
 
 __all__ = ["CFGParallel", "check_degree", "check_world", "setup_cfg_parallel",
