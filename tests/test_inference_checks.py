@@ -56,7 +56,7 @@ def _torchrun(args, timeout=180):
     (["--cfg-options", "cache.type=DuCa", "cache.bogus=1"],
      "cache policy 'DuCa': unknown key 'bogus'=1; accepted keys: ['cfg_shared_selection'"),
     (["--cfg-options", "cache.type=Nope"],
-     "unknown cache policy type 'Nope'; registered policies: ['DuCa', 'FORA'"),
+     "unknown cache policy type 'Nope'; registered policies: ['DuCa', 'EasyCache', 'FORA'"),
     (["--cfg-options", "cache.type=TeaCache", "cfg_parallel=2"],
      "cache type='TeaCache' is not accepted with cfg_parallel=2"),
     (["--cfg-options", "cache.type=DuCa", "cache.cfg_shared_selection=True", "cfg_parallel=2"],
