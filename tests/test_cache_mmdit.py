@@ -177,9 +177,16 @@ POLICIES = [dict(type="DuCa", warmup_steps=1), dict(type="ToCa", warmup_steps=1)
             dict(type="PAB"), dict(type="TaylorSeer"),
             dict(type="TeaCache", threshold=0.3), dict(type="FirstBlockCache", threshold=3.0),
             dict(type="DuCa", warmup_steps=1, scorer="random", stored_dtype="int8")]
+# issue 19's policies and forecaster (their own tests: tests/test_cache_new_adaptive.py)
+NEW_POLICIES = [dict(type="MagCache", mag_ratios=[1.0] + [0.9] * 7, threshold=1.0, max_skips=2),
+                dict(type="EasyCache", threshold=0.5, warmup_steps=2),
+                dict(type="SpeCa", threshold=3.0, warmup_steps=2, forecast=dict(order=1)),
+                dict(type="SpeCa", threshold=3.0, warmup_steps=2, forecast=dict(method="bdf2")),
+                dict(type="FORA", interval=2, forecast=dict(method="bdf2", corrector="heun"))]
 
 
-@pytest.mark.parametrize("cfg", POLICIES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("cfg", POLICIES + NEW_POLICIES,
+                         ids=lambda c: "-".join(f"{v}" for v in c.values()))
 def test_every_policy_runs_on_mmdit_with_its_plan_counted(model_and_inputs, cfg):
     model, inp = model_and_inputs
     ref = sample(model, inp)
