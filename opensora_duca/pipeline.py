@@ -642,8 +642,6 @@ def build_from_config(cfg: Any, device: Any = None, dtype: Any = None,
         elif compile_options(compile_cfg) is not None:  # compiled, uncached: policy "none"
             manager = apply_cache(model, dict(type="none"), compile=compile_cfg)
 
-    if manager is not None:  # a calibration file fitted on another model is refused
-        check_calibration_model(manager.policy, model)
     if cfg_parallel is not None and manager is not None:
         check_cache_policy(manager.policy)
         manager.batch_part = (cfg_parallel.cfg_rank, 2)

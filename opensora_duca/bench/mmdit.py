@@ -23,9 +23,10 @@ import torch
 from ..cache import apply_cache, remove_cache
 from ..cache.flops import TrunkShape
 from ..cache.layouts.mmdit import full_step_flops
+from ..pipeline import _sync
 from ..pipeline_v2 import image_size_v2
 from ..registry import MODELS, build_module
-from ..schedulers.opensora2 import get_schedule, latent_frames, oscillation_scale
+from ..schedulers.opensora2 import get_schedule, latent_frames, oscillation_scale, prepare_ids
 
 V2_PRESETS: Dict[str, dict] = {
     "mmdit-cpu": dict(model="MMDiT-cpu", grid=(4, 16, 16), txt_len=32, steps=30, large=False),
@@ -54,19 +55,17 @@ def step_tflops(preset: dict, hidden=3072, depth=19, single=38, mlp_ratio=4.0) -
 
 
 def _inputs(model, grid, txt_len, device, dtype, seed):
+    """One clip's three-branch batch (text, unconditional, image-unconditional) on ``grid``."""
     cfg = model.config
     T, H, W = grid
     g = torch.Generator().manual_seed(seed)
     n = T * H * W
-    ids = torch.stack(torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W),
-                                     indexing="ij"), -1).reshape(1, n, 3).float()
+    img_ids, txt_ids = prepare_ids(3, T, H, W, txt_len)
     txt = torch.randn(1, txt_len, cfg.context_in_dim, generator=g)
     vec = torch.randn(1, cfg.vec_in_dim, generator=g)
     out = dict(img=torch.randn(1, n, cfg.in_channels, generator=g).repeat(3, 1, 1),
-               img_ids=ids.repeat(3, 1, 1),
-               txt=torch.cat([txt, torch.zeros_like(txt).repeat(2, 1, 1)]),
-               txt_ids=torch.zeros(3, txt_len, 3),
-               y_vec=torch.cat([vec, torch.zeros_like(vec).repeat(2, 1)]))
+               img_ids=img_ids, txt=torch.cat([txt, torch.zeros_like(txt).repeat(2, 1, 1)]),
+               txt_ids=txt_ids, y_vec=torch.cat([vec, torch.zeros_like(vec).repeat(2, 1)]))
     if cfg.cond_embed:
         cond = torch.randn(1, n, cfg.in_channels + cfg.patch_size ** 2, generator=g) * 0.1
         out["cond"] = torch.cat([cond, cond, torch.zeros_like(cond)])
@@ -74,7 +73,7 @@ def _inputs(model, grid, txt_len, device, dtype, seed):
 
 
 @torch.no_grad()
-def _sample(model, inp, timesteps, frames):
+def _sample(model, inp, timesteps):
     img = inp["img"].clone()
     n = img.shape[0] // 3
     for i, (t, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
@@ -86,11 +85,6 @@ def _sample(model, inp, timesteps, frames):
         v = u2 + image * (u - u2) + text * (c - u)
         img = (img.float() + (t_next - t) * torch.cat([v, v, v])).to(img.dtype)
     return img[:n].float()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_v2_benchmark(name: str, policies: List[dict], device, dtype, repeat: int = 3,
@@ -113,7 +107,7 @@ def run_v2_benchmark(name: str, policies: List[dict], device, dtype, repeat: int
             mgr = apply_cache(model, cfg)
             _sync(device)
             t0 = time.perf_counter()
-            outs[k] = _sample(model, inp, ts, grid[0])
+            outs[k] = _sample(model, inp, ts)
             _sync(device)
             times[k].append(time.perf_counter() - t0)
             stats[k] = mgr.stats()

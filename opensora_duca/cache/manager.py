@@ -27,7 +27,7 @@ from ..utils.compile import check_available, compile_options
 from . import selection as sel
 from .adaptive import AdaptiveRun, check_cfg_halves
 from .calibrate import check_calibration_model
-from .layouts import layout_for
+from .layouts import layout_for, tapped_modules
 from .plan import Kind, StepKind, StepPlan
 from .policies import AdaptivePolicy, CachePolicy, Scorer, build_policy
 from .runner import BlockRunner, BlockSlot, ModuleTap, Regions
@@ -46,11 +46,6 @@ def _weak_method(method):
         fn = ref()
         return None if fn is None else fn(*args, **kwargs)
     return call
-
-
-def _tapped(layout, block) -> dict:
-    """The tapped submodules of ``block`` (attribute paths) as the layout names them."""
-    return layout.tapped(block) if hasattr(layout, "tapped") else layout.TAPPED
 
 
 class CacheManager:
@@ -111,7 +106,7 @@ class CacheManager:
         tap = self.stores_modules()
         recorders = getattr(lay, "RECORDERS", {})
         for k, (name, blk, layer) in enumerate(order):
-            tapped = _tapped(lay, blk)
+            tapped = tapped_modules(lay, blk)
             mods = [(name, blk), (f"{name}.qkv", lay.qkv_module(blk))] + \
                 [(f"{name}.{a}", blk.get_submodule(a)) for a in tapped]
             patched = [n for n, mod in mods if "forward" in mod.__dict__]
@@ -167,7 +162,7 @@ class CacheManager:
                 continue
             blk.__dict__.pop("forward", None)
             for mod in [self.layout.qkv_module(blk), self.layout.map_module(blk)] + \
-                    [blk.get_submodule(a) for a in _tapped(self.layout, blk)]:
+                    [blk.get_submodule(a) for a in tapped_modules(self.layout, blk)]:
                 if mod is not None:
                     ModuleTap.remove(mod)
         for h in self._handles:

@@ -35,6 +35,7 @@ import torch
 from ..utils.compile import CompileOptions, compile_region
 from . import selection as sel
 from .context import StepContext
+from .layouts.base import tapped_modules
 from .plan import Action, Kind, StepPlan
 from .policies import Scorer
 from .state import BlockState
@@ -104,9 +105,8 @@ class BlockRunner:
         self._signature = inspect.signature(types.MethodType(self._forward, block))
         self._input = next(iter(self._signature.parameters))  # the hidden states' name
         self.token_sparse = self.layout.token_sparse(block)
-        tapped = self.layout.tapped(block) if hasattr(self.layout, "tapped") else \
-            self.layout.TAPPED
-        self._tapped = {attr: (name, kind or self.kind) for attr, (name, kind) in tapped.items()}
+        self._tapped = {attr: (name, kind or self.kind)
+                        for attr, (name, kind) in tapped_modules(self.layout, block).items()}
         lay = self.layout
         # the layout's hooks for blocks that take or return more than one hidden state
         self._passthrough = getattr(lay, "passthrough", None)

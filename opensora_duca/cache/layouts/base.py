@@ -25,6 +25,12 @@ def register_layout(cls: type) -> type:
     return cls
 
 
+def tapped_modules(layout, block: nn.Module) -> dict:
+    """The tapped submodules of ``block`` (attribute paths -> (stored feature, kind)): the
+    adapter's ``tapped(block)`` where its blocks differ, else its ``TAPPED``."""
+    return layout.tapped(block) if hasattr(layout, "tapped") else layout.TAPPED
+
+
 def layout_for(model: nn.Module):
     """The adapter of the first registered family whose ``matches(model)`` is True."""
     for cls in LAYOUTS.values():

@@ -30,12 +30,14 @@ in even chunks. Timesteps are in [0, 1]; the cache plans in 0..1000 (``TIMESTEP_
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...models.mmdit import token_grid as mmdit_token_grid
 from ..flops import TrunkShape
 from ..plan import Action, Kind
 from ..selection import gather_tokens
@@ -50,10 +52,12 @@ def is_double(block: nn.Module) -> bool:
     return hasattr(block, "img_mlp")
 
 
-def _modulation(lin: nn.Linear, vec: torch.Tensor, n: int) -> tuple:
-    """The block's modulation vectors (shift, scale, gate, ...) [B, 1, C] from ``vec``, as the
-    blocks' ``Modulation`` computes them (silu, linear, chunks)."""
-    return F.linear(F.silu(vec), lin.weight, lin.bias)[:, None, :].chunk(n, dim=-1)
+def _modulation(mod: nn.Module, vec: torch.Tensor) -> tuple:
+    """The block's own ``Modulation`` module on ``vec``: (shift, scale, gate) [B, 1, C] of its
+    first output, then of its second (double blocks)."""
+    first, second = mod(vec)
+    outs = (first,) if second is None else (first, second)
+    return tuple(t for m in outs for t in (m.shift, m.scale, m.gate))
 
 
 def _modulate(x, shift, scale):
@@ -145,8 +149,8 @@ def step_flops(shape: TrunkShape, plan, partial_tokens: Optional[dict] = None) -
 # ----------------------------------------------------------------------- the reused step
 def _double_sparse(runner, plan, img, txt, vec):
     block, kind = runner.block, runner.kind
-    s1, c1, g1, s2, c2, g2 = _modulation(block.img_mod.lin, vec, 6)
-    ts1, tc1, tg1, ts2, tc2, tg2 = _modulation(block.txt_mod.lin, vec, 6)
+    s1, c1, g1, s2, c2, g2 = _modulation(block.img_mod, vec)
+    ts1, tc1, tg1, ts2, tc2, tg2 = _modulation(block.txt_mod, vec)
     A = runner.stored("attn", kind, img.shape, img.dtype)
     At = runner.stored("txt_attn", kind, txt.shape, txt.dtype)
     runner.count(kind, Action.REUSE)
@@ -173,7 +177,7 @@ def _double_sparse(runner, plan, img, txt, vec):
 
 def _single_sparse(runner, plan, x, vec, txt_len: int):
     block, kind = runner.block, runner.kind
-    shift, scale, gate = _modulation(block.modulation.lin, vec, 3)
+    shift, scale, gate = _modulation(block.modulation, vec)
     A = runner.stored("attn", kind, x.shape, x.dtype)
     runner.count(kind, Action.REUSE)
     act = plan.actions[Kind.MLP]
@@ -324,8 +328,7 @@ class MMDiTLayout:
             acts[Kind.MLP] = Action.FULL
         if acts == dict(plan.actions):
             return plan
-        from dataclasses import replace
-        return replace(plan, actions=acts, ratios={})
+        return dataclasses.replace(plan, actions=acts, ratios={})
 
     def note_call(self, block: nn.Module, args, kwargs) -> None:
         if is_double(block):
@@ -346,18 +349,14 @@ class MMDiTLayout:
         return x
 
     def token_grid(self, img_ids: Optional[torch.Tensor], tokens: int) -> Tuple[int, int, int]:
-        """(T, H, W) of the image tokens, from ``img_ids`` [B, L, 3] (read back once per ids
-        tensor); without ids, one frame of one row."""
+        """(T, H, W) of the image tokens from ``img_ids`` [B, L, 3]
+        (:func:`opensora_duca.models.mmdit.token_grid`, read back once per ids tensor); without
+        ids, one frame of one row."""
         if not torch.is_tensor(img_ids) or img_ids.dim() != 3 or img_ids.shape[1] != tokens:
             return (1, 1, tokens)
         key = (tokens, img_ids.data_ptr(), img_ids._version)
         if key != self._grid_key:
-            top = img_ids[0].amax(0).round().long().tolist()
-            T, H, W = (int(v) + 1 for v in top[:3])
-            if T * H * W != tokens:
-                raise RuntimeError(f"MMDiT cache: img_ids span a {T}x{H}x{W} grid but the image "
-                                   f"has {tokens} tokens")
-            self._grid_key, self._grid = key, (T, H, W)
+            self._grid_key, self._grid = key, mmdit_token_grid(img_ids, tokens)
         return self._grid
 
     def trunk_shape(self, model: nn.Module, x, y, blk: nn.Module, arg=None):
@@ -451,9 +450,9 @@ class MMDiTLayout:
     def modulated_input(self, block, img=None, txt=None, vec=None, pe=None, x=None, **_unused):
         """The deciding block's normalised image input under this step's modulation (TeaCache)."""
         if is_double(block):
-            shift, scale = _modulation(block.img_mod.lin, vec, 6)[:2]
+            shift, scale = _modulation(block.img_mod, vec)[:2]
             return _modulate(block.img_norm1(img), shift, scale)
-        shift, scale = _modulation(block.modulation.lin, vec, 3)[:2]
+        shift, scale = _modulation(block.modulation, vec)[:2]
         return _modulate(block.pre_norm(x[:, self.txt_len:]), shift, scale)
 
     # ------------------------------------------------------------- reused step
