@@ -1,5 +1,6 @@
-"""A clip never depends on its batch-mates: the adaptive policies (TeaCache, FirstBlockCache)
-decide per clip (its classifier-free-guidance copies decide together, measured on their own
+"""A clip never depends on its batch-mates: the adaptive policies (TeaCache, FirstBlockCache;
+MagCache, EasyCache and SpeCa too, whose own tests are tests/test_cache_new_adaptive.py) decide
+per clip (its classifier-free-guidance copies decide together, measured on their own
 rows), compute the rest of the trunk for the clips that need it (a sub-batch) and give the
 others their stored residuals. Each clip alone and in a batch of 4 takes the same decision at
 every step; its output differs only by the float rounding the uncached model itself shows
@@ -19,6 +20,15 @@ STEPS = 12
 CLIPS = 4
 POLICIES = {"teacache": dict(type="TeaCache", threshold=0.12),
             "fbc": dict(type="FirstBlockCache", threshold=0.2)}
+NEW_POLICIES = {"magcache": dict(type="MagCache", mag_ratios=[1.0] + [0.97] * (STEPS - 1),
+                                 threshold=0.2, max_skips=2),
+                "easycache": dict(type="EasyCache", threshold=0.1),
+                "speca": dict(type="SpeCa", threshold=0.3, forecast=dict(order=1))}
+ALL_POLICIES = {**POLICIES, **NEW_POLICIES}
+SKIPPED = {"residual reused", "forecast (verified)"}
+# the labels a step that skips takes, per policy
+SKIP_LABELS = {name: {"residual reused"} if name in POLICIES else SKIPPED
+               for name in ALL_POLICIES}
 
 
 def clips():
@@ -77,18 +87,19 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("name", list(ALL_POLICIES))
 def test_a_clip_alone_equals_the_clip_in_a_batch(name):
     model = small_model(depth=3)
     everything = list(range(CLIPS))
-    z_batch, dec_batch = sample(model, everything, POLICIES[name])
-    flat = [lab for d in dec_batch for lab in d]
-    assert "full" in flat and "residual reused" in flat
-    # the clips decide differently at some step: a batch-wide decision would change some
-    assert any(len({d[s] for d in dec_batch}) > 1 for s in range(STEPS))
+    z_batch, dec_batch = sample(model, everything, ALL_POLICIES[name])
+    flat = {lab for d in dec_batch for lab in d}
+    assert "full" in flat and flat & SKIP_LABELS[name]
+    if name != "magcache":  # (its decisions read the step index only)
+        # the clips decide differently at some step: a batch-wide decision would change some
+        assert any(len({d[s] for d in dec_batch}) > 1 for s in range(STEPS))
     z_plain = sample(model, everything)[0]
     for i in everything:
-        z_alone, dec_alone = sample(model, [i], POLICIES[name])
+        z_alone, dec_alone = sample(model, [i], ALL_POLICIES[name])
         assert dec_alone[0] == dec_batch[i], (name, i)
         noise = rel(sample(model, [i])[0], z_plain[i:i + 1])  # uncached: batch 2 vs 8 rows
         assert rel(z_alone, z_batch[i:i + 1]) <= max(5 * noise, 1e-6), (name, i, noise)
@@ -97,7 +108,7 @@ def test_a_clip_alone_equals_the_clip_in_a_batch(name):
 def _ranks(rank, world):
     torch.manual_seed(0)
     model = small_model(depth=3, enable_sequence_parallelism=True)
-    return {name: sample(model, list(range(CLIPS)), cfg) for name, cfg in POLICIES.items()}
+    return {name: sample(model, list(range(CLIPS)), cfg) for name, cfg in ALL_POLICIES.items()}
 
 
 def test_two_ranks_decide_and_compute_as_one():
@@ -107,11 +118,12 @@ def test_two_ranks_decide_and_compute_as_one():
     torch.set_num_threads(1)
     try:
         model = small_model(depth=3)
-        one = {name: sample(model, list(range(CLIPS)), cfg) for name, cfg in POLICIES.items()}
+        one = {name: sample(model, list(range(CLIPS)), cfg)
+               for name, cfg in ALL_POLICIES.items()}
     finally:
         torch.set_num_threads(threads)
     for res in run_distributed(_ranks, 2):
-        for name in POLICIES:
+        for name in ALL_POLICIES:
             assert res[name][1] == one[name][1], name
             assert torch.equal(res[name][0], one[name][0]), name
 

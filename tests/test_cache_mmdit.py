@@ -358,7 +358,9 @@ def test_token_picking_under_upstreams_even_split_is_refused():
 
 # ----------------------------------------------------------------- sequence parallelism
 SP_POLICIES = {"none": dict(type="none"), "duca": dict(type="DuCa", warmup_steps=1),
-               "teacache": dict(type="TeaCache", threshold=1.2)}
+               "teacache": dict(type="TeaCache", threshold=1.2),
+               "magcache": NEW_POLICIES[0], "easycache": dict(NEW_POLICIES[1], threshold=2.0),
+               "speca": NEW_POLICIES[2]}
 
 
 def _sp_runs(rank, world_size, sp: bool = True):
@@ -377,7 +379,8 @@ def _sp_runs(rank, world_size, sp: bool = True):
         calls = []
         with observe_collectives(lambda op, kw: calls.append(op)):
             got = sample(model, inp)
-        out[name] = [torch.stack(got), mgr.stats()["step_labels"], len(calls)]
+        stats = mgr.stats()
+        out[name] = [torch.stack(got), stats["step_labels"], len(calls), stats["group_labels"]]
         remove_cache(model)
     return out
 
@@ -389,17 +392,21 @@ def single_process_runs():
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_two_and_four_ranks_give_the_single_process_run(single_process_runs, world_size):
-    """Uncached, DuCa and TeaCache under sequence parallelism (4 ranks: more ranks than the
-    grid's 3 latent rows, padding rows) take the single process's decisions and give its
-    latents (float rounding); cached steps issue fewer collectives than computed ones (a reused
-    module issues none)."""
+    """Uncached, DuCa, TeaCache, MagCache, EasyCache and SpeCa under sequence parallelism (4
+    ranks: more ranks than the grid's 3 latent rows, padding rows) take the single process's
+    decisions, per clip too, and give its latents (float rounding); cached steps issue fewer
+    collectives than computed ones (a reused module issues none)."""
     from dist_utils import run_distributed
 
     single = single_process_runs
     ranks = run_distributed(_sp_runs, world_size)
     for name in SP_POLICIES:
+        if name in ("magcache", "easycache", "speca"):  # they did skip (per clip)
+            labels = {lab for step in single[name][3] for lab in step}
+            assert labels & {"residual reused", "forecast (verified)"}, (name, labels)
         for r in ranks:
             assert r[name][1] == single[name][1], name  # the same plan on every rank
+            assert r[name][3] == single[name][3], name  # and per clip
             assert rel(r[name][0], single[name][0]) < 1e-5, (name, rel(r[name][0],
                                                                       single[name][0]))
     assert ranks[0]["duca"][2] < ranks[0]["none"][2]
