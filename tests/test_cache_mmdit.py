@@ -182,7 +182,10 @@ NEW_POLICIES = [dict(type="MagCache", mag_ratios=[1.0] + [0.9] * 7, threshold=1.
                 dict(type="EasyCache", threshold=0.5, warmup_steps=2),
                 dict(type="SpeCa", threshold=3.0, warmup_steps=2, forecast=dict(order=1)),
                 dict(type="SpeCa", threshold=3.0, warmup_steps=2, forecast=dict(method="bdf2")),
-                dict(type="FORA", interval=2, forecast=dict(method="bdf2", corrector="heun"))]
+                dict(type="FORA", interval=2, forecast=dict(method="bdf2", corrector="heun")),
+                dict(type="VerifiedDuCa", warmup_steps=1, verify_threshold=0.5),
+                dict(type="VerifiedDuCa", warmup_steps=1, verify_threshold=0.5,
+                     aggressive="modules")]
 
 
 @pytest.mark.parametrize("cfg", POLICIES + NEW_POLICIES,
@@ -360,7 +363,8 @@ def test_token_picking_under_upstreams_even_split_is_refused():
 SP_POLICIES = {"none": dict(type="none"), "duca": dict(type="DuCa", warmup_steps=1),
                "teacache": dict(type="TeaCache", threshold=1.2),
                "magcache": NEW_POLICIES[0], "easycache": dict(NEW_POLICIES[1], threshold=2.0),
-               "speca": NEW_POLICIES[2]}
+               "speca": NEW_POLICIES[2], "verifiedduca": NEW_POLICIES[5],
+               "verifiedduca-modules": NEW_POLICIES[6]}
 
 
 def _sp_runs(rank, world_size, sp: bool = True):
@@ -392,7 +396,8 @@ def single_process_runs():
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_two_and_four_ranks_give_the_single_process_run(single_process_runs, world_size):
-    """Uncached, DuCa, TeaCache, MagCache, EasyCache and SpeCa under sequence parallelism (4
+    """Uncached, DuCa, TeaCache, MagCache, EasyCache, SpeCa and VerifiedDuCa under sequence
+    parallelism (4
     ranks: more ranks than the grid's 3 latent rows, padding rows) take the single process's
     decisions, per clip too, and give its latents (float rounding); cached steps issue fewer
     collectives than computed ones (a reused module issues none)."""
@@ -404,6 +409,9 @@ def test_two_and_four_ranks_give_the_single_process_run(single_process_runs, wor
         if name in ("magcache", "easycache", "speca"):  # they did skip (per clip)
             labels = {lab for step in single[name][3] for lab in step}
             assert labels & {"residual reused", "forecast (verified)"}, (name, labels)
+        if name.startswith("verifiedduca"):  # some clips fell back where others forecast
+            labels = {lab for step in single[name][3] for lab in step}
+            assert {"aggressive", "full (forecast rejected)"} <= labels, labels
         for r in ranks:
             assert r[name][1] == single[name][1], name  # the same plan on every rank
             assert r[name][3] == single[name][3], name  # and per clip

@@ -19,6 +19,7 @@ class StepContext(Protocol):
     adaptive: Any             # AdaptiveRun: residuals, decision groups, rows of the step
     batch_part: Tuple[int, int]
     depth: int
+    check_pending: bool       # VerifiedDuCa: this step's first token subset is checked
 
     @property
     def step(self) -> int: ...
@@ -45,5 +46,8 @@ class StepContext(Protocol):
     def decide(self, slot, x: torch.Tensor, bound: dict) -> Any: ...
 
     def trunk_output(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def check_forecast(self, forecast: torch.Tensor, idx: torch.Tensor,
+                       exact: torch.Tensor) -> None: ...
 
     def after_block(self, slot, out: torch.Tensor) -> None: ...

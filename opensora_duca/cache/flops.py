@@ -81,7 +81,8 @@ def step_flops(shape: TrunkShape, plan, partial_tokens: dict | None = None) -> f
         # per-sample decisions: the computed rows pay the rest (FLOPs scale with the batch)
         rest = full_step_flops(shape) - before
         return before + rest * len(plan.computed_rows) / shape.batch
-    total = 0.0
+    # rows computing every block beside the plan (VerifiedDuCa's fallback)
+    total = full_step_flops(shape) / shape.depth * len(plan.computed_rows) / shape.batch
     for kind, count in shape.per_pair:
         act = plan.actions[kind]
         if act == Action.FULL:

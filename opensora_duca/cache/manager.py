@@ -25,10 +25,10 @@ import torch.nn as nn
 from .. import parallel as sp
 from ..utils.compile import check_available, compile_options
 from . import selection as sel
-from .adaptive import AdaptiveRun, check_cfg_halves
+from .adaptive import AdaptiveRun, check_cfg_halves, group_rows, relative_l1
 from .calibrate import check_calibration_model
 from .layouts import layout_for, tapped_modules
-from .plan import Kind, StepKind, StepPlan
+from .plan import Action, Kind, StepKind, StepPlan
 from .policies import AdaptivePolicy, CachePolicy, Scorer, build_policy
 from .runner import BlockRunner, BlockSlot, ModuleTap, Regions
 from .runs import RunTracker, check_grad, host_timesteps
@@ -80,6 +80,11 @@ class CacheManager:
         self._store_trunk = False
         self.adaptive = AdaptiveRun(Feature(self.codec, self.bytes))
         self._adaptive = isinstance(policy, AdaptivePolicy)
+        # VerifiedDuCa: its conservative steps check the forecast per clip (decision groups)
+        self._verifies = bool(getattr(policy, "verifies_tokens", False))
+        self._fallback: Optional[List[bool]] = None  # per group: next aggressive step computes
+        self.check_pending = False
+        self._verify_counts = [0, 0]  # checks, failed checks
         self.group = None  # the sequence-parallel group of the current call
         self.shape = None  # the trunk's shape of the current call (flops.TrunkShape)
         self._grid: Optional[sel.TokenGrid] = None
@@ -192,6 +197,8 @@ class CacheManager:
             slot.state.clear()
         self._trunk.clear()
         self.adaptive.clear()
+        self._fallback = None
+        self.check_pending = False
 
     @contextlib.contextmanager
     def session(self, num_steps: int, timesteps: Optional[Sequence[float]] = None):
@@ -252,8 +259,9 @@ class CacheManager:
             self.reset()
         if self.run.record(x, y, t, args, kwargs):  # a run's first step
             self._open_run(x)
-        elif self._adaptive and self.run.step == 1:  # clips from one noise part here
-            self.adaptive.refine(x)
+        elif (self._adaptive or self._verifies) and self.run.step == 1:
+            self.adaptive.refine(x)  # clips from one noise part here
+            self._fallback = None
         tick = time.perf_counter()
         step, num_steps, timesteps = self.run.step, self.run.num_steps, self.run.timesteps
         if num_steps is not None and step == 0:
@@ -264,12 +272,18 @@ class CacheManager:
         if plan.skip_trunk and self._trunk.shape is None:
             raise RuntimeError(f"policy {self.policy.name!r} skips the trunk at step {step} "
                                f"but no trunk output was computed before it in this run")
+        if self._verifies:
+            plan = self._verified_plan(plan)
         self.plan = plan
         # the trunk output is kept for the next step's skip, or, when forecasting, at every
-        # step that computes it (the anchors of its differences)
-        self._store_trunk = not plan.skip_trunk and (
-            (self.order > 0 and self.policy.skips_trunk()) or
-            self.policy.skips_trunk_at(step + 1, num_steps, timesteps + [t]))
+        # step that computes it (the anchors of its differences; VerifiedDuCa: the steps that
+        # compute every module but cross-attention)
+        if self._verifies:
+            self._store_trunk = _anchor_step(plan) and self.policy.skips_trunk()
+        else:
+            self._store_trunk = not plan.skip_trunk and (
+                (self.order > 0 and self.policy.skips_trunk()) or
+                self.policy.skips_trunk_at(step + 1, num_steps, timesteps + [t]))
         self.shape, grid = self.layout.trunk_shape(
             model, x, y, self.slots[0].block, lambda name: self.run.arg(args, kwargs, name))
         self.group = self.layout.sequence_parallel_group(model)
@@ -285,7 +299,7 @@ class CacheManager:
     def _open_run(self, x: torch.Tensor) -> None:
         self.counts.open_run(self.run.note)
         self.run.note = None
-        if self._adaptive:
+        if self._adaptive or self._verifies:
             self.adaptive.start(x)
         if self.policy.cfg_shared_selection:
             check_cfg_halves(x)
@@ -361,6 +375,58 @@ class CacheManager:
                                  label=StepKind.MIXED if rows else StepKind.RESIDUAL)
         return self.plan
 
+    # ------------------------------------------------------------ VerifiedDuCa
+    def _verified_plan(self, plan: StepPlan) -> StepPlan:
+        """A computed step clears every clip's fallback; a conservative step arms the check;
+        an aggressive step computes the trunk for the clips whose last check failed."""
+        self.check_pending = False
+        groups = self.adaptive.groups
+        if self._fallback is None or len(self._fallback) != len(groups):
+            self._fallback = [False] * len(groups)
+        if _anchor_step(plan):
+            self._fallback = [False] * len(groups)
+        elif self.policy.is_aggressive(plan):
+            flags = self._fallback
+            self.counts.group_labels.append(
+                [str(StepKind.REJECTED if f else StepKind.AGGRESSIVE) for f in flags])
+            rows = group_rows(groups, flags)
+            if rows:  # trunk: the others pass the blocks by; modules: the others forecast
+                self.adaptive.rows, self.adaptive.sub = torch.tensor(rows), None
+                return StepPlan(actions=plan.actions, computed_rows=tuple(rows),
+                                residual_from=0 if plan.skip_trunk else None,
+                                others_from_trunk=plan.skip_trunk,
+                                label=StepKind.AGGRESSIVE_MIXED)
+        elif any(a == Action.PARTIAL for a in plan.actions.values()):
+            self.check_pending = True
+        return plan
+
+    def check_forecast(self, forecast: torch.Tensor, idx: torch.Tensor,
+                       exact: torch.Tensor) -> None:
+        """VerifiedDuCa, at the step's first token-subset module: each clip's relative L1 error
+        of the forecast [B, N, C] at the recomputed tokens idx [B, k] against their exact values
+        [B, k, C] (per-row float64 sums, one all_gather); sets the clips' fallback flags."""
+        if not self.check_pending:
+            return
+        self.check_pending = False
+        t0 = time.perf_counter()
+        b, c = forecast.shape[0], forecast.shape[-1]
+        fc = forecast.reshape(b, -1, c)
+        grid = self.grid_for(fc.shape[1])
+        at = idx[..., None].expand(-1, -1, c)
+        now = torch.zeros_like(fc).scatter_(1, at, fc.gather(1, at))
+        ref = torch.zeros_like(fc).scatter_(1, at, exact.reshape(b, -1, c).to(fc.dtype))
+        groups = self.adaptive.groups
+        errors = relative_l1(now, ref, grid, self.group, groups)
+        thr = self.policy.verify_threshold
+        failed = [thr is not None and e >= thr for e in errors]
+        self._fallback = failed
+        self._verify_counts[0] += len(errors)
+        self._verify_counts[1] += sum(failed)
+        self.counts.changes.append(list(errors))
+        self.counts.group_labels.append(
+            [str(StepKind.CHECK_FAILED if f else StepKind.CHECK_PASSED) for f in failed])
+        self.counts.bookkeeping_s += time.perf_counter() - t0
+
     def trunk_output(self, x: torch.Tensor) -> torch.Tensor:
         if self._trunk.shape is None or tuple(self._trunk.shape) != tuple(x.shape):
             raise RuntimeError("aggressive step: no stored trunk output of this shape")
@@ -375,6 +441,7 @@ class CacheManager:
     def reset_stats(self) -> None:
         """Start the counts of :meth:`stats` again (stored features are kept)."""
         self.counts.reset()
+        self._verify_counts = [0, 0]
 
     def stats(self) -> dict:
         """Counts since the cache was attached (or :meth:`reset_stats`), summed over every run
@@ -386,6 +453,12 @@ class CacheManager:
             failed = sum(lab == StepKind.REJECTED for lab in labels)
             out["verify"] = dict(checked=checked, failed=failed,
                                  fail_rate=failed / checked if checked else None)
+        if self._verifies:  # checks at conservative steps, fallbacks at aggressive ones
+            checked, failed = self._verify_counts
+            labels = [lab for step in out["group_labels"] for lab in step]
+            out["verify"] = dict(checked=checked, failed=failed,
+                                 fail_rate=failed / checked if checked else None,
+                                 fallback_steps=sum(lab == StepKind.REJECTED for lab in labels))
         return out
 
     def run_summary(self) -> Optional[dict]:
@@ -395,6 +468,13 @@ class CacheManager:
 
     def report(self) -> str:
         return format_report(self.stats())
+
+
+def _anchor_step(plan: StepPlan) -> bool:
+    """A step that computes the trunk with every module but cross-attention computed."""
+    return (not plan.skip_trunk and plan.residual_from is None
+            and all(plan.actions[k] == Action.FULL
+                    for k in (Kind.SPATIAL_ATTN, Kind.TEMPORAL_ATTN, Kind.MLP)))
 
 
 def apply_cache(model: nn.Module, cfg: Any = None, compile: Any = None) -> CacheManager:

@@ -54,6 +54,9 @@ class StepKind(_Name):
     MIXED = "residual reused for some samples"  # adaptive, per sample: the others computed
     VERIFIED = "forecast (verified)"  # SpeCa, per clip: the check passed, the residual forecast
     REJECTED = "full (forecast rejected)"  # SpeCa, per clip: the check failed, computed
+    AGGRESSIVE_MIXED = "aggressive (some clips computed)"  # VerifiedDuCa: failed checks
+    CHECK_PASSED = "conservative (check passed)"  # VerifiedDuCa, per clip
+    CHECK_FAILED = "conservative (check failed)"  # VerifiedDuCa: its next aggressive computes
 
 
 KINDS = tuple(Kind)
@@ -78,7 +81,9 @@ class StepPlan:
     the rest of the trunk; ``residual_from`` (the decision "skip") passes the blocks from that
     index on and adds the stored residual of those blocks to their input; with
     ``computed_rows`` (decisions per sample) the batch rows listed there compute those blocks
-    (on a sub-batch) and only the other rows take the stored residual."""
+    (on a sub-batch) and only the other rows take the stored residual, or, with
+    ``others_from_trunk`` (VerifiedDuCa's aggressive step with clips falling back), the stored
+    (forecast) trunk output."""
 
     actions: Mapping[Kind, Action] = field(default_factory=lambda: {k: Action.FULL for k in Kind})
     ratios: Mapping[Kind, float] = field(default_factory=dict)
@@ -87,6 +92,7 @@ class StepPlan:
     decide_at: Optional[int] = None
     residual_from: Optional[int] = None
     computed_rows: Tuple[int, ...] = ()
+    others_from_trunk: bool = False
 
     def __post_init__(self):
         acts: Dict[Kind, Action] = {Kind(k): Action(a) for k, a in self.actions.items()}

@@ -166,8 +166,12 @@ class BlockRunner:
             if plan.computed_rows:  # per-clip decisions: some rows compute these blocks
                 m.counts.count_module("trunk", Action.PARTIAL)
                 ad.sub = self._rows_forward(ad.sub, args, kwargs)
-                out = ad.mixed_output(x, ad.sub, m.at) if self.slot.is_last else \
-                    self._skipped(args, kwargs)
+                if not self.slot.is_last:
+                    out = self._skipped(args, kwargs)
+                elif plan.others_from_trunk:  # the other clips take the trunk's forecast
+                    out = torch.index_copy(m.trunk_output(x), 0, ad.rows, ad.sub)
+                else:
+                    out = ad.mixed_output(x, ad.sub, m.at)
                 m.after_block(self.slot, out)
                 return out
             m.counts.count_module("trunk", Action.REUSE)
@@ -176,6 +180,8 @@ class BlockRunner:
         if plan.skip_trunk:
             m.counts.count_module("trunk", Action.REUSE)
             return m.trunk_output(x) if self.slot.is_last else self._skipped(args, kwargs)
+        if plan.computed_rows:  # VerifiedDuCa's fallback: these rows compute every block
+            ad.sub = self._rows_forward(ad.sub, args, kwargs)
         bound = None
         if self.token_sparse and self._sparse_step_applies(plan):
             bound = self._bind(args, kwargs)
@@ -197,6 +203,8 @@ class BlockRunner:
                 out = self.original(*args, **kwargs)
             finally:
                 self.plan, self.x_in = None, None
+        if plan.computed_rows and self.slot.is_last:  # the others forecast every module
+            out = torch.index_copy(out, 0, ad.rows, ad.sub)
         m.after_block(self.slot, out)
         return out
 
@@ -350,6 +358,8 @@ class BlockRunner:
             feature.scatter_(idx, new)
             stored = feature.value(m.at, dtype)
         else:
+            if m.check_pending:  # VerifiedDuCa: the step's check
+                m.check_forecast(stored, idx, new)
             _scatter(stored, idx, new)
         m.counts.bookkeeping_s += time.perf_counter() - t0
         return stored

@@ -212,6 +212,7 @@ def _run_locked(pipe, points, prompts, seeds, out_json, batch_size, progress, me
             ssim=ssim(frames, ref_frames, layout="BTCHW"),
             flops_ratio=stats["flops_ratio"], steps_by_kind=stats["steps_by_kind"],
             peak_stored_bytes=stats["peak_stored_bytes"], wall_s=wall, cpu_s=cpu,
+            **({"verify": stats["verify"]} if stats.get("verify") else {}),
             speedup_wall=result["reference"]["wall_s"] / wall,
             speedup_cpu=result["reference"]["cpu_s"] / cpu))
         write_json(out_json, result)

@@ -128,6 +128,13 @@ def step_flops(shape: TrunkShape, plan, partial_tokens: Optional[dict] = None) -
                   + singles * _single_flops(shape, True, n + L))
         rest = full_step_flops(shape) - before
         return before + rest * len(plan.computed_rows) / shape.batch
+    # rows computing every block beside the plan (VerifiedDuCa's fallback)
+    extra = full_step_flops(shape) * len(plan.computed_rows) / shape.batch
+    return extra + _module_step_flops(shape, plan, partial_tokens)
+
+
+def _module_step_flops(shape: TrunkShape, plan, partial_tokens: Optional[dict]) -> float:
+    n, L = shape.tokens, shape.caption_len
     attn = plan.actions[Kind.SPATIAL_ATTN] != Action.REUSE
     mlp = plan.actions[Kind.MLP]
     if attn:

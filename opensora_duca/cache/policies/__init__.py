@@ -1,7 +1,8 @@
 """Cache policies, registered in CACHES: ``none``, ``DuCa``, ``ToCa``, ``FORA``, ``PAB`` and
 ``TrunkReuse`` (aggressive-only), ``TaylorSeer`` (forecasting), and the adaptive ``TeaCache``
 and ``FirstBlockCache``, ``MagCache`` (calibrated magnitude ratios), ``EasyCache`` (online
-transformation rate) and ``SpeCa`` (a verified forecast); ``forecast=`` adds forecasting (Taylor
+transformation rate) and ``SpeCa`` (a verified forecast), ``VerifiedDuCa`` (DuCa with
+forecasting and a checked aggressive step); ``forecast=`` adds forecasting (Taylor
 or bdf2) to DuCa, ToCa, FORA and TrunkReuse.
 
 One module per family: :mod:`.base` (what a policy answers), :mod:`.fields` (validation
@@ -34,7 +35,7 @@ from .adaptive import (
     TeaCacheState,
 )
 from .base import CachePolicy, Forecasting, accepted_keys
-from .duca import RATIO_SCHEDULES, DuCa, Entry, ToCa
+from .duca import RATIO_SCHEDULES, DuCa, Entry, ToCa, VerifiedDuCa
 from .fields import DISTANCES, MAX_ORDER, STORED_DTYPES
 from .interval import FORA, IntervalPolicy, TaylorSeer, TrunkReuse
 from .none import NoCache
@@ -66,6 +67,7 @@ def build_policy(cfg: Any) -> CachePolicy:
 
 __all__ = ["build_policy", "accepted_keys", "CachePolicy", "Forecasting", "AdaptivePolicy",
            "AdaptiveState", "TeaCacheState", "NoCache", "DuCa", "ToCa", "Entry", "FORA",
-           "TrunkReuse", "TaylorSeer", "IntervalPolicy", "PAB", "TeaCache", "FirstBlockCache",
+           "VerifiedDuCa", "TrunkReuse", "TaylorSeer", "IntervalPolicy", "PAB", "TeaCache",
+           "FirstBlockCache",
            "MagCache", "EasyCache", "SpeCa",
            "Scorer", "STORED_DTYPES", "DISTANCES", "MAX_ORDER", "RATIO_SCHEDULES"]

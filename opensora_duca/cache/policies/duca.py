@@ -12,6 +12,7 @@ from .base import CachePolicy, Forecasting
 from .fields import (
     bool_field,
     check_choice,
+    check_forecast,
     check_int,
     check_kind_map,
     check_number,
@@ -243,4 +244,80 @@ class ToCa(DuCa):
         return (Entry.FULL, Entry.CONSERVATIVE)  # no aggressive steps: that is DuCa
 
 
-__all__ = ["DuCa", "ToCa", "Entry", "RATIO_SCHEDULES"]
+def _order1_forecast() -> Any:
+    return checked(lambda p, k, v: check_forecast(p.name, k, v),
+                   default_factory=lambda: {"order": 1, "distance": "step"})
+
+
+@CACHES.register_module("VerifiedDuCa")
+@dataclass(frozen=True)
+class VerifiedDuCa(DuCa):
+    """DuCa with forecasting and a verified aggressive step (this project's DuCa variant).
+
+    The same dual schedule as :class:`DuCa` (the same fields and tables), with three changes:
+
+    - every reused module output and the skipped trunk's output are forecast (``forecast``,
+      default first-order Taylor in the step index; bdf2 accepted) instead of reused;
+    - the trunk's forecast is anchored at fully computed steps only (DuCa with ``forecast=``
+      anchors it at every step that runs the trunk, conservative steps included, whose output
+      is itself approximate);
+    - the conservative step checks the forecast: the tokens its MLP recomputes (chosen by
+      their value vectors, as DuCa's) are compared, in the first block that recomputes a token
+      subset, with the MLP's forecast at the same tokens, relative L1 ``sum |forecast - exact|
+      / sum |exact|`` over each clip's rows (its CFG copies; per-row float64 sums, one
+      all_gather, the same on every rank and in any batch). A clip whose error reaches
+      ``verify_threshold`` computes its next aggressive steps (the whole trunk, on its rows
+      only) until the next full step; the other clips take the trunk's forecast. None: no
+      check (the plan alone decides).
+
+    ``aggressive``: what an aggressive step does. "trunk" (default, as DuCa): the whole
+    trunk is skipped and its output forecast. "modules": the trunk runs with every module's
+    output forecast (no matrix product of a module is computed: FORA's forecast step), which
+    keeps each block's own forecast instead of one for the whole trunk.
+
+    ``stats()["verify"]`` counts the checks and the failed ones; ``group_labels`` name each
+    clip's aggressive steps "aggressive" or "full (forecast rejected)".
+    """
+
+    name: ClassVar[str] = "VerifiedDuCa"
+    forecast: Mapping[str, Any] = _order1_forecast()
+    verify_threshold: Optional[float] = None
+    aggressive: str = choice_field("trunk", ("trunk", "modules"))
+    verifies_tokens: ClassVar[bool] = True
+    anchors_trunk_at_full_steps: ClassVar[bool] = True
+
+    def _check_together(self) -> None:
+        super()._check_together()
+        v = self.verify_threshold
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not v > 0 or v != v):
+            raise error(self.name, "verify_threshold", v, "None or a number > 0")
+        if self.forecast["order"] == 0 and self.forecast.get("method", "taylor") == "taylor":
+            raise error(self.name, "forecast", dict(self.forecast),
+                        "a forecast (order >= 1, or method='bdf2'): VerifiedDuCa forecasts")
+        if self.forecast["distance"] != "step":
+            raise error(self.name, "forecast.distance", self.forecast["distance"],
+                        "'step' (the checks compare forecasts in the step index)")
+
+    @property
+    def couples_cfg_halves(self) -> bool:
+        return True  # a clip's CFG pair is checked, and falls back, together
+
+    def skips_trunk_at(self, step, num_steps, timesteps=()):
+        return self.aggressive == "trunk" and super().skips_trunk_at(step, num_steps, timesteps)
+
+    def skips_trunk(self):
+        return self.aggressive == "trunk" and super().skips_trunk()
+
+    def plan(self, step, num_steps, timesteps):
+        if self.aggressive == "modules" and super().skips_trunk_at(step, num_steps):
+            return StepPlan(actions={k: Action.REUSE for k in Kind}, label=StepKind.FORECAST)
+        return super().plan(step, num_steps, timesteps)
+
+    def is_aggressive(self, plan: StepPlan) -> bool:
+        """Whether ``plan`` is one of this policy's aggressive steps (the checked fallback's)."""
+        return plan.skip_trunk or (self.aggressive == "modules"
+                                   and all(a == Action.REUSE for a in plan.actions.values()))
+
+
+__all__ = ["DuCa", "ToCa", "VerifiedDuCa", "Entry", "RATIO_SCHEDULES"]
