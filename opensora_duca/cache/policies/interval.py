@@ -4,8 +4,9 @@ output; TaylorSeer is FORA that always forecasts (its ``order`` and ``distance``
 ``forecast``); TrunkReuse replaces the whole trunk by its stored output."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, Tuple
 
 from ...registry import CACHES
 from ..plan import FULL_STEP, TRUNK_SKIP, Action, Kind, StepKind, StepPlan
@@ -14,6 +15,7 @@ from .fields import (
     DISTANCES,
     MAX_ORDER,
     choice_field,
+    error,
     forecast_field,
     int_field,
     stored_dtype_field,
@@ -21,14 +23,24 @@ from .fields import (
 
 
 class IntervalPolicy(CachePolicy):
-    """Full every ``interval`` steps after ``warmup_steps`` full steps; in between every
-    module's output is reused (forecast order 0) or forecast (order k >= 1)."""
+    """Full every ``interval`` steps after ``warmup_steps`` full steps (or at the steps of an
+    explicit ``schedule``); in between every module's output is reused (forecast order 0) or
+    forecast (order k >= 1)."""
 
     interval: int
     warmup_steps: int
+    schedule: Optional[Tuple[int, ...]] = None
 
     def computes(self, step: int) -> bool:
+        if self.schedule is not None:
+            return step in self.schedule
         return step < self.warmup_steps or (step - self.warmup_steps) % self.interval == 0
+
+    def validate_run(self, num_steps: int) -> None:
+        super().validate_run(num_steps)
+        if self.schedule is not None and self.schedule[-1] >= num_steps:
+            raise error(self.name, "schedule", list(self.schedule),
+                        f"step indices below the run's num_steps={num_steps}")
 
     def plan(self, step, num_steps, timesteps):
         if self.computes(step):
@@ -49,6 +61,31 @@ class _IntervalWithForecast(Forecasting, IntervalPolicy):
     warmup_steps: int = int_field(0)
     stored_dtype: Optional[str] = stored_dtype_field()
     forecast: Mapping[str, Any] = forecast_field()
+    schedule: Optional[Tuple[int, ...]] = None
+
+    def _check_together(self) -> None:
+        super()._check_together()
+        sched = self.schedule
+        if sched is None:
+            return
+        ok = (isinstance(sched, (list, tuple)) and len(sched) >= 1
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in sched)
+              and sched[0] == 0 and all(b > a for a, b in zip(sched, sched[1:])))
+        if not ok:
+            raise error(self.name, "schedule", sched, "None or a list of strictly increasing "
+                        "step indices starting at 0 (the computed steps)")
+        for key in ("interval", "warmup_steps"):
+            default = next(f.default for f in dataclasses.fields(self) if f.name == key)
+            if getattr(self, key) != default:
+                raise error(self.name, key, getattr(self, key),
+                            f"its default ({default}) when 'schedule' is set (the schedule "
+                            f"names every computed step)")
+        object.__setattr__(self, "schedule", tuple(sched))
+
+    def reuses(self, kind):
+        if self.schedule is not None:
+            return True
+        return self.interval > 1
 
 
 @CACHES.register_module("FORA")
@@ -56,7 +93,9 @@ class _IntervalWithForecast(Forecasting, IntervalPolicy):
 class FORA(_IntervalWithForecast):
     """FORA: every block's self-attention, cross-attention and MLP outputs are computed every
     ``interval`` steps (default 3, after ``warmup_steps`` full steps) and reused (or forecast)
-    in between."""
+    in between. ``schedule=[0, s1, s2, ...]`` names the computed steps instead (increasing,
+    from 0; every index below the run's number of steps; interval and warmup_steps left at
+    their defaults)."""
 
     name: ClassVar[str] = "FORA"
     interval: int = int_field(3, lo=1)
@@ -66,7 +105,8 @@ class FORA(_IntervalWithForecast):
 @dataclass(frozen=True)
 class TrunkReuse(_IntervalWithForecast):
     """Aggressive-only caching: the trunk is computed every ``interval`` steps (default 2, after
-    ``warmup_steps`` full steps) and its stored output replaces it in between."""
+    ``warmup_steps`` full steps; or at the steps of ``schedule``, as FORA's) and its stored
+    output replaces it in between."""
 
     name: ClassVar[str] = "TrunkReuse"
 
@@ -80,7 +120,7 @@ class TrunkReuse(_IntervalWithForecast):
         return not self.computes(step)
 
     def skips_trunk(self):
-        return self.interval > 1
+        return self.schedule is not None or self.interval > 1
 
 
 @CACHES.register_module("TaylorSeer")
