@@ -58,10 +58,14 @@ def _nbytes(t: Optional[torch.Tensor]) -> int:
 
 @dataclass
 class Encoded:
-    """A stored tensor: ``data`` in the store's dtype, and for fp8 a per-token scale."""
+    """A stored tensor: ``data`` in the store's dtype, and for fp8 a per-token scale. ``owned``:
+    ``data`` is the cache's own tensor (a copy, or a difference it computed), never handed out,
+    so an update may write into it; a tensor the model gave (``Encoded(x.contiguous())`` keeps
+    it) or one a read-out returned as is is not."""
 
     data: torch.Tensor
     scale: Optional[torch.Tensor] = None
+    owned: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -85,28 +89,56 @@ class Codec:
         self.name = stored_dtype
         self.fp8, self.int8 = stored_dtype == "fp8", stored_dtype == "int8"
         self.cast = self.CASTS.get(stored_dtype)
+        self._fp8_table: Optional[torch.Tensor] = None
         if self.fp8 and not hasattr(torch, "float8_e4m3fn"):  # pragma: no cover - torch < 2.1
             raise ValueError("stored_dtype='fp8' needs torch >= 2.1 (float8_e4m3fn)")
+
+    def keeps(self, dtype: torch.dtype) -> bool:
+        """Whether a tensor of ``dtype`` is stored as it is (no cast, no quantisation)."""
+        return not (self.fp8 or self.int8) and (self.cast is None or self.cast == dtype)
 
     def encode(self, x: torch.Tensor) -> Encoded:
         if self.fp8 or self.int8:
             top = FP8_MAX if self.fp8 else INT8_MAX
             scale = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / top
+            q = x.float()  # x itself if float32: divided out of place, a copy in place
+            q = torch.div(q, scale) if q is x else q.div_(scale)
             if self.fp8:
-                q = (x.float() / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+                q = q.to(torch.float8_e4m3fn).view(torch.uint8)
             else:
-                q = torch.round(x.float() / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-            return Encoded(q.contiguous(), scale)
+                q = q.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+            return Encoded(q.contiguous(), scale, owned=True)
         if self.cast is not None and x.dtype != self.cast:
-            return Encoded(x.to(self.cast).contiguous())
-        return Encoded(x.contiguous())
+            return Encoded(x.to(self.cast).contiguous(), owned=True)
+        data = x.contiguous()
+        return Encoded(data, owned=data is not x)
+
+    def _codes(self, e: Encoded) -> torch.Tensor:
+        """The 8-bit codes of ``e`` as float32 (a fresh tensor; fp8 on a CPU through a 256-entry
+        table, which gives the same values several times faster than the cast)."""
+        if self.int8:
+            return e.data.float()
+        if e.data.device.type != "cpu":
+            return e.data.view(torch.float8_e4m3fn).float()
+        if self._fp8_table is None:
+            self._fp8_table = torch.arange(256, dtype=torch.uint8).view(
+                torch.float8_e4m3fn).float()
+        return self._fp8_table.index_select(0, e.data.reshape(-1).int()).view(e.data.shape)
 
     def decode(self, e: Encoded, dtype: torch.dtype) -> torch.Tensor:
-        if self.fp8:
-            return (e.data.view(torch.float8_e4m3fn).float() * e.scale).to(dtype)
-        if self.int8:
-            return (e.data.float() * e.scale).to(dtype)
-        return e.data if e.data.dtype == dtype else e.data.to(dtype)
+        """``e`` in ``dtype``: a fresh tensor, except an unencoded store already in ``dtype``,
+        which returns ``e.data`` itself."""
+        if not (self.fp8 or self.int8):
+            return e.data if e.data.dtype == dtype else e.data.to(dtype)
+        out = self._codes(e).mul_(e.scale)
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    def add_into_(self, out: torch.Tensor, e: Encoded, alpha: float) -> None:
+        """``out += alpha * decode(e)`` in one pass (8-bit stores: over their float codes)."""
+        if self.fp8 or self.int8:
+            out.addcmul_(e.data if self.int8 else self._codes(e), e.scale, value=alpha)
+        else:
+            out.add_(e.data, alpha=alpha)
 
     def write_rows_(self, e: Encoded, rows: torch.Tensor, src: torch.Tensor) -> None:
         """Write src [k, ...] into the batch rows ``rows`` [k] of e."""
@@ -150,20 +182,51 @@ class Feature:
 
     def update(self, value: torch.Tensor, at: float) -> None:
         """The module was computed at ``at``: ``value`` becomes D0 and the differences move
-        (bdf2: the newest of the three kept values)."""
+        (bdf2: the newest of the three kept values). ``value`` itself is kept (never written
+        into); the new differences are computed into the buffers of the old ones where the store
+        keeps the model's dtype (one subtraction and one division each, no other temporary)."""
         if self.method == "bdf2":
             return self._update_values(value, at)
-        new = [value]
-        if self.order and self.terms and at != self.anchor:
-            h, work = at - self.anchor, _work_dtype(value.dtype)
-            if tuple(self.shape) == tuple(value.shape):
-                for i in range(min(self.order, len(self.terms))):
-                    old = self.codec.decode(self.terms[i], work)
-                    new.append(((new[i].to(work) - old) / h).to(value.dtype))
+        old, n = self.terms, 0
+        if self.order and old and at != self.anchor and \
+                tuple(old[0].shape) == tuple(value.shape):
+            n = min(self.order, len(old))
+        diffs = self._differences(value, at - self.anchor, n) if n else []
         self.clear()
-        self.terms = [self.codec.encode(v) for v in new]
+        self.terms = [self.codec.encode(value)] + diffs
         self.anchor = at
         self.counter.add(self.nbytes)
+
+    def _differences(self, value: torch.Tensor, h: float, n: int) -> List[Encoded]:
+        """The first ``n`` differences at the new anchor: ``D(i+1) = (Di(new) - Di(old)) / h``
+        with ``D0(new) = value`` (in ``value``'s dtype, computed in the work dtype)."""
+        old, codec, work = self.terms, self.codec, _work_dtype(value.dtype)
+        if value.dtype == work and codec.keeps(work) and \
+                all(e.scale is None and e.data.dtype == work for e in old[:n]):
+            # in place: D(i+1) goes into the buffer of Di(old) (the cache's own for i >= 1;
+            # for D1, D0(old)'s if it was a copy, else the dropped top difference's)
+            spare = [e.data for e in old[n:] if e.owned and e.data.dtype == work]
+            prev, out = value, []
+            for i in range(n):
+                e = old[i]
+                buf = e.data if e.owned else (spare.pop() if spare else None)
+                d = torch.sub(prev, e.data) if buf is None else \
+                    torch.sub(prev, e.data, out=buf)
+                out.append(Encoded(d.div_(h), owned=True))
+                prev = d
+            return out
+        prev, out = value, []
+        for i in range(n):
+            e = old[i]
+            dec = codec.decode(e, work)
+            cur = prev if prev.dtype == work else prev.to(work)
+            d = torch.sub(cur, dec, out=dec) if dec is not e.data else torch.sub(cur, dec)
+            d.div_(h)
+            prev = d if d.dtype == value.dtype else d.to(value.dtype)
+            enc = codec.encode(prev)
+            enc.owned = True  # a difference the cache computed
+            out.append(enc)
+        return out
 
     def _update_values(self, value: torch.Tensor, at: float) -> None:
         keep = [] if not self.terms or tuple(self.shape) != tuple(value.shape) else \
@@ -195,21 +258,51 @@ class Feature:
         return [(1.0 if i == 0 else 0.0) + d / 2 * (slope[i] + slope_p[i]) for i in range(3)]
 
     def value(self, at: float, dtype: torch.dtype) -> torch.Tensor:
-        """The stored value (order 0, or one anchor so far) or the forecast at ``at``."""
+        """The stored value (order 0, or one anchor so far) or the forecast at ``at``: a linear
+        combination of the kept terms, its weights host floats computed once per read (Taylor:
+        ``d^i / i!``; bdf2: :meth:`bdf2_weights`), accumulated into one fresh output buffer.
+        Order 0 returns the stored tensor itself (reuse: written-in tokens persist); with
+        forecasting the result is always a fresh tensor, one anchor included, so a caller
+        writing recomputed tokens into it changes neither the store nor the model's tensor."""
         if len(self.terms) == 1:
-            return self.codec.decode(self.terms[0], dtype)
+            e = self.terms[0]
+            out = self.codec.decode(e, dtype)
+            if out is e.data:
+                if self.order:  # a forecast is the caller's to write into (one anchor too)
+                    return out.clone()
+                e.owned = False  # handed out as is: the caller holds it
+            return out
         if self.method == "bdf2":
-            work = _work_dtype(dtype)
-            w = self.bdf2_weights(at)
-            out = self.codec.decode(self.terms[0], work) * w[0]
-            for e, wi in zip(self.terms[1:], w[1:]):
-                out.add_(self.codec.decode(e, work), alpha=wi)
-            return out.to(dtype)
-        d, work = at - self.anchor, _work_dtype(dtype)
-        out = self.codec.decode(self.terms[0], work)
-        for i in range(1, len(self.terms)):
-            out = out + self.codec.decode(self.terms[i], work) * (d ** i / math.factorial(i))
-        return out.to(dtype)
+            weights = self.bdf2_weights(at)
+        else:
+            d = at - self.anchor
+            weights = [1.0] + [d ** i / math.factorial(i) for i in range(1, len(self.terms))]
+        return self._combine(weights, dtype)
+
+    def _combine(self, weights: List[float], dtype: torch.dtype) -> torch.Tensor:
+        """``sum_i weights[i] * term_i`` in ``dtype`` as a fresh tensor, accumulated in the work
+        dtype (float32 at least; directly in ``dtype`` where that is it, or where one fused
+        ``a + w b`` rounds only once); terms of weight 0 are not read."""
+        codec, work = self.codec, _work_dtype(dtype)
+        pairs = [(e, w) for e, w in zip(self.terms, weights) if w != 0.0 or e is self.terms[0]]
+        plain = all(e.scale is None and e.data.dtype == dtype and codec.keeps(dtype)
+                    for e, _ in pairs)
+        acc = dtype if plain and (dtype == work or (
+            len(pairs) <= 2 and pairs[0][1] == 1.0)) else work
+        (e0, w0), rest = pairs[0], pairs[1:]
+        if e0.scale is None and e0.data.dtype == acc:  # never written into: not ours to change
+            if rest and w0 == 1.0 and rest[0][0].scale is None and rest[0][0].data.dtype == acc:
+                out = torch.add(e0.data, rest[0][0].data, alpha=rest[0][1])
+                rest = rest[1:]
+            else:
+                out = torch.mul(e0.data, w0)
+        else:
+            out = codec.decode(e0, acc)  # a fresh tensor (a cast or a dequantisation)
+            if w0 != 1.0:
+                out.mul_(w0)
+        for e, w in rest:
+            codec.add_into_(out, e, w)
+        return out if out.dtype == dtype else out.to(dtype)
 
     def write_rows_(self, rows: torch.Tensor, src: torch.Tensor) -> None:
         """Replace the batch rows ``rows`` of the stored value (reuse without forecasting)."""
