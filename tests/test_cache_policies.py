@@ -141,6 +141,7 @@ def test_couples_cfg_halves_is_a_policy_property():
                         for name in coupling}
     assert DuCa(cfg_shared_selection=True).couples_cfg_halves
     assert ToCa(cfg_shared_selection=True).couples_cfg_halves
+    assert build_policy(dict(type="VerifiedDuCa", verify_threshold=0.1)).couples_cfg_halves
 
     class Other:  # any object with the property: read duck-typed, no cache import
         name, couples_cfg_halves, cfg_shared_selection = "Other", True, False

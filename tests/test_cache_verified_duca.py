@@ -36,7 +36,8 @@ def test_defaults_are_duca_with_first_order_forecast():
     pol, duca = build_policy(dict(type="VerifiedDuCa")), build_policy(dict(type="DuCa"))
     assert pol.forecast == {"order": 1, "distance": "step"} and pol.verify_threshold is None
     assert all(pol.plan(s, 30, []) == duca.plan(s, 30, []) for s in range(30))
-    assert pol.couples_cfg_halves  # a clip's CFG pair is checked together
+    assert not pol.couples_cfg_halves  # no threshold: nothing decided per clip
+    assert build_policy(dict(type="VerifiedDuCa", verify_threshold=0.1)).couples_cfg_halves
 
 
 def _last_block_outputs(model, cfg):

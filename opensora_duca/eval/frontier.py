@@ -33,53 +33,52 @@ from .judge import judge, summarize
 Point = Tuple[str, Dict[str, Any]]  # (family, policy config)
 
 
-def _duca_tables(cycle: int) -> dict:
-    """DuCa tables of cycle c: F, c-2 conservative, A (cross-attention: twice as long, its
-    second full position conservative), as the released c = 3 preset F C A / F C A C C A."""
-    base = ["full"] + ["conservative"] * (cycle - 2) + ["aggressive"]
-    cross = base + ["conservative"] + base[1:]
-    return dict(cycles=dict(spatial_attn=cycle, temporal_attn=cycle, mlp=cycle,
-                            cross_attn=2 * cycle),
-                tables=dict(spatial_attn=base, temporal_attn=base, mlp=base, cross_attn=cross))
+def _tables(table: Sequence[str]) -> dict:
+    """Cycle tables from one list of entries for every kind (cross-attention: the list twice,
+    a cycle twice as long, as DuCa's released tables)."""
+    t, c = list(table), len(table)
+    return dict(cycles=dict(spatial_attn=c, temporal_attn=c, mlp=c, cross_attn=2 * c),
+                tables=dict(spatial_attn=t, temporal_attn=t, mlp=t, cross_attn=t + t))
 
 
 def default_sweep(calibration: Optional[str] = None) -> List[Point]:
-    """Each policy's knob, two or three settings each (sized to finish in about an hour on two
-    CPU cores): DuCa ratio and cycle (and its 8-bit stores), ToCa, DuCa with first-order
-    forecasting at cycle 3 and 4, FORA / TrunkReuse interval (plain and with forecasting),
-    TaylorSeer interval and order, TeaCache / FirstBlockCache thresholds, PAB."""
-    pts: List[Point] = []
-    for ratio in (0.1, 0.2):
-        pts.append(("DuCa", dict(type="DuCa", fresh_ratio=ratio)))
-    pts.append(("DuCa", dict(type="DuCa", **_duca_tables(4))))
-    pts.append(("DuCa (fp8 store)", dict(type="DuCa", stored_dtype="fp8")))
-    pts.append(("DuCa (int8 store)", dict(type="DuCa", stored_dtype="int8")))
-    pts.append(("ToCa", dict(type="ToCa")))
-    for cycle in (3, 4):
-        cfg = dict(type="DuCa", forecast=dict(order=1))
-        if cycle != 3:
-            cfg.update(_duca_tables(cycle))
-        pts.append(("DuCa+forecast", cfg))
-    for interval in (3, 5):
-        pts.append(("FORA", dict(type="FORA", interval=interval)))
-    for interval in (2, 3):
-        pts.append(("TrunkReuse", dict(type="TrunkReuse", interval=interval)))
+    """The knob settings of every family (fixed before a run; docs/frontier.md says how they
+    were chosen): DuCa, its int8 store and ToCa at the released preset, DuCa and VerifiedDuCa
+    with forecasting, FORA / TrunkReuse / TaylorSeer with forecasting (and bdf2), the adaptive
+    TeaCache, FirstBlockCache, MagCache, EasyCache and SpeCa."""
+    F, C, A = "full", "conservative", "aggressive"
+    fc1 = dict(order=1)
+    pts: List[Point] = [
+        ("DuCa", dict(type="DuCa")),
+        ("DuCa (int8 store)", dict(type="DuCa", stored_dtype="int8")),
+        ("ToCa", dict(type="ToCa")),
+        ("DuCa+forecast", dict(type="DuCa", forecast=fc1)),
+        ("VerifiedDuCa", dict(type="VerifiedDuCa")),
+        ("VerifiedDuCa", dict(type="VerifiedDuCa", aggressive="modules", warmup_steps=1,
+                              **_tables([F, A, C, A, A]))),
+        ("VerifiedDuCa", dict(type="VerifiedDuCa", aggressive="modules", warmup_steps=1,
+                              verify_threshold=0.05, **_tables([F, A, C, A, A]))),
+    ]
     for interval in (4, 5, 6):
-        pts.append(("FORA+forecast", dict(type="FORA", interval=interval,
-                                          forecast=dict(order=1))))
-    for interval in (4, 5):
-        pts.append(("TrunkReuse+forecast", dict(type="TrunkReuse", interval=interval,
-                                                forecast=dict(order=1))))
-    for interval, order in ((4, 1), (5, 2)):
-        pts.append(("TaylorSeer", dict(type="TaylorSeer", interval=interval, order=order)))
-    for thr in (0.1, 0.3):
-        cfg = dict(type="TeaCache", threshold=thr)
-        if calibration:
-            cfg["calibration"] = calibration
-        pts.append(("TeaCache", cfg))
-    for thr in (0.1, 0.2):
-        pts.append(("FirstBlockCache", dict(type="FirstBlockCache", threshold=thr)))
-    pts.append(("PAB", dict(type="PAB")))
+        pts.append(("FORA+forecast", dict(type="FORA", interval=interval, forecast=fc1)))
+    # 5 computed steps of 30 (6x), placed later than every 6th (chosen on probe seed 9)
+    pts.append(("FORA+forecast", dict(type="FORA", schedule=[0, 5, 11, 18, 25],
+                                      forecast=fc1)))
+    pts.append(("FORA+bdf2", dict(type="FORA", interval=5,
+                                  forecast=dict(method="bdf2", corrector="heun"))))
+    pts.append(("TrunkReuse+forecast", dict(type="TrunkReuse", interval=5, forecast=fc1)))
+    pts.append(("TaylorSeer", dict(type="TaylorSeer", interval=4, order=1)))
+    tea = dict(type="TeaCache", threshold=0.1)
+    if calibration:
+        tea["calibration"] = calibration
+    pts.append(("TeaCache", tea))
+    pts.append(("FirstBlockCache", dict(type="FirstBlockCache", threshold=0.1)))
+    pts.append(("MagCache", dict(type="MagCache")))
+    pts.append(("MagCache", dict(type="MagCache", threshold=0.2, max_skips=3)))
+    pts.append(("EasyCache", dict(type="EasyCache", threshold=0.1)))
+    pts.append(("EasyCache", dict(type="EasyCache", threshold=0.2)))
+    pts.append(("SpeCa", dict(type="SpeCa")))
+    pts.append(("SpeCa", dict(type="SpeCa", threshold=0.2)))
     return pts
 
 

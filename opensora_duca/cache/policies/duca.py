@@ -301,7 +301,9 @@ class VerifiedDuCa(DuCa):
 
     @property
     def couples_cfg_halves(self) -> bool:
-        return True  # a clip's CFG pair is checked, and falls back, together
+        # a clip's CFG pair is checked, and falls back, together (without a threshold the
+        # check's errors are only logged: per half of the batch under CFG parallelism)
+        return self.verify_threshold is not None or bool(self.cfg_shared_selection)
 
     def skips_trunk_at(self, step, num_steps, timesteps=()):
         return self.aggressive == "trunk" and super().skips_trunk_at(step, num_steps, timesteps)
