@@ -97,6 +97,23 @@ def test_cross_start_is_edge_start_centred_across_the_motion():
         assert all(fg[t].sum() == S.shape_mask(b["shape"]).sum() for t in range(8))
 
 
+def test_centre_start_is_cross_start_with_still_shapes_in_the_centre():
+    cross, centre = S.SyntheticShapes("train", length=120, start="cross"), \
+        S.SyntheticShapes("train", length=120, start="centre")
+    mid = (S.IMAGE_SIZE - S.SHAPE_SIZE) // 2
+    stills = 0
+    for i in range(120):
+        a, b = cross[i], centre[i]
+        assert a["text"] == b["text"]
+        if b["direction"] == "still":
+            stills += 1
+            assert (b["x0"], b["y0"]) == (mid, mid)
+            assert torch.equal(b["video"][:, 0], b["video"][:, -1])
+        else:
+            assert torch.equal(a["video"], b["video"])
+    assert stills > 10
+
+
 def test_captions_and_prompts():
     assert S.caption_for("red", "circle", "left") == "a red circle moving left"
     assert S.caption_for("blue", "square", "still") == "a blue square staying still"

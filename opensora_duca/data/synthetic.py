@@ -3,8 +3,9 @@
 Every clip is a pure function of an integer seed: one shape (circle, square or triangle) of one
 named colour on a dark background, moving left, right, up or down at a fixed speed, or staying
 still, always fully inside the frame. Where a moving shape starts is the ``start`` mode:
-anywhere it stays inside ("random", the default), at the far edge ("edge"), or at the far edge
-and centred across the motion ("cross", what the demo model is trained on). Its caption
+anywhere it stays inside ("random", the default), at the far edge ("edge"), at the far edge
+and centred across the motion ("cross"), or as "cross" with still shapes standing in the
+centre of the frame ("centre", what the demo model is trained on). Its caption
 names the three attributes in a fixed grammar, e.g. ``"a red circle moving left"`` or
 ``"a blue square staying still"``.
 
@@ -49,7 +50,7 @@ SPEED = 2  # pixels per frame
 HELDOUT_SEED_OFFSET = 1_000_000_000
 SPLITS = ("train", "heldout")
 # where a moving shape starts (see sample_params): "random", "edge" or "cross"
-STARTS = ("random", "edge", "cross")
+STARTS = ("random", "edge", "cross", "centre")
 
 
 def caption_for(color: str, shape: str, direction: str) -> str:
@@ -183,10 +184,12 @@ def sample_params(seed: int, dataset_seed: int = 0, *, num_frames: int = NUM_FRA
     ``start="random"``: uniform over the positions that keep the shape inside the frame for
     the whole clip. ``start="edge"``: the same across the motion (and for still shapes), but
     along the motion the shape starts at the far edge, so it crosses the frame (a shape
-    moving left starts touching the right border). ``start="cross"`` (the demo model's
-    training data): as "edge", and centred across the motion, so a moving shape crosses the
-    frame along its middle row or column; still shapes stay anywhere. The three modes draw the
-    same random numbers, so an item has the same colour, shape and direction in all of them.
+    moving left starts touching the right border). ``start="cross"``: as "edge", and centred
+    across the motion, so a moving shape crosses the frame along its middle row or column;
+    still shapes stay anywhere. ``start="centre"`` (the demo model's training data): as
+    "cross", and a still shape stands in the centre of the frame, where the moving shapes'
+    paths cross. The four modes draw the same random numbers, so an item has the same colour,
+    shape and direction in all of them.
     """
     _check_choice("start", start, STARTS)
     rng = np.random.default_rng([int(seed), int(dataset_seed)])
@@ -197,12 +200,14 @@ def sample_params(seed: int, dataset_seed: int = 0, *, num_frames: int = NUM_FRA
     xlo, xhi = _start_range(dx, num_frames, image_size, shape_size, speed)
     ylo, yhi = _start_range(dy, num_frames, image_size, shape_size, speed)
     x0, y0 = int(rng.integers(xlo, xhi + 1)), int(rng.integers(ylo, yhi + 1))
-    if start in ("edge", "cross"):  # the draws above keep the random stream the same
+    if start in ("edge", "cross", "centre"):  # the draws above keep the random stream the same
         x0 = {-1: xhi, 1: xlo}.get(dx, x0)
         y0 = {-1: yhi, 1: ylo}.get(dy, y0)
-    if start == "cross" and direction != "still":  # centred across the motion
-        mid = (image_size - shape_size) // 2
+    mid = (image_size - shape_size) // 2
+    if start in ("cross", "centre") and direction != "still":  # centred across the motion
         x0, y0 = (x0, mid) if dx else (mid, y0)
+    if start == "centre" and direction == "still":
+        x0, y0 = mid, mid
     return dict(color=color, shape=shape, direction=direction, x0=x0, y0=y0)
 
 
@@ -227,7 +232,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         length: number of items (``__len__``), 1..HELDOUT_SEED_OFFSET.
         seed: dataset seed mixed into every item's random stream (default 0).
         num_frames, image_size, shape_size, speed: clip geometry (defaults 8, 32, 10, 2).
-        start: "random" (default), "edge" or "cross": where a moving shape starts (see
+        start: "random" (default), "edge", "cross" or "centre": where a shape starts (see
             :func:`sample_params`).
 
     ``ds[i]`` is ``dict(video=float32 [3,T,H,W] in [-1,1], text=caption, color=, shape=,

@@ -197,10 +197,11 @@ class FirstBlockCache(AdaptivePolicy):
 
 # ------------------------------------------------------------------------------ MagCache
 #: MagCache's curve without a calibration: measured on the demo model (configs/demo, 30 steps)
-#: by ``tools/calibrate.py --policy MagCache --seeds 100`` with three captions, rounded
-DEMO_MAG_RATIOS = (1.0, 0.9844, 0.967, 0.9676, 0.966, 0.9597, 0.9559, 0.9651, 0.9643, 0.9635,
-                   0.9653, 0.97, 0.9638, 0.9635, 0.9741, 0.9678, 0.9795, 0.9735, 0.9842, 0.979,
-                   0.992, 1.0039, 1.0, 1.0061, 1.0168, 1.0321, 1.0323, 1.0142, 1.026, 1.0275)
+#: by ``tools/calibrate.py configs/demo/inference.py --policy MagCache --seeds 100`` (the
+#: config's four prompts), rounded
+DEMO_MAG_RATIOS = (1.0, 1.0007, 0.9738, 0.9664, 0.9629, 0.9692, 0.9663, 0.9631, 0.9668, 0.9541,
+                   0.9623, 0.954, 0.9687, 0.9621, 0.9565, 0.9559, 0.9704, 0.9658, 0.9618, 0.9757,
+                   0.9693, 0.981, 0.9791, 0.9939, 1.0011, 1.0088, 1.0061, 1.0097, 1.0288, 1.0282)
 
 
 @dataclass
@@ -231,8 +232,8 @@ class MagCache(AdaptivePolicy):
         retention_ratio: share of the first steps always computed (0.2, at least one step);
         calibration: the JSON of ``tools/calibrate.py --policy MagCache`` (``mag_ratios``), or
         ``mag_ratios`` given directly (step 0 first). Neither: :data:`DEMO_MAG_RATIOS`, the
-        curve measured on this project's demo model (30 rflow steps, cfg 4.0; seed 100, three
-        captions of the caption set), a stand-in for any other model, where the curve is the
+        curve measured on this project's demo model (30 rflow steps, cfg 4.0; seed 100, the demo
+        config's four prompts), a stand-in for any other model, where the curve is the
         model's own: calibrate it. A run with another number of steps reads the curve
         linearly interpolated at ``step / (num_steps - 1)`` of its length.
         final_step: "full" computes the last step (default) or "plan"; stored_dtype.
