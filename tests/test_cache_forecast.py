@@ -166,3 +166,31 @@ def test_int8_codec_accuracy_against_a_direct_formula():
     codec.scatter_(e, idx, torch.full((2, 1, 64), -2.0, dtype=torch.float64))
     out = codec.decode(e, torch.float64)
     assert torch.allclose(out[0, 3], torch.full((64,), -2.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("stored_dtype", ["int8", "fp8", "fp16", None])
+def test_a_partial_step_writes_the_store_and_its_decoded_copy_alike(stored_dtype):
+    """At a conservative step (no forecast) the recomputed tokens go into the store and into
+    the decoded copy the step returns (no second decode of the whole store): bitwise what
+    decoding the whole store after the write gives."""
+    from test_cache_schedule import sample
+
+    from opensora_duca.cache import runner as R
+
+    model = small_model(depth=2)
+    cfg = dict(type="DuCa", stored_dtype=stored_dtype, warmup_steps=1)
+    z_new, labels = sample(model, cfg)
+    assert "conservative" in labels
+    fast = R.BlockRunner._overwrite
+
+    def decode_all(self, name, stored, idx, new, dtype, call=0):
+        feature = self.slot.state.feature(name, call)
+        feature.scatter_(idx, new)
+        return feature.value(self.m.at, dtype)
+
+    R.BlockRunner._overwrite = decode_all
+    try:
+        z_ref, _ = sample(model, cfg)
+    finally:
+        R.BlockRunner._overwrite = fast
+    assert torch.equal(z_new, z_ref)

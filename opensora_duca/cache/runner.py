@@ -356,7 +356,11 @@ class BlockRunner:
         t0 = time.perf_counter()
         if feature.order == 0:
             feature.scatter_(idx, new)
-            stored = feature.value(m.at, dtype)
+            if stored.data_ptr() != feature.terms[0].data.data_ptr():
+                # a decoded copy of an encoded store: the same (quantised) tokens go into it,
+                # instead of decoding the whole store again
+                codec = feature.codec
+                _scatter(stored, idx, codec.decode(codec.encode(new), dtype))
         else:
             if m.check_pending:  # VerifiedDuCa: the step's check
                 m.check_forecast(stored, idx, new)
