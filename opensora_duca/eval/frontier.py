@@ -58,12 +58,16 @@ def default_sweep(calibration: Optional[str] = None) -> List[Point]:
                               **_tables([F, A, C, A, A]))),
         ("VerifiedDuCa", dict(type="VerifiedDuCa", aggressive="modules", warmup_steps=1,
                               verify_threshold=0.05, **_tables([F, A, C, A, A]))),
+        # 5.6x (chosen on probe seed 9 with the current checkpoint)
+        ("VerifiedDuCa", dict(type="VerifiedDuCa", aggressive="modules", warmup_steps=1,
+                              **_tables([F, A, A, C, A, A, A]))),
     ]
     for interval in (4, 5, 6):
         pts.append(("FORA+forecast", dict(type="FORA", interval=interval, forecast=fc1)))
-    # 5 computed steps of 30 (6x), placed later than every 6th (chosen on probe seed 9)
-    pts.append(("FORA+forecast", dict(type="FORA", schedule=[0, 5, 11, 18, 25],
-                                      forecast=fc1)))
+    # 5 computed steps of 30 (6x), placed later than every 6th (chosen on probe seed 9: the
+    # first with the previous checkpoint, the second with the current one)
+    for sched in ([0, 5, 11, 18, 25], [0, 6, 13, 20, 26]):
+        pts.append(("FORA+forecast", dict(type="FORA", schedule=sched, forecast=fc1)))
     pts.append(("FORA+bdf2", dict(type="FORA", interval=5,
                                   forecast=dict(method="bdf2", corrector="heun"))))
     pts.append(("TrunkReuse+forecast", dict(type="TrunkReuse", interval=5, forecast=fc1)))
@@ -219,13 +223,14 @@ def _run_locked(pipe, points, prompts, seeds, out_json, batch_size, progress, me
 
 
 def _label(cfg: dict) -> str:
-    """Short settings: cycle tables as ``cycle=c``, a calibration file as ``calibrated``."""
+    """Short settings: cycle tables as their MLP table's initials (``table=FCA``: full,
+    conservative, aggressive), a calibration file as ``calibrated``."""
     parts = []
     for k, v in cfg.items():
-        if k in ("type", "tables"):
+        if k in ("type", "cycles"):
             continue
-        if k == "cycles":
-            parts.append(f"cycle={v['mlp']}")
+        if k == "tables":
+            parts.append("table=" + "".join(str(e)[0].upper() for e in v["mlp"]))
         elif k == "calibration":
             parts.append("calibrated")
         else:
