@@ -121,9 +121,9 @@ def test_a_failed_check_computes_the_clips_aggressive_step(aggressive):
 
 
 def _errors(model, aggressive):
-    """Every clip's check errors in a run without fallbacks (to place a threshold between
-    clips)."""
-    mgr = apply_cache(model, dict(BASE, aggressive=aggressive))
+    """Every clip's check errors in a run without fallbacks (a threshold never reached; to place
+    a threshold between clips)."""
+    mgr = apply_cache(model, dict(BASE, aggressive=aggressive, verify_threshold=1e9))
     try:
         z, y, y_null, mask = clips()
         with torch.no_grad(), mgr.session(num_steps=STEPS):
@@ -185,6 +185,17 @@ def test_two_ranks_check_and_compute_as_one(aggressive):
     for z, dec in run_distributed(_ranks, 2, cfg):
         assert dec == one[1]
         assert torch.equal(z, one[0])
+
+
+def test_no_threshold_computes_no_check():
+    """verify_threshold=None: nothing reads the check, so none is computed (no collective, no
+    host sync, nothing logged); a threshold never reached logs every check."""
+    model = small_model(depth=2)
+    dec = sample(model, list(range(CLIPS)), BASE)[1]
+    assert {lab for d in dec for lab in d} == {"aggressive"}
+    dec_huge = sample(model, list(range(CLIPS)), dict(BASE, verify_threshold=1e9))[1]
+    assert "conservative (check passed)" in dec_huge[0]
+    assert [lab for lab in dec_huge[0] if lab == "aggressive"] == dec[0]
 
 
 @pytest.mark.parametrize("aggressive", ["trunk", "modules"])

@@ -397,7 +397,8 @@ class CacheManager:
                                 others_from_trunk=plan.skip_trunk,
                                 label=StepKind.AGGRESSIVE_MIXED)
         elif any(a == Action.PARTIAL for a in plan.actions.values()):
-            self.check_pending = True
+            # without a threshold nothing would read the check: it is not computed
+            self.check_pending = self.policy.verify_threshold is not None
         return plan
 
     def check_forecast(self, forecast: torch.Tensor, idx: torch.Tensor,
@@ -418,7 +419,7 @@ class CacheManager:
         groups = self.adaptive.groups
         errors = relative_l1(now, ref, grid, self.group, groups)
         thr = self.policy.verify_threshold
-        failed = [thr is not None and e >= thr for e in errors]
+        failed = [e >= thr for e in errors]
         self._fallback = failed
         self._verify_counts[0] += len(errors)
         self._verify_counts[1] += sum(failed)

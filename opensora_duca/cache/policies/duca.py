@@ -268,7 +268,8 @@ class VerifiedDuCa(DuCa):
       all_gather, the same on every rank and in any batch). A clip whose error reaches
       ``verify_threshold`` computes its next aggressive steps (the whole trunk, on its rows
       only) until the next full step; the other clips take the trunk's forecast. None: no
-      check (the plan alone decides).
+      check is computed (the plan alone decides; a huge threshold logs the errors in
+      ``stats()["changes"]`` without ever failing).
 
     ``aggressive``: what an aggressive step does. "trunk" (default, as DuCa): the whole
     trunk is skipped and its output forecast. "modules": the trunk runs with every module's
@@ -301,8 +302,7 @@ class VerifiedDuCa(DuCa):
 
     @property
     def couples_cfg_halves(self) -> bool:
-        # a clip's CFG pair is checked, and falls back, together (without a threshold the
-        # check's errors are only logged: per half of the batch under CFG parallelism)
+        # a clip's CFG pair is checked, and falls back, together (no threshold: no check)
         return self.verify_threshold is not None or bool(self.cfg_shared_selection)
 
     def skips_trunk_at(self, step, num_steps, timesteps=()):
