@@ -66,3 +66,24 @@ def test_a_schedule_past_the_runs_steps_is_refused():
     with pytest.raises(ValueError, match="schedule=\\[0, 5, 40\\].*num_steps=30"):
         pol.validate_run(30)
     pol.validate_run(41)
+
+
+def test_a_schedule_for_n_steps_scales_to_the_run():
+    """schedule_steps=30: a run of 8 steps computes round(s * 8 / 30) of each index; a run of
+    30 the schedule as written; the run is not refused for its length."""
+    pol = build_policy(dict(type="FORA", schedule=[0, 6, 13, 20, 26], schedule_steps=30,
+                            forecast=dict(order=1)))
+    pol.validate_run(8)
+    assert [s for s in range(8) if pol.plan(s, 8, []).is_full()] == [0, 2, 3, 5, 7]
+    assert [s for s in range(30) if pol.plan(s, 30, []).is_full()] == [0, 6, 13, 20, 26]
+    assert pol.describe()["schedule_steps"] == 30
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (dict(schedule_steps=30), "schedule_steps=30"),
+    (dict(schedule=[0, 6, 13], schedule_steps=13), "schedule_steps=13"),
+    (dict(schedule=[0, 6], schedule_steps="30"), "schedule_steps='30'")])
+def test_bad_schedule_steps_are_refused_in_one_line(cfg, match):
+    with pytest.raises(ValueError, match=match) as err:
+        build_policy(dict(type="FORA", **cfg))
+    assert "\n" not in str(err.value)

@@ -24,7 +24,8 @@ flow = None
 
 cache = dict(type="DuCa")  # the released Open-Sora preset; set to None for uncached sampling
 # tools/demo.py (make demo) also runs these, next to DuCa: the frontier's 6x point on this model
-# (FORA with first-order forecasting, its 5 computed steps placed by a probe on seed 9;
-# docs/results/frontier.json, docs/frontier.md)
+# (FORA with first-order forecasting, its 5 computed steps of 30 placed by a probe on seed 9;
+# docs/results/frontier.json, docs/frontier.md); schedule_steps: a run with another number of
+# steps (--num-sampling-steps) computes the same fractions of it
 compare_caches = {"FORA+forecast": dict(type="FORA", schedule=[0, 6, 13, 20, 26],
-                                        forecast=dict(order=1))}
+                                        schedule_steps=30, forecast=dict(order=1))}

@@ -30,20 +30,32 @@ class IntervalPolicy(CachePolicy):
     interval: int
     warmup_steps: int
     schedule: Optional[Tuple[int, ...]] = None
+    schedule_steps: Optional[int] = None
 
-    def computes(self, step: int) -> bool:
+    def scheduled(self, num_steps: Optional[int]) -> Tuple[int, ...]:
+        """The computed steps of a run of ``num_steps``: ``schedule`` as given, or, when it was
+        written for ``schedule_steps`` steps and the run has another number, each index s
+        mapped to round(s * num_steps / schedule_steps) (duplicates merged)."""
+        sched = self.schedule
+        if self.schedule_steps is None or num_steps is None or num_steps == self.schedule_steps:
+            return sched
+        return tuple(sorted({round(s * num_steps / self.schedule_steps) for s in sched}))
+
+    def computes(self, step: int, num_steps: Optional[int] = None) -> bool:
         if self.schedule is not None:
-            return step in self.schedule
+            return step in self.scheduled(num_steps)
         return step < self.warmup_steps or (step - self.warmup_steps) % self.interval == 0
 
     def validate_run(self, num_steps: int) -> None:
         super().validate_run(num_steps)
-        if self.schedule is not None and self.schedule[-1] >= num_steps:
+        if self.schedule is not None and self.schedule_steps is None \
+                and self.schedule[-1] >= num_steps:
             raise error(self.name, "schedule", list(self.schedule),
-                        f"step indices below the run's num_steps={num_steps}")
+                        f"step indices below the run's num_steps={num_steps} (or "
+                        f"schedule_steps=N: the schedule written for N steps, scaled to the run)")
 
     def plan(self, step, num_steps, timesteps):
-        if self.computes(step):
+        if self.computes(step, num_steps):
             return FULL_STEP
         label = StepKind.FORECAST if self.forecast_order else StepKind.REUSE
         return StepPlan(actions={k: Action.REUSE for k in Kind}, label=label)
@@ -62,10 +74,16 @@ class _IntervalWithForecast(Forecasting, IntervalPolicy):
     stored_dtype: Optional[str] = stored_dtype_field()
     forecast: Mapping[str, Any] = forecast_field()
     schedule: Optional[Tuple[int, ...]] = None
+    schedule_steps: Optional[int] = None
 
     def _check_together(self) -> None:
         super()._check_together()
-        sched = self.schedule
+        sched, n = self.schedule, self.schedule_steps
+        if n is not None and (sched is None or isinstance(n, bool) or not isinstance(n, int)
+                              or not (isinstance(sched, (list, tuple)) and sched
+                                      and isinstance(sched[-1], int) and n > sched[-1])):
+            raise error(self.name, "schedule_steps", n, "None, or with 'schedule' an int above "
+                        "its last index (the run length the schedule was written for)")
         if sched is None:
             return
         ok = (isinstance(sched, (list, tuple)) and len(sched) >= 1
@@ -95,7 +113,8 @@ class FORA(_IntervalWithForecast):
     ``interval`` steps (default 3, after ``warmup_steps`` full steps) and reused (or forecast)
     in between. ``schedule=[0, s1, s2, ...]`` names the computed steps instead (increasing,
     from 0; every index below the run's number of steps; interval and warmup_steps left at
-    their defaults)."""
+    their defaults); with ``schedule_steps=N`` the schedule was written for N steps and a run
+    of n steps computes the steps round(s * n / N)."""
 
     name: ClassVar[str] = "FORA"
     interval: int = int_field(3, lo=1)
@@ -117,7 +136,7 @@ class TrunkReuse(_IntervalWithForecast):
         return False  # no module is reused on its own: the whole trunk is
 
     def skips_trunk_at(self, step, num_steps, timesteps=()):
-        return not self.computes(step)
+        return not self.computes(step, num_steps)
 
     def skips_trunk(self):
         return self.schedule is not None or self.interval > 1
