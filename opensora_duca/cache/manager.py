@@ -273,7 +273,7 @@ class CacheManager:
             raise RuntimeError(f"policy {self.policy.name!r} skips the trunk at step {step} "
                                f"but no trunk output was computed before it in this run")
         if self._verifies:
-            plan = self._verified_plan(plan)
+            plan = self._verified_plan(plan, x.device)
         self.plan = plan
         # the trunk output is kept for the next step's skip, or, when forecasting, at every
         # step that computes it (the anchors of its differences; VerifiedDuCa: the steps that
@@ -376,7 +376,7 @@ class CacheManager:
         return self.plan
 
     # ------------------------------------------------------------ VerifiedDuCa
-    def _verified_plan(self, plan: StepPlan) -> StepPlan:
+    def _verified_plan(self, plan: StepPlan, device: torch.device) -> StepPlan:
         """A computed step clears every clip's fallback; a conservative step arms the check;
         an aggressive step computes the trunk for the clips whose last check failed."""
         self.check_pending = False
@@ -391,7 +391,8 @@ class CacheManager:
                 [str(StepKind.REJECTED if f else StepKind.AGGRESSIVE) for f in flags])
             rows = group_rows(groups, flags)
             if rows:  # trunk: the others pass the blocks by; modules: the others forecast
-                self.adaptive.rows, self.adaptive.sub = torch.tensor(rows), None
+                self.adaptive.rows = torch.tensor(rows, device=device)
+                self.adaptive.sub = None
                 return StepPlan(actions=plan.actions, computed_rows=tuple(rows),
                                 residual_from=0 if plan.skip_trunk else None,
                                 others_from_trunk=plan.skip_trunk,
