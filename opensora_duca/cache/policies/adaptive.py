@@ -88,9 +88,32 @@ class AdaptivePolicy(CachePolicy):
         return change is None or step < self.warmup_steps or last
 
 
+class Accumulating:
+    """TeaCache's and EasyCache's decision: each step adds its (rescaled) change to the
+    group's sum; while the sum stays under ``threshold`` the rest of the trunk is skipped, when
+    it reaches it the step is computed and the sum restarts (forced steps restart it too)."""
+
+    def increment(self, change: float) -> float:
+        """What a step's measured change adds to the sum (the change itself by default)."""
+        return change
+
+    def new_state(self) -> TeaCacheState:
+        return TeaCacheState()
+
+    def decide(self, step, num_steps, change, state: TeaCacheState) -> bool:
+        if self._forced(step, num_steps, change):
+            state.accumulated = 0.0
+            return True
+        state.accumulated += self.increment(change)
+        if state.accumulated < self.threshold:
+            return False
+        state.accumulated = 0.0
+        return True
+
+
 @CACHES.register_module("TeaCache")
 @dataclass(frozen=True)
-class TeaCache(AdaptivePolicy):
+class TeaCache(Accumulating, AdaptivePolicy):
     """TeaCache (Liu et al. 2024): the relative L1 change of the first block's
     timestep-modulated input from the previous step, rescaled by a polynomial fitted on the
     model in use, is accumulated over steps; while the sum stays under ``threshold`` the trunk
@@ -155,18 +178,8 @@ class TeaCache(AdaptivePolicy):
             out = out * change + c
         return max(out, 0.0)
 
-    def new_state(self) -> TeaCacheState:
-        return TeaCacheState()
-
-    def decide(self, step, num_steps, change, state: TeaCacheState) -> bool:
-        if self._forced(step, num_steps, change):
-            state.accumulated = 0.0
-            return True
-        state.accumulated += self.rescale(change)
-        if state.accumulated < self.threshold:
-            return False
-        state.accumulated = 0.0
-        return True
+    def increment(self, change: float) -> float:
+        return self.rescale(change)
 
 
 @CACHES.register_module("FirstBlockCache")
@@ -307,7 +320,7 @@ class MagCache(AdaptivePolicy):
 # ------------------------------------------------------------------------------ EasyCache
 @CACHES.register_module("EasyCache")
 @dataclass(frozen=True)
-class EasyCache(AdaptivePolicy):
+class EasyCache(Accumulating, AdaptivePolicy):
     """EasyCache (Zhou et al. 2025), online, no calibration: at every computed step the
     transformation rate ``k = sum |out_c - out_c'| / sum |x_c - x_c'|`` between the clip's last
     two computed steps c' < c is kept (x: the trunk input, out: the trunk output's last N
@@ -328,18 +341,6 @@ class EasyCache(AdaptivePolicy):
     final_step: str = final_step_field("full")
     stored_dtype: Optional[str] = stored_dtype_field()
 
-    def new_state(self) -> TeaCacheState:
-        return TeaCacheState()
-
-    def decide(self, step, num_steps, change, state: TeaCacheState) -> bool:
-        if self._forced(step, num_steps, change):
-            state.accumulated = 0.0
-            return True
-        state.accumulated += change
-        if state.accumulated < self.threshold:
-            return False
-        state.accumulated = 0.0
-        return True
 
 
 # ------------------------------------------------------------------------------ SpeCa
