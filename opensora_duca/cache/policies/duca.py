@@ -285,7 +285,6 @@ class VerifiedDuCa(DuCa):
     verify_threshold: Optional[float] = None
     aggressive: str = choice_field("trunk", ("trunk", "modules"))
     verifies_tokens: ClassVar[bool] = True
-    anchors_trunk_at_full_steps: ClassVar[bool] = True
 
     def _check_together(self) -> None:
         super()._check_together()

@@ -79,31 +79,27 @@ class _IntervalWithForecast(Forecasting, IntervalPolicy):
     def _check_together(self) -> None:
         super()._check_together()
         sched, n = self.schedule, self.schedule_steps
+        if sched is not None:
+            ok = (isinstance(sched, (list, tuple)) and len(sched) >= 1
+                  and all(isinstance(v, int) and not isinstance(v, bool) for v in sched)
+                  and sched[0] == 0 and all(b > a for a, b in zip(sched, sched[1:])))
+            if not ok:
+                raise error(self.name, "schedule", sched, "None or a list of strictly "
+                            "increasing step indices starting at 0 (the computed steps)")
+            for key in ("interval", "warmup_steps"):
+                default = next(f.default for f in dataclasses.fields(self) if f.name == key)
+                if getattr(self, key) != default:
+                    raise error(self.name, key, getattr(self, key),
+                                f"its default ({default}) when 'schedule' is set (the "
+                                f"schedule names every computed step)")
+            object.__setattr__(self, "schedule", tuple(sched))
         if n is not None and (sched is None or isinstance(n, bool) or not isinstance(n, int)
-                              or not (isinstance(sched, (list, tuple)) and sched
-                                      and isinstance(sched[-1], int) and n > sched[-1])):
+                              or n <= sched[-1]):
             raise error(self.name, "schedule_steps", n, "None, or with 'schedule' an int above "
                         "its last index (the run length the schedule was written for)")
-        if sched is None:
-            return
-        ok = (isinstance(sched, (list, tuple)) and len(sched) >= 1
-              and all(isinstance(v, int) and not isinstance(v, bool) for v in sched)
-              and sched[0] == 0 and all(b > a for a, b in zip(sched, sched[1:])))
-        if not ok:
-            raise error(self.name, "schedule", sched, "None or a list of strictly increasing "
-                        "step indices starting at 0 (the computed steps)")
-        for key in ("interval", "warmup_steps"):
-            default = next(f.default for f in dataclasses.fields(self) if f.name == key)
-            if getattr(self, key) != default:
-                raise error(self.name, key, getattr(self, key),
-                            f"its default ({default}) when 'schedule' is set (the schedule "
-                            f"names every computed step)")
-        object.__setattr__(self, "schedule", tuple(sched))
 
     def reuses(self, kind):
-        if self.schedule is not None:
-            return True
-        return self.interval > 1
+        return self.schedule is not None or self.interval > 1
 
 
 @CACHES.register_module("FORA")
